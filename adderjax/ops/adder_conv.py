@@ -1,0 +1,172 @@
+"""The adder convolution and dense ops: public API, custom VJP, dispatch."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+
+from adderjax.ops import reference, xla
+from adderjax.ops.spec import ConvSpec, check_grad_mode, conv_spec
+
+IMPLEMENTATIONS: dict[str, ModuleType] = {"xla": xla, "reference": reference}
+"""Each provides ``forward``, ``input_grad`` and ``weight_grad``, called with
+operands of one floating dtype (float32, or float64) that they keep."""
+
+PaddingLike = str | Sequence[tuple[int, int]]
+
+
+def _resolve_implementation(implementation: str | None) -> str:
+  if implementation is None:
+    return "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be None or one of {tuple(IMPLEMENTATIONS)}, "
+                     f"got {implementation!r}.")
+  return implementation
+
+
+def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
+  """Half precision inputs accumulate in float32; float64 stays float64."""
+  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _adder_conv(x, w, spec: ConvSpec, grad_mode: str, implementation: str):
+  dtype = _compute_dtype(x, w)
+  y = IMPLEMENTATIONS[implementation].forward(x.astype(dtype), w.astype(dtype), spec)
+  return y.astype(jnp.result_type(x, w))
+
+
+def _adder_conv_fwd(x, w, spec, grad_mode, implementation):
+  return _adder_conv(x, w, spec, grad_mode, implementation), (x, w)
+
+
+def _adder_conv_bwd(spec, grad_mode, implementation, residuals, g):
+  x, w = residuals
+  impl = IMPLEMENTATIONS[implementation]
+  dtype = _compute_dtype(x, w, g)
+  x_, w_, g_ = x.astype(dtype), w.astype(dtype), g.astype(dtype)
+  dx = impl.input_grad(x_, w_, g_, spec, grad_mode)
+  dw = impl.weight_grad(x_, w_, g_, spec, grad_mode)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_adder_conv.defvjp(_adder_conv_fwd, _adder_conv_bwd)
+
+
+def adder_conv(
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: PaddingLike = "SAME",
+    rhs_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
+    grad_mode: str = "full_precision",
+    implementation: str | None = None,
+) -> jax.Array:
+  """The AdderNet convolution: the negative L1 distance of each patch to each filter.
+
+  ``Y[b,h,w,o] = -sum_{i,j,c} |Xpad[b, h*s + i*d, w*s + j*d, c] - F[i,j,c,o]|``
+
+  Zero padding takes part in the distance, as in the official code. The
+  gradients are not those of this forward pass but the paper's (Section 3.2):
+
+  - ``grad_mode="full_precision"`` (default): ``dF = sum g * (X - F)`` and
+    ``dX = sum g * HardTanh(F - X)``.
+  - ``"unclipped"``: the same, without the HardTanh.
+  - ``"sign"``: the exact gradient, ``sign(X - F)`` and ``sign(F - X)``.
+
+  The broadcast of outputs against patch elements against filters is never
+  materialised; temporary memory is of the order of the input plus the
+  output. Inputs may be float32, bfloat16 or float16 (arithmetic in float32)
+  or float64; the result has the promoted dtype of ``x`` and ``w`` and the
+  gradients the dtypes of ``x`` and ``w``.
+
+  Args:
+    x: input, ``(batch, height, width, in_channels)``.
+    w: filters, ``(kh, kw, in_channels // feature_group_count, out_channels)``.
+    strides: an int or a pair ``(sh, sw)``.
+    padding: ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"`` or
+      ``((top, bottom), (left, right))``, as in `jax.lax.conv_general_dilated`.
+    rhs_dilation: kernel dilation, an int or a pair.
+    feature_group_count: number of channel groups.
+    grad_mode: ``"full_precision"``, ``"unclipped"`` or ``"sign"``.
+    implementation: ``None`` (the fastest available), ``"xla"``, or
+      ``"reference"`` (the broadcasting oracle; small shapes only).
+
+  Returns:
+    ``(batch, out_height, out_width, out_channels)``.
+
+  Raises:
+    TypeError: a non-array or a non-floating-point input.
+    ValueError: wrong ranks, channel or group mismatches, non-positive strides
+      or dilation, bad padding, a kernel larger than the padded input, an
+      unknown ``grad_mode`` or ``implementation``.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from adderjax.ops import adder_conv
+    >>> x = jnp.ones((2, 8, 8, 3))
+    >>> w = jnp.zeros((3, 3, 3, 4))
+    >>> adder_conv(x, w, padding="VALID").shape
+    (2, 6, 6, 4)
+    >>> float(adder_conv(x, w, padding="VALID")[0, 0, 0, 0])  # -(3*3*3 * |1 - 0|)
+    -27.0
+
+  References:
+    Chen et al., "AdderNet: Do We Really Need Multiplications in Deep
+    Learning?", CVPR 2020. https://arxiv.org/abs/1912.13200
+  """
+  spec = conv_spec(x, w, strides=strides, padding=padding, rhs_dilation=rhs_dilation,
+                   feature_group_count=feature_group_count)
+  return _adder_conv(x, w, spec, check_grad_mode(grad_mode),
+                     _resolve_implementation(implementation))
+
+
+def adder_dense(
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    grad_mode: str = "full_precision",
+    implementation: str | None = None,
+) -> jax.Array:
+  """A fully connected adder layer: ``Y[..., n] = -sum_k |x[..., k] - w[k, n]|``.
+
+  A 1x1 `adder_conv`, with the same gradients and dtypes.
+
+  Args:
+    x: ``(..., in_features)``.
+    w: ``(in_features, out_features)``.
+    grad_mode: as in `adder_conv`.
+    implementation: as in `adder_conv`.
+
+  Returns:
+    ``(..., out_features)``.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from adderjax.ops import adder_dense
+    >>> adder_dense(jnp.array([[1.0, 2.0]]), jnp.array([[0.0], [4.0]]))
+    Array([[-3.]], dtype=float32)
+  """
+  if not hasattr(x, "ndim") or not hasattr(w, "ndim"):
+    bad = "x" if not hasattr(x, "ndim") else "w"
+    raise TypeError(f"{bad} must be an array, got {type(x if bad == 'x' else w).__name__}.")
+  if x.ndim < 1:
+    raise ValueError(f"x must have at least one dimension (features), got shape {tuple(x.shape)}.")
+  if w.ndim != 2:
+    raise ValueError(f"w must be a 2-D (in_features, out_features) array, got shape "
+                     f"{tuple(w.shape)}.")
+  if x.shape[-1] != w.shape[0]:
+    raise ValueError(f"Feature mismatch: x has {x.shape[-1]} features (shape {tuple(x.shape)}) "
+                     f"but w expects {w.shape[0]} (shape {tuple(w.shape)}).")
+  lead = x.shape[:-1]
+  y = adder_conv(x.reshape(-1, 1, 1, x.shape[-1]), w[None, None], padding="VALID",
+                 grad_mode=grad_mode, implementation=implementation)
+  return y.reshape(*lead, w.shape[1])

@@ -1,0 +1,142 @@
+"""Argument checking and normalisation for the adder ops.
+
+Every implementation receives a :class:`ConvSpec`, an already validated,
+hashable description of the layer's geometry, so the kernels never re-check
+their inputs and `jax.custom_vjp` can take it as a static argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+from jax import lax
+
+GRAD_MODES = ("full_precision", "unclipped", "sign")
+"""The backward passes `adder_conv` offers.
+
+- ``"full_precision"`` (default, the paper's and the official code's): weight
+  gradient ``g * (X - F)``, input gradient ``g * HardTanh(F - X)``.
+- ``"unclipped"``: the same without the HardTanh on the input gradient.
+- ``"sign"``: the exact gradient of ``-sum|X - F|`` for both, for ablations.
+"""
+
+PADDING_STRINGS = ("SAME", "SAME_LOWER", "VALID")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+  """The validated geometry of one adder convolution (2 spatial dims).
+
+  Attributes:
+    strides: ``(sh, sw)``.
+    padding: ``((top, bottom), (left, right))`` zero padding of the input.
+    dilation: ``(dh, dw)`` kernel (rhs) dilation.
+    groups: feature group count.
+  """
+
+  strides: tuple[int, int]
+  padding: tuple[tuple[int, int], tuple[int, int]]
+  dilation: tuple[int, int]
+  groups: int
+
+  def output_spatial(self, in_hw: Sequence[int], kernel_hw: Sequence[int]) -> tuple[int, int]:
+    out = []
+    for size, k, (lo, hi), d, s in zip(in_hw, kernel_hw, self.padding, self.dilation, self.strides):
+      out.append((size + lo + hi - ((k - 1) * d + 1)) // s + 1)
+    return tuple(out)
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+  if isinstance(value, (int,)) and not isinstance(value, bool):
+    pair = (value, value)
+  elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+    pair = tuple(value)
+  else:
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
+  if not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
+  if min(pair) < 1:
+    raise ValueError(f"{name} must be positive, got {value!r}.")
+  return pair  # type: ignore[return-value]
+
+
+def _check_array(value: Any, name: str, ndim: int | None, what: str) -> None:
+  if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+    raise TypeError(f"{name} must be an array, got {type(value).__name__}.")
+  if ndim is not None and value.ndim != ndim:
+    raise ValueError(f"{name} must be a {ndim}-D {what} array, got shape {tuple(value.shape)}.")
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    raise TypeError(
+        f"{name} must have a floating-point dtype (float32, bfloat16, float16, ...), "
+        f"got {value.dtype}.")
+
+
+def check_grad_mode(grad_mode: Any) -> str:
+  if grad_mode not in GRAD_MODES:
+    raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}.")
+  return grad_mode
+
+
+def conv_spec(x: Any, w: Any, *, strides: Any, padding: Any, rhs_dilation: Any,
+              feature_group_count: Any) -> ConvSpec:
+  """Validates `adder_conv`'s arguments and returns their :class:`ConvSpec`.
+
+  Raises:
+    TypeError: for non-arrays and non-floating dtypes.
+    ValueError: for wrong ranks, channel or group mismatches, bad strides,
+      dilation or padding, and kernels larger than the padded input.
+  """
+  _check_array(x, "x", 4, "NHWC")
+  _check_array(w, "w", 4, "HWIO")
+  strides = _pair(strides, "strides")
+  dilation = _pair(rhs_dilation, "rhs_dilation")
+  groups = feature_group_count
+  if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+    raise ValueError(f"feature_group_count must be a positive int, got {groups!r}.")
+  in_channels, out_channels = x.shape[3], w.shape[3]
+  if in_channels % groups:
+    raise ValueError(
+        f"feature_group_count={groups} does not divide the input channels of x "
+        f"(shape {tuple(x.shape)}).")
+  if out_channels % groups:
+    raise ValueError(
+        f"feature_group_count={groups} does not divide the output channels of w "
+        f"(shape {tuple(w.shape)}).")
+  if w.shape[2] * groups != in_channels:
+    raise ValueError(
+        f"Channel mismatch: w has {w.shape[2]} input channels per group (shape "
+        f"{tuple(w.shape)}), so x needs {w.shape[2] * groups} channels with "
+        f"feature_group_count={groups}, but x has shape {tuple(x.shape)}.")
+
+  kernel_hw = w.shape[:2]
+  in_hw = x.shape[1:3]
+  if isinstance(padding, str):
+    if padding.upper() not in PADDING_STRINGS:
+      raise ValueError(f"padding must be one of {PADDING_STRINGS} or a pair of (low, high) "
+                       f"pairs, got {padding!r}.")
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
+    pads = tuple(tuple(p) for p in lax.padtype_to_pads(in_hw, dilated, strides, padding.upper()))
+  else:
+    try:
+      pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+      valid = len(pads) == 2 and all(
+          float(v) == int(v) for pair in padding for v in pair)
+    except (TypeError, ValueError):
+      valid = False
+    if not valid:
+      raise ValueError(f"padding must be one of {PADDING_STRINGS} or a pair of (low, high) "
+                       f"pairs of ints, got {padding!r}.")
+    if min(min(p) for p in pads) < 0:
+      raise ValueError(f"padding must be non-negative, got {padding!r}.")
+
+  spec = ConvSpec(strides=strides, padding=pads, dilation=dilation, groups=groups)  # type: ignore[arg-type]
+  for axis, (size, k, (lo, hi), d) in enumerate(zip(in_hw, kernel_hw, pads, dilation)):
+    if (k - 1) * d + 1 > size + lo + hi:
+      raise ValueError(
+          f"The kernel (w shape {tuple(w.shape)}, rhs_dilation={dilation}) spans "
+          f"{(k - 1) * d + 1} positions along spatial axis {axis}, more than the padded "
+          f"input's {size + lo + hi} (x shape {tuple(x.shape)}, padding={pads}).")
+  return spec
