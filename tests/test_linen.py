@@ -1,0 +1,167 @@
+"""Tests for the Flax Linen adder layers in adderjax.linen."""
+
+import math
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from adderjax.linen import AdderConv
+from adderjax.linen import AdderDense
+from adderjax.ops import adder_conv
+from adderjax.ops import adder_dense
+from adderjax.optim import adder_kernel_mask
+from adderjax.optim import addernet_sgd
+
+KEY = jax.random.key(0)
+
+
+def _normal(shape: tuple[int, ...], seed: int = 0) -> jax.Array:
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _np_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  # JAX's RNG compiles anew, slowly, for each shape; NumPy keeps the tests fast.
+  del key
+  return _normal(shape).astype(dtype)
+
+
+def _shapes(module: nn.Module, x: jax.Array) -> dict:
+  return jax.tree.map(lambda a: a.shape, jax.eval_shape(module.init, KEY, x))
+
+
+def test_param_names_and_shapes():
+  assert _shapes(AdderConv(4, 3), jnp.zeros((1, 6, 6, 2))) == {
+      "params": {"adder_kernel": (3, 3, 2, 4)}}
+  grouped = AdderConv(4, (3, 1), feature_group_count=2, use_bias=True)
+  assert _shapes(grouped, jnp.zeros((2, 6, 6, 6))) == {
+      "params": {"adder_kernel": (3, 1, 3, 4), "bias": (4,)}}
+  assert _shapes(AdderDense(5, use_bias=True), jnp.zeros((2, 3))) == {
+      "params": {"adder_kernel": (3, 5), "bias": (5,)}}
+
+
+def test_default_kernel_init_is_standard_normal():
+  params = AdderConv(64, 3).init(KEY, jnp.zeros((1, 3, 3, 64)))
+  kernel = np.asarray(params["params"]["adder_kernel"])
+  assert abs(kernel.mean()) < 0.02
+  assert 0.97 < kernel.std() < 1.03
+
+
+@pytest.mark.parametrize(
+    "options, op_options",
+    [
+        (dict(padding=1, strides=(2, 1)), dict(padding=((1, 1), (1, 1)), strides=(2, 1))),
+        (dict(padding="VALID", kernel_dilation=2, feature_group_count=2),
+         dict(padding="VALID", rhs_dilation=2, feature_group_count=2)),
+    ],
+)
+def test_conv_matches_op_on_adder_kernel(options, op_options):
+  layer = AdderConv(4, 3, kernel_init=_np_init, **options)
+  x = _normal((2, 7, 6, 4))
+  params = layer.init(KEY, x)
+  np.testing.assert_array_equal(
+      layer.apply(params, x), adder_conv(x, params["params"]["adder_kernel"], **op_options))
+
+
+def test_conv_circular_padding_wraps_the_input():
+  layer = AdderConv(3, (3, 4), strides=2, padding="CIRCULAR", kernel_init=_np_init)
+  x = _normal((1, 6, 7, 2))
+  params = layer.init(KEY, x)
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 2), (0, 0)), mode="wrap")
+  want = adder_conv(padded, params["params"]["adder_kernel"], strides=2, padding="VALID")
+  got = layer.apply(params, x)
+  assert got.shape == (1, 3, 4, 3)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_conv_batch_dims_bias_and_dtype():
+  layer = AdderConv(3, 3, use_bias=True, kernel_init=_np_init, bias_init=nn.initializers.ones)
+  x = _normal((2, 2, 5, 5, 2))
+  params = layer.init(KEY, x)
+  y = layer.apply(params, x)
+  assert y.shape == (2, 2, 5, 5, 3)
+  want = adder_conv(x.reshape(4, 5, 5, 2), params["params"]["adder_kernel"]) + 1.0
+  np.testing.assert_allclose(y.reshape(4, 5, 5, 3), want, rtol=1e-6)
+  np.testing.assert_array_equal(layer.apply(params, x[0, 0]), y[0, 0])
+  bf16 = AdderConv(3, 3, use_bias=True, dtype=jnp.bfloat16)
+  assert bf16.apply(params, x[0]).dtype == jnp.bfloat16
+
+
+def test_dense_matches_numpy_and_op():
+  layer = AdderDense(2, kernel_init=_np_init)
+  x = np.array([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]], np.float32)
+  params = layer.init(KEY, x)
+  w = np.asarray(params["params"]["adder_kernel"])
+  got = layer.apply(params, jnp.asarray(x))
+  np.testing.assert_allclose(got, -np.abs(x[:, :, None] - w[None]).sum(1), rtol=1e-6)
+  np.testing.assert_array_equal(got, adder_dense(jnp.asarray(x), jnp.asarray(w)))
+  assert AdderDense(2, dtype=jnp.bfloat16).apply(params, x).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: AdderConv(0, 3), "features"),
+        (lambda: AdderConv(4, (3,)), "kernel_size"),
+        (lambda: AdderConv(4, 3, strides=(1, 0)), "strides"),
+        (lambda: AdderConv(4, 3, padding="FULL"), "padding"),
+        (lambda: AdderConv(4, 3, kernel_dilation=0), "kernel_dilation"),
+        (lambda: AdderConv(4, 3, feature_group_count=0), "feature_group_count"),
+        (lambda: AdderConv(4, 3, grad_mode="exact"), "grad_mode"),
+        (lambda: AdderDense(-2), "features"),
+        (lambda: AdderDense(2, implementation="cuda"), "implementation"),
+    ],
+)
+def test_bad_arguments_raise(make, name):
+  with pytest.raises(ValueError, match=name):
+    make()
+
+
+def test_groups_must_divide_input_channels():
+  with pytest.raises(ValueError, match="in_features=3"):
+    AdderConv(4, 3, feature_group_count=2).init(KEY, jnp.zeros((1, 5, 5, 3)))
+
+
+def test_options_are_keyword_only():
+  with pytest.raises(TypeError):
+    AdderConv(4, 3, 1, "SAME", 1)  # pylint: disable=too-many-function-args
+  with pytest.raises(TypeError):
+    AdderDense(4, True)  # pylint: disable=too-many-function-args
+
+
+class _Net(nn.Module):
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = AdderConv(4, 3, use_bias=True, kernel_init=_np_init)(x).mean((1, 2))
+    return AdderDense(2, kernel_init=_np_init)(h)
+
+
+def test_addernet_sgd_step_uses_the_adaptive_rate_on_adder_kernels():
+  lr, eta = 0.05, 0.2
+  model = _Net()
+  x = _normal((2, 5, 5, 3))
+  params = model.init(KEY, x)["params"]
+  assert adder_kernel_mask(params) == {
+      "AdderConv_0": {"adder_kernel": True, "bias": False},
+      "AdderDense_0": {"adder_kernel": True},
+  }
+  grads = jax.jit(jax.grad(lambda p: (model.apply({"params": p}, x) ** 2).mean()))(params)
+  tx = addernet_sgd(lr, momentum=0.0, weight_decay=0.0, eta=eta)
+  updates, _ = tx.update(grads, tx.init(params), params)
+
+  for layer in ("AdderConv_0", "AdderDense_0"):
+    g = np.asarray(grads[layer]["adder_kernel"], np.float64)
+    update = np.asarray(updates[layer]["adder_kernel"], np.float64)
+    np.testing.assert_allclose(np.linalg.norm(update), lr * eta * math.sqrt(g.size), rtol=1e-5)
+    np.testing.assert_allclose(update, -lr * eta * math.sqrt(g.size) * g / np.linalg.norm(g),
+                               rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(updates["AdderConv_0"]["bias"], -lr * grads["AdderConv_0"]["bias"],
+                             rtol=1e-6)
+  new_params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(
+      new_params["AdderDense_0"]["adder_kernel"],
+      params["AdderDense_0"]["adder_kernel"] + updates["AdderDense_0"]["adder_kernel"])
