@@ -12,7 +12,6 @@ Their kernels are :class:`AdderKernel` parameters, which
 
 from collections.abc import Mapping, Sequence
 import math
-import numbers
 from types import MappingProxyType
 from typing import Any
 
@@ -22,7 +21,9 @@ from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 import jax
 import jax.numpy as jnp
 
-from adderjax.ops import GRAD_MODES, IMPLEMENTATIONS, adder_conv, adder_dense
+from adderjax.ops import adder_conv, adder_dense
+from adderjax.ops.adder_conv import check_implementation
+from adderjax.ops.spec import check_grad_mode, is_int, positive_pair
 
 __all__ = ["AdderConv", "AdderDense", "AdderKernel"]
 
@@ -46,28 +47,10 @@ class AdderKernel(nnx.Param):
   """
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _positive_int(value: Any, name: str) -> int:
-  if not _is_int(value) or value < 1:
+  if not is_int(value) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {name}={value!r}.")
   return int(value)
-
-
-def _positive_pair(value: Any, name: str) -> tuple[int, int]:
-  """An int ``n`` as ``(n, n)``, or a pair of ints; all positive."""
-  if _is_int(value):
-    pair = (value, value)
-  elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-    pair = tuple(value)
-  else:
-    raise ValueError(
-        f"{name} must be an int or a pair of ints (adder layers are 2-D), got {name}={value!r}.")
-  if not all(_is_int(v) and v >= 1 for v in pair):
-    raise ValueError(f"{name} must be positive, got {name}={value!r}.")
-  return int(pair[0]), int(pair[1])
 
 
 def _canonical_padding(padding: Any) -> _Padding2D:
@@ -77,7 +60,7 @@ def _canonical_padding(padding: Any) -> _Padding2D:
       raise ValueError(f"padding must be one of {_PADDING_STRINGS}, an int, or a sequence of "
                        f"2 ints or (low, high) pairs, got padding={padding!r}.")
     return padding.upper()
-  if _is_int(padding):
+  if is_int(padding):
     pads = [padding, padding]
   elif isinstance(padding, Sequence) and len(padding) == 2:
     pads = list(padding)
@@ -87,8 +70,8 @@ def _canonical_padding(padding: Any) -> _Padding2D:
                      f"got padding={padding!r}.")
   pairs = []
   for p in pads:
-    pair = (p, p) if _is_int(p) else p
-    if not (isinstance(pair, Sequence) and len(pair) == 2 and all(_is_int(v) for v in pair)):
+    pair = (p, p) if is_int(p) else p
+    if not (isinstance(pair, Sequence) and len(pair) == 2 and all(is_int(v) for v in pair)):
       raise ValueError(f"Each entry of padding must be an int or a (low, high) pair of ints, "
                        f"got padding={padding!r}.")
     if min(pair) < 0:
@@ -98,11 +81,8 @@ def _canonical_padding(padding: Any) -> _Padding2D:
 
 
 def _check_op_options(grad_mode: Any, implementation: Any) -> None:
-  if grad_mode not in GRAD_MODES:
-    raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got grad_mode={grad_mode!r}.")
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be None or one of {tuple(IMPLEMENTATIONS)}, "
-                     f"got implementation={implementation!r}.")
+  check_grad_mode(grad_mode)
+  check_implementation(implementation)
 
 
 def _check_groups(in_features: int, out_features: int, feature_group_count: int, *,
@@ -241,10 +221,10 @@ class AdderConv(nnx.Module):
     out_features = _positive_int(out_features, "out_features")
     feature_group_count = _positive_int(feature_group_count, "feature_group_count")
     _check_groups(in_features, out_features, feature_group_count)
-    kernel_size = _positive_pair(kernel_size, "kernel_size")
-    strides = _positive_pair(strides, "strides")
+    kernel_size = positive_pair(kernel_size, "kernel_size")
+    strides = positive_pair(strides, "strides")
     padding = _canonical_padding(padding)
-    kernel_dilation = _positive_pair(kernel_dilation, "kernel_dilation")
+    kernel_dilation = positive_pair(kernel_dilation, "kernel_dilation")
     _check_op_options(grad_mode, implementation)
 
     self.kernel = AdderKernel(

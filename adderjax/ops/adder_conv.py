@@ -19,13 +19,15 @@ operands of one floating dtype (float32, or float64) that they keep."""
 PaddingLike = str | Sequence[tuple[int, int]]
 
 
-def _resolve_implementation(implementation: str | None) -> str:
-  if implementation is None:
-    return "xla"
-  if implementation not in IMPLEMENTATIONS:
+def check_implementation(implementation: str | None) -> str | None:
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be None or one of {tuple(IMPLEMENTATIONS)}, "
-                     f"got {implementation!r}.")
+                     f"got implementation={implementation!r}.")
   return implementation
+
+
+def _resolve_implementation(implementation: str | None) -> str:
+  return check_implementation(implementation) or "xla"
 
 
 def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:

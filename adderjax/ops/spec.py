@@ -8,6 +8,7 @@ their inputs and `jax.custom_vjp` can take it as a static argument.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,18 +50,24 @@ class ConvSpec:
     return tuple(out)
 
 
-def _pair(value: Any, name: str) -> tuple[int, int]:
-  if isinstance(value, (int,)) and not isinstance(value, bool):
+def is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def positive_pair(value: Any, name: str) -> tuple[int, int]:
+  """An int ``n`` as ``(n, n)``, or a pair of ints; all positive, else a ValueError."""
+  if is_int(value):
     pair = (value, value)
   elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
     pair = tuple(value)
   else:
-    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
-  if not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
+    raise ValueError(
+        f"{name} must be an int or a pair of ints (adder layers are 2-D), got {name}={value!r}.")
+  if not all(is_int(v) for v in pair):
+    raise ValueError(f"{name} must be an int or a pair of ints, got {name}={value!r}.")
   if min(pair) < 1:
-    raise ValueError(f"{name} must be positive, got {value!r}.")
-  return pair  # type: ignore[return-value]
+    raise ValueError(f"{name} must be positive, got {name}={value!r}.")
+  return int(pair[0]), int(pair[1])
 
 
 def _check_array(value: Any, name: str, ndim: int | None, what: str) -> None:
@@ -76,8 +83,9 @@ def _check_array(value: Any, name: str, ndim: int | None, what: str) -> None:
 
 def check_grad_mode(grad_mode: Any) -> str:
   if grad_mode not in GRAD_MODES:
-    raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}.")
+    raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got grad_mode={grad_mode!r}.")
   return grad_mode
+
 
 
 def conv_spec(x: Any, w: Any, *, strides: Any, padding: Any, rhs_dilation: Any,
@@ -91,10 +99,10 @@ def conv_spec(x: Any, w: Any, *, strides: Any, padding: Any, rhs_dilation: Any,
   """
   _check_array(x, "x", 4, "NHWC")
   _check_array(w, "w", 4, "HWIO")
-  strides = _pair(strides, "strides")
-  dilation = _pair(rhs_dilation, "rhs_dilation")
+  strides = positive_pair(strides, "strides")
+  dilation = positive_pair(rhs_dilation, "rhs_dilation")
   groups = feature_group_count
-  if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+  if not is_int(groups) or groups < 1:
     raise ValueError(f"feature_group_count must be a positive int, got {groups!r}.")
   in_channels, out_channels = x.shape[3], w.shape[3]
   if in_channels % groups:

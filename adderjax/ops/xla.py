@@ -2,21 +2,25 @@
 
 Counting the work: an adder layer touches ``B*Ho*Wo * kh*kw*Cg * O`` element
 pairs, as many as a convolution has multiply-accumulates, but each costs a
-subtract, an abs and an add instead of one FMA. What decides the speed on
-CPU is whether XLA keeps every intermediate in vector registers:
+subtract, an abs and an add where a convolution spends one FMA. What decides
+the speed on CPU is whether XLA keeps the work in vector registers and how
+often a step streams the accumulator through memory:
 
-- A `lax.fori_loop` runs over (kernel tap, chunk of at most 16 channels).
-  Its body slices the chunk out of the padded input into a small contiguous
-  buffer and then adds the chunk's terms, unrolled, to the accumulator of
-  output shape: one fused elementwise loop that LLVM vectorises along the
-  output channels. Bodies much larger than ~16 terms, or one fusion over the
-  whole patch, fall back to scalar code; slicing inside the fused loop
-  (chunks of 8) defeats the vectoriser too. `benchmarks/README.md` records
-  the formulations tried and what each measured.
+- Forward: a `lax.fori_loop` over (kernel row, chunk of channels, tile of at
+  most 128 output channels). A step copies the chunk's input rows into a small
+  contiguous window and adds its ``kw x chunk`` (at most 64) terms, unrolled
+  and summed as a balanced tree, into that tile of the accumulator: one fused
+  loop that LLVM vectorises along the output channels. Fusions of a few
+  hundred terms, or slicing inside the fused loop, fall back to scalar code; a
+  chain of adds instead of a tree waits on add latency; a tile wider than 128
+  channels spills the filters out of L1. `benchmarks/README.md` records each
+  formulation tried and what it measured.
 - Channels that do not fill the last chunk are padded with zeros on both
-  sides: ``|0 - 0| = 0`` adds nothing.
-- The input gradient is the same loop turned around (a chunk of output
-  channels per step), scattered back to the input positions of its tap.
+  sides: ``|0 - 0| = 0`` adds nothing; padded output channels are cut off.
+- Input gradient, stride 1: the same loop with the roles of input and output
+  channels swapped, gathering: ``X[y]`` is the same in every term of
+  ``dX[y]``, only ``g`` shifts, so a step sums a kernel row straight into
+  ``dX``. Strided layers scatter each tap's terms back instead.
 - The full-precision weight gradient needs no new kernel:
   ``sum g * (X - F)`` is a convolution's weight gradient minus
   ``F * sum(g)``. So is the unclipped input gradient.
@@ -36,18 +40,26 @@ from adderjax.ops.spec import ConvSpec
 
 MAX_CHUNK = 16
 MAX_TERMS = 64
+MAX_TILE = 128
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
-def _chunking(n: int, taps: int = 1) -> tuple[int, int]:
-  """Splits ``n`` channels into ``count`` equal chunks: (count, size).
+def _split(n: int, limit: int) -> tuple[int, int]:
+  """Splits ``n`` into ``count`` equal parts of at most ``limit``: (count, size).
 
-  A chunk holds at most MAX_CHUNK channels, and fewer when each step also
-  unrolls ``taps`` kernel taps, so that a step stays near MAX_TERMS terms.
+  ``count * size`` may exceed ``n``; callers zero-pad.
   """
-  limit = max(1, min(MAX_CHUNK, MAX_TERMS // taps))
   count = -(-n // limit)
   return count, -(-n // count)
+
+
+def _chunking(n: int, taps: int = 1) -> tuple[int, int]:
+  """Channel chunks for steps that also unroll ``taps`` kernel taps: (count, size).
+
+  A chunk holds at most MAX_CHUNK channels, and fewer when the taps would take
+  a step past MAX_TERMS terms.
+  """
+  return _split(n, max(1, min(MAX_CHUNK, MAX_TERMS // taps)))
 
 
 def _tree_sum(terms: list[jax.Array]) -> jax.Array:
@@ -57,6 +69,17 @@ def _tree_sum(terms: list[jax.Array]) -> jax.Array:
     terms = [terms[k] + terms[k + 1] if k + 1 < len(terms) else terms[k]
              for k in range(0, len(terms), 2)]
   return terms[0]
+
+
+def _batch_zeros(x: jax.Array, shape: tuple[int, ...], batch_axis: int) -> jax.Array:
+  """Zeros of ``shape`` whose ``batch_axis`` is ``x``'s batch axis.
+
+  Derived from ``x`` so that a batch sharded on an explicit mesh stays sharded
+  the same way in the loop's accumulator.
+  """
+  z = jnp.zeros_like(x[:, 0, 0, 0])
+  z = lax.expand_dims(z, [d for d in range(len(shape)) if d != batch_axis])
+  return jnp.broadcast_to(z, shape)
 
 
 def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
@@ -103,25 +126,33 @@ def _columns(window: jax.Array, j: int, wo: int, spec: ConvSpec) -> jax.Array:
 def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
   """``-sum |Xpad - F|`` over each patch: (B, Ho, Wo, O)."""
   kh, kw, cg, out = w.shape
-  groups = spec.groups
+  groups, per_group = spec.groups, out // spec.groups
   out_hw = spec.output_spatial(x.shape[1:3], (kh, kw))
   count, size = _chunking(cg, kw)
+  tiles, tile = _split(per_group, MAX_TILE)
   xp = _grouped_padded_input(x, spec, count * size)
-  filters = _pad_axis(w.reshape(kh, kw, cg, groups, out // groups), 2, count * size)
+  filters = w.reshape(kh, kw, cg, groups, per_group)
+  filters = _pad_axis(_pad_axis(filters, 2, count * size), 4, tiles * tile)
+  # (row, tile, column, channel, group, out channel within the tile)
+  filters = filters.reshape(*filters.shape[:4], tiles, tile).transpose(0, 4, 1, 2, 3, 5)
 
   def step(it, acc):
-    row, c0 = it // count, (it % count) * size
+    # The tile varies fastest, so consecutive steps read the same input window.
+    row, c0, t = it // (count * tiles), (it // tiles) % count * size, it % tiles
     window = _row_window(xp, row, c0, size, out_hw, spec)
-    fs = lax.dynamic_slice(filters, (row, 0, c0, 0, 0), (1, kw, size, *filters.shape[3:]))[0]
+    fs = lax.dynamic_slice(filters, (row, t, 0, c0, 0, 0), (1, 1, kw, size, groups, tile))[0, 0]
     terms = []
     for j in range(kw):
       xs = _columns(window, j, out_hw[1], spec)
       terms += [jnp.abs(xs[..., c, None] - fs[j, c]) for c in range(size)]
-    return acc + _tree_sum(terms)
+    start = (t, 0, 0, 0, 0, 0)
+    block = lax.dynamic_slice(acc, start, (1, *acc.shape[1:]))
+    return lax.dynamic_update_slice(acc, block + _tree_sum(terms)[None], start)
 
-  acc = jnp.zeros((x.shape[0], *out_hw, groups, out // groups), x.dtype)
-  acc = lax.fori_loop(0, kh * count, step, acc)
-  return -acc.reshape(*acc.shape[:3], out)
+  acc = _batch_zeros(x, (tiles, x.shape[0], *out_hw, groups, tile), batch_axis=1)
+  acc = lax.fori_loop(0, kh * count * tiles, step, acc)
+  acc = acc.transpose(1, 2, 3, 4, 0, 5).reshape(*acc.shape[1:5], tiles * tile)
+  return -acc[..., :per_group].reshape(*acc.shape[:3], out)
 
 
 def _conv(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -183,6 +214,8 @@ def input_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
   if grad_mode == "unclipped":
     return _unclipped_input_grad(x, w, g, spec)
   factor = _INPUT_FACTORS[grad_mode]
+  if spec.strides == (1, 1):
+    return _gathered_input_grad(x, w, g, spec, factor)
   b, h, wd, c = x.shape
   kh, kw, cg, out = w.shape
   groups, per_group = spec.groups, out // spec.groups
@@ -210,6 +243,53 @@ def input_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
   dxp = lax.fori_loop(0, kh * kw * count, step, jnp.zeros_like(xp))
   (top, _), (left, _) = spec.padding
   return dxp[:, top:top + h, left:left + wd].reshape(b, h, wd, c)
+
+
+def _gathered_input_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                         factor: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """The stride-1 input gradient, gathered: each step reads shifted ``g``.
+
+  With stride 1, input ``X[y]`` meets kernel row ``i`` at output row
+  ``y + top - i*d``: every term of ``dX[y]`` has the same ``X[y]``, so a
+  step can sum a whole kernel row of taps straight into ``dX`` (no scatter).
+  """
+  b, h, wd, c = x.shape
+  kh, kw, cg, out = w.shape
+  groups, per_group = spec.groups, out // spec.groups
+  (dh, dw), ((top, _), (left, _)) = spec.dilation, spec.padding
+  ho, wo = g.shape[1:3]
+  count, size = _chunking(per_group, kw)
+  tiles, tile = _split(cg, MAX_TILE)
+  # Input channels in tiles on a leading axis: (tile, B, H, W, G, channel within the tile).
+  xt = _pad_axis(x.reshape(b, h, wd, groups, cg), 4, tiles * tile)
+  xt = xt.reshape(b, h, wd, groups, tiles, tile).transpose(4, 0, 1, 2, 3, 5)
+  # (row, column, G, Og, Cg): one output channel's filter is a row over Cg.
+  filters = w.reshape(kh, kw, cg, groups, per_group).transpose(0, 1, 3, 4, 2)
+  filters = _pad_axis(_pad_axis(filters, 3, count * size), 4, tiles * tile)
+  # g padded so that row y + (kh-1)*dh - i*dh of it is output row y + top - i*dh.
+  low_h, low_w = (kh - 1) * dh - top, (kw - 1) * dw - left
+  g_pad = lax.pad(_pad_axis(g.reshape(b, ho, wo, groups, per_group), 4, count * size),
+                  jnp.zeros((), g.dtype),
+                  ((0, 0, 0), (low_h, h + top - ho, 0), (low_w, wd + left - wo, 0),
+                   (0, 0, 0), (0, 0, 0)))
+
+  def step(it, dx):
+    row, o0, t = it // (count * tiles), (it // tiles) % count * size, it % tiles
+    g_rows = lax.dynamic_slice(g_pad, (0, (kh - 1 - row) * dh, 0, 0, o0),
+                               (b, h, g_pad.shape[2], groups, size))
+    fs = lax.dynamic_slice(filters, (row, 0, 0, o0, t * tile), (1, kw, groups, size, tile))[0]
+    xs = lax.dynamic_index_in_dim(xt, t, keepdims=False)
+    terms = []
+    for j in range(kw):
+      gs = g_rows[:, :, (kw - 1 - j) * dw:(kw - 1 - j) * dw + wd]
+      terms += [gs[..., o, None] * factor(fs[j, :, o] - xs) for o in range(size)]
+    start = (t, 0, 0, 0, 0, 0)
+    block = lax.dynamic_slice(dx, start, (1, *dx.shape[1:]))
+    return lax.dynamic_update_slice(dx, block + _tree_sum(terms)[None], start)
+
+  dx = lax.fori_loop(0, kh * count * tiles, step, jnp.zeros_like(xt))
+  dx = dx.transpose(1, 2, 3, 4, 0, 5).reshape(b, h, wd, groups, tiles * tile)
+  return dx[..., :cg].reshape(b, h, wd, c)
 
 
 def _unclipped_input_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec) -> jax.Array:
