@@ -128,6 +128,13 @@ def _apply_adder_conv(
   return jnp.reshape(y, batch_shape + y.shape[1:])
 
 
+def _bias(use_bias: bool, bias_init: Initializer, out_features: int, param_dtype: Dtype,
+          rngs: nnx.Rngs, metadata: Mapping[str, Any]) -> nnx.Param | None:
+  if not use_bias:
+    return nnx.data(None)
+  return nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype), **metadata)
+
+
 class AdderConv(nnx.Module):
   """A 2-D adder convolution, the AdderNet counterpart of :class:`flax.nnx.Conv`.
 
@@ -233,12 +240,8 @@ class AdderConv(nnx.Module):
                     param_dtype),
         **kernel_metadata,
     )
-    self.bias: nnx.Param[jax.Array] | None
-    if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype),
-                            **bias_metadata)
-    else:
-      self.bias = nnx.data(None)
+    self.bias: nnx.Param[jax.Array] | None = _bias(use_bias, bias_init, out_features,
+                                                  param_dtype, rngs, bias_metadata)
 
     self.in_features = in_features
     self.out_features = out_features
@@ -347,12 +350,8 @@ class AdderDense(nnx.Module):
 
     self.kernel = AdderKernel(
         kernel_init(rngs.params(), (in_features, out_features), param_dtype), **kernel_metadata)
-    self.bias: nnx.Param[jax.Array] | None
-    if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype),
-                            **bias_metadata)
-    else:
-      self.bias = nnx.data(None)
+    self.bias: nnx.Param[jax.Array] | None = _bias(use_bias, bias_init, out_features,
+                                                  param_dtype, rngs, bias_metadata)
 
     self.in_features = in_features
     self.out_features = out_features
