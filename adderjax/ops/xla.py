@@ -39,7 +39,8 @@ from jax import lax
 from adderjax.ops.spec import ConvSpec
 
 MAX_CHUNK = 16
-MAX_TERMS = 64
+MIN_CHUNK = 8
+MAX_TERMS = 24
 MAX_TILE = 128
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -57,9 +58,11 @@ def _chunking(n: int, taps: int = 1) -> tuple[int, int]:
   """Channel chunks for steps that also unroll ``taps`` kernel taps: (count, size).
 
   A chunk holds at most MAX_CHUNK channels, and fewer when the taps would take
-  a step past MAX_TERMS terms.
+  a step past MAX_TERMS terms, but not fewer than MIN_CHUNK: slices of a few
+  channels out of many make XLA fuse the slice into the step, which then runs
+  ~10x slower (benchmarks/README.md).
   """
-  return _split(n, max(1, min(MAX_CHUNK, MAX_TERMS // taps)))
+  return _split(n, max(MIN_CHUNK, min(MAX_CHUNK, MAX_TERMS // taps)))
 
 
 def _tree_sum(terms: list[jax.Array]) -> jax.Array:
