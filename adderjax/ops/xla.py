@@ -8,12 +8,13 @@ often a step streams the accumulator through memory:
 
 - Forward: a `lax.fori_loop` over (kernel row, chunk of channels, tile of at
   most 128 output channels). A step copies the chunk's input rows into a small
-  contiguous window and adds its ``kw x chunk`` (at most 64) terms, unrolled
-  and summed as a balanced tree, into that tile of the accumulator: one fused
-  loop that LLVM vectorises along the output channels. Fusions of a few
-  hundred terms, or slicing inside the fused loop, fall back to scalar code; a
-  chain of adds instead of a tree waits on add latency; a tile wider than 128
-  channels spills the filters out of L1. `benchmarks/README.md` records each
+  contiguous window and adds its ``kw x chunk`` terms (about 24; chunks of 8
+  to 16 channels), unrolled and summed as a balanced tree, into that tile of
+  the accumulator: one fused loop that LLVM vectorises along the output
+  channels. Larger steps spill registers, and fusions of a few hundred terms
+  fall back to scalar code; slices of a few channels fuse into the step and
+  run ~10x slower; a chain of adds instead of a tree waits on add latency; a
+  tile wider than 128 channels spills the filters out of L1. `benchmarks/README.md` records each
   formulation tried and what it measured.
 - Channels that do not fill the last chunk are padded with zeros on both
   sides: ``|0 - 0| = 0`` adds nothing; padded output channels are cut off.
