@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
+import os
 import platform
 import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -152,7 +151,7 @@ def main() -> None:
       rows.append(bench_layer(layer, rounds=args.rounds, official_max_gb=args.official_max_gb))
       print(f"# done {layer[0]}", flush=True)
   meta = {"device": jax.devices()[0].device_kind, "platform": platform.processor() or
-          platform.machine(), "cpu_count": __import__("os").cpu_count(),
+          platform.machine(), "cpu_count": os.cpu_count(),
           "jax": jax.__version__, "date": datetime.date.today().isoformat()}
   print(f"\n{meta}\n")
   print_table(rows)

@@ -87,7 +87,6 @@ def check_grad_mode(grad_mode: Any) -> str:
   return grad_mode
 
 
-
 def conv_spec(x: Any, w: Any, *, strides: Any, padding: Any, rhs_dilation: Any,
               feature_group_count: Any) -> ConvSpec:
   """Validates `adder_conv`'s arguments and returns their :class:`ConvSpec`.

@@ -14,8 +14,8 @@ often a step streams the accumulator through memory:
   channels. Larger steps spill registers, and fusions of a few hundred terms
   fall back to scalar code; slices of a few channels fuse into the step and
   run ~10x slower; a chain of adds instead of a tree waits on add latency; a
-  tile wider than 128 channels spills the filters out of L1. `benchmarks/README.md` records each
-  formulation tried and what it measured.
+  tile wider than 128 channels spills the filters out of L1.
+  `benchmarks/README.md` records each formulation tried and what it measured.
 - Channels that do not fill the last chunk are padded with zeros on both
   sides: ``|0 - 0| = 0`` adds nothing; padded output channels are cut off.
 - Input gradient, stride 1: the same loop with the roles of input and output
@@ -86,6 +86,19 @@ def _batch_zeros(x: jax.Array, shape: tuple[int, ...], batch_axis: int) -> jax.A
   return jnp.broadcast_to(z, shape)
 
 
+def _add_to_tile(acc: jax.Array, tile: jax.Array, update: jax.Array) -> jax.Array:
+  """``acc[tile] += update`` for an accumulator tiled on its leading axis."""
+  start = (tile,) + (0,) * (acc.ndim - 1)
+  block = lax.dynamic_slice(acc, start, (1, *acc.shape[1:]))
+  return lax.dynamic_update_slice(acc, block + update[None], start)
+
+
+def _untile(acc: jax.Array, size: int) -> jax.Array:
+  """(tiles, B, H, W, G, tile) -> (B, H, W, G, size), dropping the zero-padded tail."""
+  tiles, *middle, tile = acc.shape
+  return acc.transpose(1, 2, 3, 4, 0, 5).reshape(*middle, tiles * tile)[..., :size]
+
+
 def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
   widths = [(0, 0)] * a.ndim
   widths[axis] = (0, size - a.shape[axis])
@@ -149,14 +162,11 @@ def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
     for j in range(kw):
       xs = _columns(window, j, out_hw[1], spec)
       terms += [jnp.abs(xs[..., c, None] - fs[j, c]) for c in range(size)]
-    start = (t, 0, 0, 0, 0, 0)
-    block = lax.dynamic_slice(acc, start, (1, *acc.shape[1:]))
-    return lax.dynamic_update_slice(acc, block + _tree_sum(terms)[None], start)
+    return _add_to_tile(acc, t, _tree_sum(terms))
 
   acc = _batch_zeros(x, (tiles, x.shape[0], *out_hw, groups, tile), batch_axis=1)
   acc = lax.fori_loop(0, kh * count * tiles, step, acc)
-  acc = acc.transpose(1, 2, 3, 4, 0, 5).reshape(*acc.shape[1:5], tiles * tile)
-  return -acc[..., :per_group].reshape(*acc.shape[:3], out)
+  return -_untile(acc, per_group).reshape(*acc.shape[1:4], out)
 
 
 def _conv(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -287,13 +297,10 @@ def _gathered_input_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpe
     for j in range(kw):
       gs = g_rows[:, :, (kw - 1 - j) * dw:(kw - 1 - j) * dw + wd]
       terms += [gs[..., o, None] * factor(fs[j, :, o] - xs) for o in range(size)]
-    start = (t, 0, 0, 0, 0, 0)
-    block = lax.dynamic_slice(dx, start, (1, *dx.shape[1:]))
-    return lax.dynamic_update_slice(dx, block + _tree_sum(terms)[None], start)
+    return _add_to_tile(dx, t, _tree_sum(terms))
 
   dx = lax.fori_loop(0, kh * count * tiles, step, jnp.zeros_like(xt))
-  dx = dx.transpose(1, 2, 3, 4, 0, 5).reshape(b, h, wd, groups, tiles * tile)
-  return dx[..., :cg].reshape(b, h, wd, c)
+  return _untile(dx, cg).reshape(b, h, wd, c)
 
 
 def _unclipped_input_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec) -> jax.Array:
