@@ -8,9 +8,13 @@ computed by :func:`adderjax.ops.adder_conv` and :func:`adderjax.ops.adder_dense`
 Their kernels are :class:`AdderKernel` parameters, which
 :func:`adderjax.optim.addernet_sgd` trains with the paper's adaptive rate.
 :mod:`adderjax.linen` has the same layers for Flax Linen.
+
+:class:`BinaryConv` and :class:`BinaryDense` are the binary (BNN) baseline the
+paper compares against: weights and inputs binarised to +-1 by
+:func:`adderjax.ops.sign_ste`, then an ordinary convolution or product.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import math
 from types import MappingProxyType
 from typing import Any
@@ -21,13 +25,14 @@ from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 import jax
 import jax.numpy as jnp
 
-from adderjax.ops import adder_conv, adder_dense
+from adderjax.ops import adder_conv, adder_dense, sign_ste
 from adderjax.ops.adder_conv import check_implementation
 from adderjax.ops.spec import check_grad_mode, is_int, positive_pair
 
-__all__ = ["AdderConv", "AdderDense", "AdderKernel"]
+__all__ = ["AdderConv", "AdderDense", "AdderKernel", "BinaryConv", "BinaryDense"]
 
 default_kernel_init = nnx.initializers.normal(stddev=1.0)
+binary_default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
 
 _ZERO_PADDINGS = ("SAME", "SAME_LOWER", "VALID")
@@ -95,19 +100,16 @@ def _check_groups(in_features: int, out_features: int, feature_group_count: int,
                      f"feature_group_count={feature_group_count}.")
 
 
-def _apply_adder_conv(
+def _conv_2d(
+    conv: Callable[[jax.Array, jax.Array, _Padding2D], jax.Array],
     inputs: jax.Array,
     kernel: jax.Array,
     bias: jax.Array | None,
     *,
-    strides: tuple[int, int],
     padding: _Padding2D,
     kernel_dilation: tuple[int, int],
-    feature_group_count: int,
-    grad_mode: str,
-    implementation: str | None,
 ) -> jax.Array:
-  """`adder_conv` on ``(*batch, H, W, C)`` or ``(H, W, C)`` inputs, plus an optional bias.
+  """``conv(x, kernel, padding)`` on ``(*batch, H, W, C)`` or ``(H, W, C)`` inputs, plus a bias.
 
   The batch dims are flattened into one, or one is added, then restored.
   ``"CIRCULAR"`` and ``"REFLECT"`` pad the input as `flax.nnx.Conv` does, then
@@ -120,12 +122,30 @@ def _apply_adder_conv(
     pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
     x = jnp.pad(x, pads, mode=_PAD_MODES[padding])
     padding = "VALID"
-  y = adder_conv(x, kernel, strides=strides, padding=padding, rhs_dilation=kernel_dilation,
-                 feature_group_count=feature_group_count, grad_mode=grad_mode,
-                 implementation=implementation)
+  y = conv(x, kernel, padding)
   if bias is not None:
     y = y + bias
   return jnp.reshape(y, batch_shape + y.shape[1:])
+
+
+def _apply_adder_conv(
+    inputs: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    *,
+    strides: tuple[int, int],
+    padding: _Padding2D,
+    kernel_dilation: tuple[int, int],
+    feature_group_count: int,
+    grad_mode: str,
+    implementation: str | None,
+) -> jax.Array:
+  """`adder_conv` through `_conv_2d`: any batch dims, every padding mode, a bias."""
+  def conv(x, w, pad):
+    return adder_conv(x, w, strides=strides, padding=pad, rhs_dilation=kernel_dilation,
+                      feature_group_count=feature_group_count, grad_mode=grad_mode,
+                      implementation=implementation)
+  return _conv_2d(conv, inputs, kernel, bias, padding=padding, kernel_dilation=kernel_dilation)
 
 
 def _bias(use_bias: bool, bias_init: Initializer, out_features: int, param_dtype: Dtype,
@@ -374,4 +394,229 @@ class AdderDense(nnx.Module):
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
     y = adder_dense(inputs, kernel, grad_mode=self.grad_mode, implementation=self.implementation)
+    return y if bias is None else y + bias
+
+
+class BinaryConv(nnx.Module):
+  """A 2-D binary convolution, the BNN counterpart of :class:`flax.nnx.Conv`.
+
+  Both the kernel and the input are binarised to ``+1``/``-1`` by
+  :func:`adderjax.ops.sign_ste` (``sign(0) = +1``), then convolved by
+  :func:`jax.lax.conv_general_dilated`; gradients reach the real-valued
+  kernel and input through the straight-through estimator
+  ``g * 1{|.| <= 1}``, as in BNN (Hubara et al., NeurIPS 2016), the binary
+  baseline of the AdderNet paper. Zero padding is applied after the
+  binarisation, so padded positions contribute 0. There is no scaling
+  factor: follow the layer with a BatchNorm. The kernel is a plain
+  :class:`flax.nnx.Param` named ``kernel`` of shape ``(kh, kw, in_features //
+  feature_group_count, out_features)``, initialized small (LeCun normal, as
+  :class:`flax.nnx.Conv`) so that it starts inside the estimator's window.
+
+  Inputs after a ReLU are all binarised to ``+1``: use an activation that
+  keeps the sign, such as ``HardTanh`` (BNN's), in front of the layer.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from adderjax.nn import BinaryConv
+    >>> layer = BinaryConv(3, 16, kernel_size=3, rngs=nnx.Rngs(0))
+    >>> layer.kernel.shape
+    (3, 3, 3, 16)
+    >>> y = layer(jnp.ones((2, 8, 8, 3)))
+    >>> y.shape, bool(jnp.all(jnp.abs(y[:, 1:-1, 1:-1]) <= 27))
+    ((2, 8, 8, 16), True)
+
+  Args:
+    in_features: number of input channels.
+    out_features: number of output channels (filters).
+    kernel_size: an int ``k`` for a ``(k, k)`` kernel, or a pair ``(kh, kw)``.
+    strides: an int or a pair (default: 1).
+    padding: as in :class:`adderjax.nn.AdderConv`: ``"SAME"``,
+      ``"SAME_LOWER"``, ``"VALID"``, ``"CIRCULAR"``, ``"REFLECT"``, an int, or
+      a sequence of 2 entries, each an int or a ``(low, high)`` pair.
+    kernel_dilation: an int or a pair (default: 1).
+    feature_group_count: number of channel groups; must divide
+      ``in_features`` and ``out_features``.
+    use_bias: whether to add a (real-valued) bias to the output (default:
+      False).
+    dtype: the dtype of the computation (default: infer from input and params).
+    param_dtype: the dtype passed to parameter initializers (default: float32).
+    kernel_init: initializer for the real-valued kernel (default: LeCun
+      normal).
+    bias_init: initializer for the bias (default: zeros).
+    promote_dtype: function to promote the dtype of the arrays to the desired
+      dtype, called as ``promote_dtype((inputs, kernel, bias), dtype=dtype)``.
+    rngs: rng key.
+    kernel_metadata: metadata for the kernel :class:`flax.nnx.Param`.
+    bias_metadata: metadata for the bias :class:`flax.nnx.Param`.
+
+  Raises:
+    ValueError: if an argument is out of its range, naming it.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      kernel_size: int | Sequence[int],
+      strides: int | Sequence[int] = 1,
+      *,
+      padding: PaddingLike = "SAME",
+      kernel_dilation: int | Sequence[int] = 1,
+      feature_group_count: int = 1,
+      use_bias: bool = False,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      kernel_init: Initializer = binary_default_kernel_init,
+      bias_init: Initializer = default_bias_init,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+  ):
+    in_features = _positive_int(in_features, "in_features")
+    out_features = _positive_int(out_features, "out_features")
+    feature_group_count = _positive_int(feature_group_count, "feature_group_count")
+    _check_groups(in_features, out_features, feature_group_count)
+    kernel_size = positive_pair(kernel_size, "kernel_size")
+    strides = positive_pair(strides, "strides")
+    padding = _canonical_padding(padding)
+    kernel_dilation = positive_pair(kernel_dilation, "kernel_dilation")
+
+    self.kernel = nnx.Param(
+        kernel_init(rngs.params(),
+                    kernel_size + (in_features // feature_group_count, out_features),
+                    param_dtype),
+        **kernel_metadata,
+    )
+    self.bias: nnx.Param[jax.Array] | None = _bias(use_bias, bias_init, out_features,
+                                                  param_dtype, rngs, bias_metadata)
+
+    self.in_features = in_features
+    self.out_features = out_features
+    self.kernel_size = kernel_size
+    self.strides = strides
+    self.padding = padding
+    self.kernel_dilation = kernel_dilation
+    self.feature_group_count = feature_group_count
+    self.use_bias = use_bias
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """Binarises the inputs and the kernel, and convolves them.
+
+    Args:
+      inputs: ``(*batch_dims, height, width, in_features)`` or
+        ``(height, width, in_features)``.
+
+    Returns:
+      ``(*batch_dims, out_height, out_width, out_features)``, without batch
+      dims for an unbatched input.
+    """
+    if inputs.ndim < 3 or inputs.shape[-1] != self.in_features:
+      raise ValueError(f"inputs must have shape (*batch, height, width, {self.in_features}) for "
+                       f"in_features={self.in_features}, got shape {tuple(inputs.shape)}.")
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+
+    def conv(x, w, pad):
+      pad = pad if isinstance(pad, str) else list(pad)
+      return jax.lax.conv_general_dilated(
+          sign_ste(x), sign_ste(w), window_strides=self.strides, padding=pad,
+          rhs_dilation=self.kernel_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          feature_group_count=self.feature_group_count)
+
+    return _conv_2d(conv, inputs, kernel, bias, padding=self.padding,
+                    kernel_dilation=self.kernel_dilation)
+
+
+class BinaryDense(nnx.Module):
+  """A fully connected binary layer, the BNN counterpart of :class:`flax.nnx.Linear`.
+
+  ``y[..., n] = sum_k sign(x[..., k]) * sign(kernel[k, n])``, with
+  :func:`adderjax.ops.sign_ste` (``sign(0) = +1``) and its straight-through
+  gradient, as in BNN (Hubara et al., NeurIPS 2016). The kernel is a plain
+  :class:`flax.nnx.Param` named ``kernel`` of shape ``(in_features,
+  out_features)``, initialized with LeCun normal; there is no bias by default
+  and no scaling factor: follow the layer with a BatchNorm.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from adderjax.nn import BinaryDense
+    >>> layer = BinaryDense(3, 4, rngs=nnx.Rngs(0))
+    >>> layer.kernel.shape
+    (3, 4)
+    >>> y = layer(jnp.array([[0.3, -2.0, 0.0]]))
+    >>> y.shape, set(abs(int(v)) for v in y.ravel()) <= {1, 3}
+    ((1, 4), True)
+
+  Args:
+    in_features: the number of input features.
+    out_features: the number of output features.
+    use_bias: whether to add a (real-valued) bias to the output (default:
+      False).
+    dtype: the dtype of the computation (default: infer from input and params).
+    param_dtype: the dtype passed to parameter initializers (default: float32).
+    kernel_init: initializer for the real-valued kernel (default: LeCun
+      normal).
+    bias_init: initializer for the bias (default: zeros).
+    promote_dtype: function to promote the dtype of the arrays to the desired
+      dtype, called as ``promote_dtype((inputs, kernel, bias), dtype=dtype)``.
+    rngs: rng key.
+    kernel_metadata: metadata for the kernel :class:`flax.nnx.Param`.
+    bias_metadata: metadata for the bias :class:`flax.nnx.Param`.
+
+  Raises:
+    ValueError: if an argument is out of its range, naming it.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      use_bias: bool = False,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      kernel_init: Initializer = binary_default_kernel_init,
+      bias_init: Initializer = default_bias_init,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+  ):
+    in_features = _positive_int(in_features, "in_features")
+    out_features = _positive_int(out_features, "out_features")
+
+    self.kernel = nnx.Param(
+        kernel_init(rngs.params(), (in_features, out_features), param_dtype), **kernel_metadata)
+    self.bias: nnx.Param[jax.Array] | None = _bias(use_bias, bias_init, out_features,
+                                                  param_dtype, rngs, bias_metadata)
+
+    self.in_features = in_features
+    self.out_features = out_features
+    self.use_bias = use_bias
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """Binarises the inputs and the kernel and multiplies them along the last dimension.
+
+    Args:
+      inputs: ``(..., in_features)``.
+
+    Returns:
+      ``(..., out_features)``.
+    """
+    if inputs.ndim < 1 or inputs.shape[-1] != self.in_features:
+      raise ValueError(f"inputs must have shape (..., {self.in_features}) for "
+                       f"in_features={self.in_features}, got shape {tuple(inputs.shape)}.")
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    y = jax.lax.dot_general(sign_ste(inputs), sign_ste(kernel),
+                            (((inputs.ndim - 1,), (0,)), ((), ())))
     return y if bias is None else y + bias

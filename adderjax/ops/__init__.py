@@ -1,6 +1,13 @@
-"""Adder operations: `adder_conv` and `adder_dense`, with the paper's gradients."""
+"""Adder operations: `adder_conv` and `adder_dense`, with the paper's gradients.
+
+`sign_ste`, the binarisation of the BNN baseline, lives here too.
+`PallasAdderConv` holds the GPU kernels' options (`adderjax.ops.pallas_gpu`).
+"""
 
 from adderjax.ops.adder_conv import IMPLEMENTATIONS, adder_conv, adder_dense
+from adderjax.ops.binary import sign_ste
+from adderjax.ops.pallas_gpu import PallasAdderConv
 from adderjax.ops.spec import GRAD_MODES, ConvSpec
 
-__all__ = ["GRAD_MODES", "IMPLEMENTATIONS", "ConvSpec", "adder_conv", "adder_dense"]
+__all__ = ["GRAD_MODES", "IMPLEMENTATIONS", "ConvSpec", "PallasAdderConv", "adder_conv",
+           "adder_dense", "sign_ste"]

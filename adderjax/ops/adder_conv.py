@@ -4,17 +4,39 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from types import ModuleType
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
-from adderjax.ops import reference, xla
+from adderjax.ops import pallas_gpu, reference, xla
 from adderjax.ops.spec import ConvSpec, check_grad_mode, conv_spec
 
-IMPLEMENTATIONS: dict[str, ModuleType] = {"xla": xla, "reference": reference}
+
+class Implementation(Protocol):
+  """What an entry of `IMPLEMENTATIONS` provides: a module or an object with these."""
+
+  def forward(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array: ...
+
+  def input_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                 grad_mode: str) -> jax.Array: ...
+
+  def weight_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                  grad_mode: str) -> jax.Array: ...
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "xla": xla,
+    "reference": reference,
+    "pallas": pallas_gpu.PallasAdderConv(),
+    "pallas_interpret": pallas_gpu.PallasAdderConv(interpret=True),
+}
 """Each provides ``forward``, ``input_grad`` and ``weight_grad``, called with
-operands of one floating dtype (float32, or float64) that they keep."""
+operands of one floating dtype (float32, or float64) that they keep.
+
+``"pallas"`` compiles the kernels of `adderjax.ops.pallas_gpu` for a GPU;
+``"pallas_interpret"`` runs the same kernels in Pallas' interpreter on any
+backend (slow: for tests and debugging)."""
 
 PaddingLike = str | Sequence[tuple[int, int]]
 
@@ -26,8 +48,31 @@ def check_implementation(implementation: str | None) -> str | None:
   return implementation
 
 
-def _resolve_implementation(implementation: str | None) -> str:
-  return check_implementation(implementation) or "xla"
+def _gpu_backend() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def _resolve_implementation(implementation: str | None, x: jax.Array, w: jax.Array,
+                            spec: ConvSpec) -> str:
+  """The implementation to run: ``None`` becomes the fastest that can run here.
+
+  ``None`` is ``"pallas"`` on a GPU backend when the kernels support the layer,
+  else ``"xla"``. An explicit ``"pallas"`` that cannot run raises and says why.
+  """
+  implementation = check_implementation(implementation)
+  if implementation in (None, "pallas", "pallas_interpret"):
+    reason = pallas_gpu.unsupported_reason(x.shape, w.shape, spec)
+    if implementation is None:
+      return "pallas" if _gpu_backend() and reason is None else "xla"
+    if implementation == "pallas" and not _gpu_backend():
+      raise ValueError(
+          f"implementation='pallas' compiles Triton kernels for a GPU, but JAX's default "
+          f"backend is {jax.default_backend()!r}. Use implementation='pallas_interpret' to run "
+          f"the same kernels in Pallas' interpreter, or 'xla' (or None, which picks 'xla' here).")
+    if reason is not None:
+      raise ValueError(f"implementation={implementation!r} cannot run this layer: {reason}. "
+                       f"Use implementation='xla'.")
+  return implementation
 
 
 def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
@@ -97,7 +142,11 @@ def adder_conv(
     rhs_dilation: kernel dilation, an int or a pair.
     feature_group_count: number of channel groups.
     grad_mode: ``"full_precision"``, ``"unclipped"`` or ``"sign"``.
-    implementation: ``None`` (the fastest available), ``"xla"``, or
+    implementation: ``None`` (the fastest that runs here: ``"pallas"`` on a
+      GPU backend, else ``"xla"``), ``"xla"`` (XLA loops; any backend),
+      ``"pallas"`` (the GPU kernels of `adderjax.ops.pallas_gpu`; a GPU
+      backend only), ``"pallas_interpret"`` (the same kernels in Pallas'
+      interpreter, any backend; slow, for tests and debugging), or
       ``"reference"`` (the broadcasting oracle; small shapes only).
 
   Returns:
@@ -107,7 +156,8 @@ def adder_conv(
     TypeError: a non-array or a non-floating-point input.
     ValueError: wrong ranks, channel or group mismatches, non-positive strides
       or dilation, bad padding, a kernel larger than the padded input, an
-      unknown ``grad_mode`` or ``implementation``.
+      unknown ``grad_mode`` or ``implementation``, or ``"pallas"`` where it
+      cannot run (no GPU backend, or an unsupported layer; the message says).
 
   Example::
 
@@ -127,7 +177,7 @@ def adder_conv(
   spec = conv_spec(x, w, strides=strides, padding=padding, rhs_dilation=rhs_dilation,
                    feature_group_count=feature_group_count)
   return _adder_conv(x, w, spec, check_grad_mode(grad_mode),
-                     _resolve_implementation(implementation))
+                     _resolve_implementation(implementation, x, w, spec))
 
 
 def adder_dense(

@@ -1,0 +1,65 @@
+"""AdderNet, CNN and BNN versions of the paper's networks (Flax NNX).
+
+Every model is built as ``name(*, kind="adder", num_classes=..., rngs, dtype=None,
+param_dtype=jnp.float32, grad_mode="full_precision", implementation=None)``
+(or ``get(name, ...)``), called on NHWC batches, and switched between batch
+and running BatchNorm statistics by ``model.train()`` and ``model.eval()``.
+``kind`` is one of :data:`KINDS`: ``"adder"`` (AdderNet), ``"conv"`` (CNN) or
+``"binary"`` (BNN).
+
+Example:
+  >>> from flax import nnx
+  >>> import jax.numpy as jnp
+  >>> from adderjax import models
+  >>> model = models.get("lenet5_bn", kind="adder", rngs=nnx.Rngs(0))
+  >>> model.eval()  # BatchNorm with the running statistics
+  >>> forward = nnx.jit(lambda model, x: model(x))
+  >>> forward(model, jnp.zeros((1, 28, 28, 1))).shape
+  (1, 10)
+
+``nnx.eval_shape(lambda: models.get("resnet50", rngs=nnx.Rngs(0)))`` builds a
+model abstractly, with shapes and no values: enough to count parameters or
+operations.
+"""
+
+from adderjax.models.layers import KINDS
+from adderjax.models.lenet import LeNet5BN, LeNetPP, lenet5_bn, lenet_pp
+from adderjax.models.registry import INPUT_SHAPES, MODELS, get, input_shape, names
+from adderjax.models.resnet import (
+    BasicBlock,
+    Bottleneck,
+    CifarResNet,
+    ResNet,
+    resnet18,
+    resnet20,
+    resnet32,
+    resnet34,
+    resnet50,
+    resnet56,
+)
+from adderjax.models.vgg import VGGSmall, vgg_small
+
+__all__ = [
+    "INPUT_SHAPES",
+    "KINDS",
+    "MODELS",
+    "BasicBlock",
+    "Bottleneck",
+    "CifarResNet",
+    "LeNet5BN",
+    "LeNetPP",
+    "ResNet",
+    "VGGSmall",
+    "get",
+    "input_shape",
+    "lenet5_bn",
+    "lenet_pp",
+    "names",
+    "resnet18",
+    "resnet20",
+    "resnet32",
+    "resnet34",
+    "resnet50",
+    "resnet56",
+    "vgg_small",
+]

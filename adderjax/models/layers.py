@@ -1,0 +1,301 @@
+"""The building blocks every model shares: layers of a chosen kind, BatchNorm, activation.
+
+A model is built in one of three kinds, which differ only in the layers they
+put where the paper compares them (Chen et al., CVPR 2020, Tables 1-3):
+
+- ``"adder"``: :class:`adderjax.nn.AdderConv` / :class:`adderjax.nn.AdderDense`
+  (N(0, 1) kernels, no bias, the paper's gradients and ``grad_mode``).
+- ``"conv"``: :class:`flax.nnx.Conv` / :class:`flax.nnx.Linear`, the CNN.
+- ``"binary"``: :class:`adderjax.nn.BinaryConv` /
+  :class:`adderjax.nn.BinaryDense`, the BNN, whose activation is HardTanh
+  rather than ReLU (the sign of a ReLU output is always +1).
+
+Each model keeps some layers multiplicative whatever its kind (the stem, the
+classifier); it asks :class:`Layers` for ``kind="conv"`` there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import dataclasses
+from typing import Any
+
+from flax import nnx
+from flax.typing import Dtype, PaddingLike
+import jax
+import jax.numpy as jnp
+
+from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense
+from adderjax.ops.adder_conv import check_implementation
+from adderjax.ops.spec import check_grad_mode, is_int
+
+__all__ = [
+    "BATCH_NORM_MOMENTUM",
+    "KINDS",
+    "Layers",
+    "activation",
+    "batch_norm",
+    "check_inputs",
+    "check_kind",
+    "check_positive_int",
+    "conv_layer",
+    "dense_layer",
+    "global_average_pool",
+    "max_pool",
+]
+
+KINDS = ("adder", "conv", "binary")
+"""The kinds of model: AdderNet, CNN, BNN."""
+
+BATCH_NORM_MOMENTUM = 0.9
+"""Flax's convention (PyTorch's default 0.1): adder outputs have a large
+negative mean that Flax's default 0.99 tracks too slowly (README.md)."""
+
+
+def check_kind(kind: Any) -> str:
+  """Returns ``kind`` if it is one of :data:`KINDS`, else raises a ValueError naming it."""
+  if not isinstance(kind, str) or kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got kind={kind!r}.")
+  return kind
+
+
+def check_positive_int(value: Any, name: str) -> int:
+  """Returns ``value`` as an int if it is a positive int, else raises a ValueError naming it."""
+  if not is_int(value) or value < 1:
+    raise ValueError(f"{name} must be a positive int, got {name}={value!r}.")
+  return int(value)
+
+
+def batch_norm(features: int, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32) -> nnx.BatchNorm:
+  """A BatchNorm over the last axis with momentum 0.9 and epsilon 1e-5, as PyTorch's.
+
+  ``model.train()`` and ``model.eval()`` switch it between batch statistics
+  (updating the running ones) and the running statistics.
+
+  Args:
+    features: the number of channels.
+    rngs: rng key.
+    dtype: the dtype of the computation (default: infer from input and params).
+    param_dtype: the dtype of the scale and bias (default: float32).
+
+  Returns:
+    A :class:`flax.nnx.BatchNorm` in training mode.
+
+  Example:
+    >>> from flax import nnx
+    >>> from adderjax.models.layers import batch_norm
+    >>> batch_norm(16, rngs=nnx.Rngs(0)).momentum
+    0.9
+  """
+  return nnx.BatchNorm(features, momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+
+
+def activation(kind: str) -> Callable[[jax.Array], jax.Array]:
+  """The activation of a model of this kind: ReLU, or HardTanh for ``"binary"``.
+
+  The next binary layer binarises its input with ``sign``, which is +1 for
+  every ReLU output; BNN (Hubara et al., 2016) uses HardTanh, whose gradient
+  is the straight-through estimator's window.
+
+  Args:
+    kind: one of :data:`KINDS`.
+
+  Returns:
+    :func:`flax.nnx.relu` or :func:`flax.nnx.hard_tanh`.
+  """
+  return nnx.hard_tanh if check_kind(kind) == "binary" else nnx.relu
+
+
+def conv_layer(
+    kind: str,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    *,
+    padding: PaddingLike = "SAME",
+    use_bias: bool = False,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    grad_mode: str = "full_precision",
+    implementation: str | None = None,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+  """A 2-D convolution of the given kind.
+
+  Args:
+    kind: ``"adder"`` for :class:`adderjax.nn.AdderConv` (N(0, 1) kernel),
+      ``"conv"`` for :class:`flax.nnx.Conv`, ``"binary"`` for
+      :class:`adderjax.nn.BinaryConv`.
+    in_features: number of input channels.
+    out_features: number of output channels.
+    kernel_size: an int or a pair.
+    strides: an int or a pair.
+    padding: as in :class:`flax.nnx.Conv`; the models pass ``k // 2`` as
+      PyTorch's ``padding`` would.
+    use_bias: whether the layer has a bias.
+    dtype: the dtype of the computation.
+    param_dtype: the dtype of the parameters.
+    grad_mode: the adder layers' backward pass (ignored by other kinds).
+    implementation: the adder op's implementation (ignored by other kinds).
+    rngs: rng key.
+
+  Returns:
+    The layer, whose kernel parameter is named ``kernel`` and has the shape
+    ``(kh, kw, in_features, out_features)``.
+
+  Example:
+    >>> from flax import nnx
+    >>> from adderjax.models.layers import conv_layer
+    >>> layer = conv_layer("adder", 3, 16, 3, 2, padding=1, rngs=nnx.Rngs(0))
+    >>> type(layer).__name__, layer.kernel.shape
+    ('AdderConv', (3, 3, 3, 16))
+  """
+  options = dict(padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                 rngs=rngs)
+  if check_kind(kind) == "adder":
+    return AdderConv(in_features, out_features, kernel_size, strides, grad_mode=grad_mode,
+                     implementation=implementation, **options)
+  if isinstance(kernel_size, int):
+    kernel_size = (kernel_size, kernel_size)
+  layer_class = nnx.Conv if kind == "conv" else BinaryConv
+  return layer_class(in_features, out_features, kernel_size, strides, **options)
+
+
+def dense_layer(
+    kind: str,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = False,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    grad_mode: str = "full_precision",
+    implementation: str | None = None,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+  """A fully connected layer of the given kind.
+
+  Args:
+    kind: ``"adder"`` for :class:`adderjax.nn.AdderDense` (N(0, 1) kernel),
+      ``"conv"`` for :class:`flax.nnx.Linear`, ``"binary"`` for
+      :class:`adderjax.nn.BinaryDense`.
+    in_features: the number of input features.
+    out_features: the number of output features.
+    use_bias: whether the layer has a bias.
+    dtype: the dtype of the computation.
+    param_dtype: the dtype of the parameters.
+    grad_mode: the adder layers' backward pass (ignored by other kinds).
+    implementation: the adder op's implementation (ignored by other kinds).
+    rngs: rng key.
+
+  Returns:
+    The layer, whose kernel parameter is named ``kernel`` and has the shape
+    ``(in_features, out_features)``.
+
+  Example:
+    >>> from flax import nnx
+    >>> from adderjax.models.layers import dense_layer
+    >>> layer = dense_layer("binary", 4, 10, rngs=nnx.Rngs(0))
+    >>> type(layer).__name__, layer.kernel.shape
+    ('BinaryDense', (4, 10))
+  """
+  options = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  if check_kind(kind) == "adder":
+    return AdderDense(in_features, out_features, grad_mode=grad_mode,
+                      implementation=implementation, **options)
+  layer_class = nnx.Linear if kind == "conv" else BinaryDense
+  return layer_class(in_features, out_features, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """Builds the layers of one model, with the options they all share.
+
+  Attributes:
+    kind: the model's kind, one of :data:`KINDS`; each call may override it
+      (``kind="conv"`` for the layers a model keeps multiplicative).
+    rngs: rng key, shared by every layer.
+    dtype: the dtype of the computation.
+    param_dtype: the dtype of the parameters.
+    grad_mode: the adder layers' backward pass.
+    implementation: the adder op's implementation.
+
+  Example:
+    >>> from flax import nnx
+    >>> from adderjax.models.layers import Layers
+    >>> make = Layers(kind="adder", rngs=nnx.Rngs(0))
+    >>> type(make.conv(3, 16, 3)).__name__, type(make.conv(3, 16, 3, kind="conv")).__name__
+    ('AdderConv', 'Conv')
+  """
+
+  kind: str
+  rngs: nnx.Rngs
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  grad_mode: str = "full_precision"
+  implementation: str | None = None
+
+  def __post_init__(self):
+    check_kind(self.kind)
+    check_grad_mode(self.grad_mode)
+    check_implementation(self.implementation)
+
+  def _options(self) -> dict[str, Any]:
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype, grad_mode=self.grad_mode,
+                implementation=self.implementation, rngs=self.rngs)
+
+  def conv(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
+           strides: int | Sequence[int] = 1, *, padding: PaddingLike | None = None,
+           use_bias: bool = False, kind: str | None = None) -> nnx.Module:
+    """:func:`conv_layer`, padded by ``kernel_size // 2`` unless ``padding`` is given."""
+    if padding is None:
+      sizes = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
+      padding = tuple((k // 2, k // 2) for k in sizes)
+    return conv_layer(kind or self.kind, in_features, out_features, kernel_size, strides,
+                      padding=padding, use_bias=use_bias, **self._options())
+
+  def dense(self, in_features: int, out_features: int, *, use_bias: bool = False,
+            kind: str | None = None) -> nnx.Module:
+    """:func:`dense_layer` of this model's kind, or of ``kind``."""
+    return dense_layer(kind or self.kind, in_features, out_features, use_bias=use_bias,
+                       **self._options())
+
+  def batch_norm(self, features: int) -> nnx.BatchNorm:
+    """:func:`batch_norm` with this model's dtypes."""
+    return batch_norm(features, rngs=self.rngs, dtype=self.dtype, param_dtype=self.param_dtype)
+
+  @property
+  def activation(self) -> Callable[[jax.Array], jax.Array]:
+    """:func:`activation` of this model's kind."""
+    return activation(self.kind)
+
+
+def global_average_pool(x: jax.Array) -> jax.Array:
+  """The mean over the two spatial axes of an NHWC batch: ``(N, C)``."""
+  return jnp.mean(x, axis=(-3, -2))
+
+
+def max_pool(x: jax.Array, size: int, stride: int, padding: int = 0) -> jax.Array:
+  """Max pooling of an NHWC batch over ``size x size`` windows, padded with -inf."""
+  return nnx.max_pool(x, (size, size), strides=(stride, stride),
+                      padding=((padding, padding), (padding, padding)))
+
+
+def check_inputs(inputs: jax.Array, *, channels: int,
+                 spatial: tuple[int, int] | None = None) -> None:
+  """Raises a ValueError naming ``inputs`` unless it is an NHWC batch of this shape.
+
+  Args:
+    inputs: the model's input.
+    channels: the number of channels it must have.
+    spatial: the ``(height, width)`` it must have, or None for any.
+  """
+  want = f"(batch, {spatial[0]}, {spatial[1]}, {channels})" if spatial else \
+      f"(batch, height, width, {channels})"
+  if (inputs.ndim != 4 or inputs.shape[-1] != channels
+      or (spatial is not None and tuple(inputs.shape[1:3]) != tuple(spatial))):
+    raise ValueError(f"inputs must be an NHWC batch of shape {want}, "
+                     f"got shape {tuple(inputs.shape)}.")

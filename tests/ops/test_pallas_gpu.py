@@ -1,0 +1,208 @@
+"""The Pallas kernels of adderjax.ops.pallas_gpu, their dispatch and their multi-device wrapper.
+
+On CPU the kernels run in Pallas' interpreter (``implementation="pallas_interpret"``)
+on a few shapes, since the interpreter compiles slowly; the compiled kernels
+(``"pallas"``) run the whole shared test base when a GPU is present. Without a
+GPU, the kernels are still lowered for CUDA (Pallas' Triton lowering runs on a
+CPU jaxlib), which catches what only the Triton lowering rejects.
+"""
+
+import importlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from adderjax.ops import adder_conv, pallas_gpu, reference
+from adderjax.ops.spec import conv_spec
+from tests.ops.test_adder_conv import HAND_PICKED, AdderConvTestBase, _case_id
+
+# The function adderjax.ops.adder_conv shadows the module of the same name.
+adder_conv_module = importlib.import_module("adderjax.ops.adder_conv")
+
+ON_GPU = jax.default_backend() == "gpu"
+
+# The interpreter compiles each kernel for about a second: two shapes that
+# cover strides, phases, dilation, groups and ragged tiles (the option tests
+# below add a stride-1 SAME layer with 5 -> 6 channels).
+INTERPRET_CASES = [
+    HAND_PICKED[2],   # stride 2, asymmetric padding, 2 groups: 4 input-gradient phases
+    HAND_PICKED[7],   # (1, 2) strides, (2, 1) dilation, 35 -> 17 channels: ragged tiles
+]
+
+
+def _case_operands(case, seed=0):
+  x_shape, w_shape, strides, padding, dilation, groups = case
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  w = jnp.asarray(0.7 * rng.normal(size=w_shape), jnp.float32)
+  spec = conv_spec(x, w, strides=strides, padding=padding, rhs_dilation=dilation,
+                   feature_group_count=groups)
+  return x, w, spec, rng
+
+
+class TestPallasInterpret(AdderConvTestBase):
+  implementation = "pallas_interpret"
+
+  @pytest.mark.parametrize("case", INTERPRET_CASES, ids=_case_id)
+  def test_forward_and_gradients_match_loop_reference(self, case):
+    super().test_forward_and_gradients_match_loop_reference(case)
+
+  def test_vmap_matches_a_loop(self):
+    # The base test at stride 1 and with fewer compilations: the same vmap
+    # rules (both operands batched, only the input batched) with one
+    # input-gradient kernel instead of four, which the interpreter would
+    # compile for 20 s.
+    rng = np.random.default_rng(3)
+    xs = jnp.asarray(rng.normal(size=(2, 2, 5, 5, 3)), jnp.float32)
+    ws = jnp.asarray(rng.normal(size=(2, 3, 3, 3, 4)), jnp.float32)
+    loss = lambda x, w: (jnp.sum(jnp.sin(y := self.conv(x, w))), y)
+    step = jax.value_and_grad(loss, (0, 1), has_aux=True)
+    batched = jax.jit(jax.vmap(step))(xs, ws)
+    single = jax.jit(step)
+    for k in range(2):
+      for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(single(xs[k], ws[k]))):
+        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-4)
+    # Only the input batched, a shared kernel: the usual per-example case.
+    y = jax.jit(jax.vmap(lambda x: self.conv(x, ws[0])))(xs)
+    np.testing.assert_allclose(y[0], batched[0][1][0], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU backend")
+class TestPallasGpu(AdderConvTestBase):
+  implementation = "pallas"
+
+
+# The kernels' index arithmetic, in plain jnp, on every shared case.
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES[:1], ids=_case_id)
+def test_jnp_references_of_the_kernels_match_the_oracle(case):
+  x, w, spec, rng = _case_operands(case)
+  g = jnp.asarray(rng.normal(size=reference.forward(x, w, spec).shape), jnp.float32)
+
+  @jax.jit  # one compilation instead of one per eager op
+  def both(x, w, g):
+    return ((pallas_gpu.forward_reference(x, w, spec=spec), reference.forward(x, w, spec)),
+            (pallas_gpu.input_grad_reference(x, w, g, spec=spec),
+             reference.input_grad(x, w, g, spec, "full_precision")))
+
+  (y, want_y), (dx, want_dx) = both(x, w, g)
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5 * float(jnp.abs(want_y).max()))
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=2e-6 * float(jnp.abs(want_dx).max()))
+
+
+@pytest.mark.parametrize("options, kernels", [
+    (dict(method="max"), ("forward",)),
+    (dict(block_m=16, block_n=4, num_warps=2, num_stages=1), ("forward", "input_grad")),
+    (dict(fused_saturate=True), ("input_grad",)),  # interpreted: falls back to min/max
+], ids=["max", "small-tiles", "fused-saturate"])
+def test_kernel_options_give_the_same_result(options, kernels):
+  # Ragged in every tile dimension: 2*9*7 = 126 rows, 6 output and 5 input channels.
+  x, w, spec, rng = _case_operands(HAND_PICKED[0])
+  implementation = pallas_gpu.PallasAdderConv(interpret=True, **options)
+  y = reference.forward(x, w, spec)
+  if "forward" in kernels:
+    np.testing.assert_allclose(implementation.forward(x, w, spec), y, rtol=1e-5, atol=2e-5)
+  if "input_grad" in kernels:
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    np.testing.assert_allclose(implementation.input_grad(x, w, g, spec, "full_precision"),
+                               reference.input_grad(x, w, g, spec, "full_precision"),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block_m=48), "block_m must be None or a power of 2"),
+    (dict(block_n=0), "block_n must be None or a power of 2"),
+    (dict(num_warps=0), "num_warps must be None or a positive int"),
+    (dict(method="l2"), "method must be one of"),
+])
+def test_bad_kernel_options_are_named(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    pallas_gpu.PallasAdderConv(**kwargs)
+
+
+# Dispatch.
+
+
+def _jaxpr_text(fn, *args):
+  return str(jax.make_jaxpr(fn)(*args))
+
+
+def test_default_implementation_is_xla_on_cpu_and_pallas_on_gpu(monkeypatch):
+  x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
+  uses_pallas = lambda: "pallas_call" in _jaxpr_text(lambda x, w: adder_conv(x, w), x, w)
+  assert uses_pallas() == ON_GPU
+  monkeypatch.setattr(adder_conv_module, "_gpu_backend", lambda: True)
+  assert uses_pallas()
+  # A layer the kernels cannot run falls back to XLA: shapes only, nothing allocated.
+  big_x = jax.ShapeDtypeStruct((2**16, 128, 128, 1), jnp.float32)
+  big_w = jax.ShapeDtypeStruct((1, 1, 1, 4), jnp.float32)
+  assert "pallas_call" not in _jaxpr_text(lambda x, w: adder_conv(x, w), big_x, big_w)
+  with pytest.raises(ValueError, match="int32 offsets"):
+    jax.eval_shape(lambda x, w: adder_conv(x, w, implementation="pallas"), big_x, big_w)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the error on a backend without GPU")
+def test_explicit_pallas_without_a_gpu_says_why():
+  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+  with pytest.raises(ValueError, match="default backend is 'cpu'.*pallas_interpret"):
+    adder_conv(x, w, implementation="pallas")
+
+
+def test_unknown_implementation_lists_every_choice():
+  with pytest.raises(ValueError, match="'xla', 'reference', 'pallas', 'pallas_interpret'"):
+    adder_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), implementation="cuda")
+
+
+# The Triton lowering, on any backend.
+
+
+@pytest.mark.parametrize("case, options", [
+    (HAND_PICKED[0], {}),
+    (HAND_PICKED[2], dict(method="max", fused_saturate=True)),
+    (HAND_PICKED[5], dict(block_m=32, num_warps=8, num_stages=3)),  # depthwise, 1 channel a group
+], ids=["ragged", "strided-groups-max-sat", "depthwise"])
+def test_kernels_lower_for_cuda(monkeypatch, case, options):
+  # Lowering runs Pallas' Triton lowering (shapes of powers of 2, supported
+  # ops, inline PTX) but not Triton's compiler, which needs the CUDA jaxlib.
+  x, w, _, _ = _case_operands(case)
+  kernels = pallas_gpu.PallasAdderConv(**options)
+  monkeypatch.setitem(adder_conv_module.IMPLEMENTATIONS, "pallas", kernels)
+  monkeypatch.setattr(adder_conv_module, "_gpu_backend", lambda: True)
+  _, _, strides, padding, dilation, groups = case
+  layer = lambda x, w: adder_conv(x, w, strides=strides, padding=padding, rhs_dilation=dilation,
+                                  feature_group_count=groups, implementation="pallas")
+  step = jax.jit(lambda x, w: jax.vjp(layer, x, w)[1](layer(x, w)))
+  text = step.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") >= 2, "forward and input-gradient kernels"
+
+
+# Several devices (tests/conftest.py gives the CPU backend 8).
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_batch_sharded_step_runs_the_kernels_per_shard(axis_type):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices; run under tests/conftest.py")
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, 5, 5, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 8)), jnp.float32)
+  layer = lambda x, w, impl="pallas_interpret": adder_conv(x, w, implementation=impl)
+  loss = lambda x, w, impl="pallas_interpret": jnp.sum(layer(x, w, impl) ** 2)
+  want = jax.jit(jax.value_and_grad(lambda x, w: loss(x, w, "xla"), (0, 1)))(x, w)
+
+  mesh = jax.make_mesh((8,), ("data",), devices=jax.devices()[:8], axis_types=(axis_type,))
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  ws = jax.device_put(w, NamedSharding(mesh, P()))
+  got = jax.jit(jax.value_and_grad(loss, (0, 1)))(xs, ws)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6 * float(jnp.abs(b).max()))
+  assert got[1][0].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 4)
+  # Each device runs the kernel on its 2 images; no collective moves the batch.
+  hlo = jax.jit(layer).lower(xs, ws).compile().as_text()
+  assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo)
+  assert "f32[2,5,5,8]" in hlo
