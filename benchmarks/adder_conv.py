@@ -24,10 +24,6 @@ ratios, next to the median times.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import time
 from collections.abc import Callable
 
@@ -36,6 +32,7 @@ import numpy as np
 from jax import lax
 
 from adderjax.ops import adder_conv
+from report import machine_meta, write_json  # benchmarks/report.py
 
 # (name, batch, height, width, in_channels, out_channels, stride)
 LAYERS = {
@@ -150,14 +147,10 @@ def main() -> None:
     for layer in LAYERS[net]:
       rows.append(bench_layer(layer, rounds=args.rounds, official_max_gb=args.official_max_gb))
       print(f"# done {layer[0]}", flush=True)
-  meta = {"device": jax.devices()[0].device_kind, "platform": platform.processor() or
-          platform.machine(), "cpu_count": os.cpu_count(),
-          "jax": jax.__version__, "date": datetime.date.today().isoformat()}
+  meta = machine_meta()
   print(f"\n{meta}\n")
   print_table(rows)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  write_json(args.json, meta, rows)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,13 @@ of the per-round ratios, next to the median images/s.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from report import machine_meta, write_json  # benchmarks/report.py
 from train_step import make_train_step  # benchmarks/train_step.py
 
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet56", "vgg_small")
@@ -89,14 +86,10 @@ def main() -> None:
     rows.append(bench_model(name, batch=args.batch, rounds=args.rounds,
                             steps_per_round=args.steps_per_round))
     print(f"# done {name}: {rows[-1]['images_per_s']}", flush=True)
-  meta = {"device": jax.devices()[0].device_kind, "platform": platform.processor() or
-          platform.machine(), "cpu_count": os.cpu_count(),
-          "jax": jax.__version__, "date": datetime.date.today().isoformat()}
+  meta = machine_meta()
   print(f"\n{meta}\n")
   print_table(rows)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  write_json(args.json, meta, rows)
 
 
 if __name__ == "__main__":
