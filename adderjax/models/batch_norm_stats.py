@@ -1,0 +1,118 @@
+"""Recomputing BatchNorm running statistics over training batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _batch_norms(model: nnx.Module) -> list[nnx.BatchNorm]:
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+
+
+def recompute_batch_norm_stats(
+    model: nnx.Module,
+    batches: Iterable[Any],
+    *,
+    apply: Callable[[nnx.Module, Any], Any] | None = None,
+) -> int:
+  """Replaces every BatchNorm's running statistics by their value over ``batches``.
+
+  The running averages that training leaves behind lag the weights, and adder
+  layers, whose outputs have a large mean that moves as the kernels learn,
+  suffer more from the lag than convolutions. This recomputes them exactly:
+  each BatchNorm's ``mean`` becomes the mean of its input over all the
+  batches and ``var`` the variance over all of them (batches of equal size are
+  weighted equally), with the model's weights fixed. While the statistics are
+  gathered, every BatchNorm normalizes with the batch's own statistics, as in
+  training (the "precise BN" of Wu and Johnson, 2021). BatchNorm ``momentum``
+  and ``use_running_average`` are restored afterwards.
+
+  Args:
+    model: The model, changed in place.
+    batches: The inputs, each passed to ``apply``: e.g. some training batches
+      (with the training augmentation).
+    apply: ``apply(model, batch)`` runs the model; defaults to
+      ``model(batch)``. It is traced once with ``jax.jit``.
+
+  Returns:
+    The number of batches used.
+
+  Raises:
+    ValueError: If the model has no BatchNorm or ``batches`` is empty.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from adderjax.models import get
+    >>> from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
+    >>> model = get("lenet5_bn", kind="conv", rngs=nnx.Rngs(0))
+    >>> recompute_batch_norm_stats(model, [jnp.ones((4, 28, 28, 1))] * 2)
+    2
+  """
+  norms = _batch_norms(model)
+  if not norms:
+    raise ValueError("model has no nnx.BatchNorm whose statistics could be recomputed.")
+  apply = apply or (lambda m, x: m(x))
+  saved = [(bn.momentum, bn.use_running_average) for bn in norms]
+  for bn in norms:
+    # With momentum 0 a training-mode call leaves exactly the batch's statistics.
+    bn.momentum, bn.use_running_average = 0.0, False
+  try:
+    graphdef, stats, rest = nnx.split(model, nnx.BatchStat, ...)
+
+    @jax.jit
+    def batch_moments(stats, rest, batch):
+      model = nnx.merge(graphdef, stats, rest)
+      apply(model, batch)
+      new = nnx.state(model, nnx.BatchStat)
+      return jax.tree.map(lambda s: s.astype(jnp.float32), new)
+
+    count, first, second = 0, None, None
+    for batch in batches:
+      moments = batch_moments(stats, rest, batch)
+      squares = _second_moments(moments)
+      if count == 0:
+        first, second = moments, squares
+      else:
+        first = jax.tree.map(jnp.add, first, moments)
+        second = jax.tree.map(jnp.add, second, squares)
+      count += 1
+    if count == 0:
+      raise ValueError("batches is empty: at least one batch is needed.")
+    mean = jax.tree.map(lambda s: s / count, first)
+    moments = _from_second_moments(mean, jax.tree.map(lambda s: s / count, second))
+    nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), moments, stats))
+  finally:
+    for bn, (momentum, use_running_average) in zip(norms, saved):
+      bn.momentum, bn.use_running_average = momentum, use_running_average
+  return count
+
+
+def _map_norm_stats(fn: Callable[..., tuple[jax.Array, jax.Array]], *trees: nnx.State) -> nnx.State:
+  """Applies ``fn(*means, *vars) -> (mean, var)`` to each BatchNorm's statistics in ``trees``."""
+  flats = [dict(nnx.to_flat_state(t)) for t in trees]
+  out = dict(flats[0])
+  for path in flats[0]:
+    if path[-1] != "mean":
+      continue
+    var_path = path[:-1] + ("var",)
+    new_mean, new_var = fn(*[f[path][...] for f in flats], *[f[var_path][...] for f in flats])
+    out[path] = out[path].replace(new_mean)
+    out[var_path] = out[var_path].replace(new_var)
+  return nnx.from_flat_state(out)
+
+
+def _second_moments(moments: nnx.State) -> nnx.State:
+  """(mean, var) -> (mean, E[x^2])."""
+  return _map_norm_stats(lambda mean, var: (mean, var + mean * mean), moments)
+
+
+def _from_second_moments(mean: nnx.State, second: nnx.State) -> nnx.State:
+  """(E[x], E[x^2]) -> (E[x], Var[x])."""
+  return _map_norm_stats(
+      lambda mean, _, __, square: (mean, jnp.maximum(square - mean * mean, 0.0)), mean, second)

@@ -1,0 +1,129 @@
+"""The trainer's configuration fields and the recipes the paper rows share.
+
+Every config file under ``experiments/configs/`` builds on :func:`base_config`.
+A field set to ``0`` or ``""`` means "derive it" (from the dataset, the
+epochs or the devices), as noted beside it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PAPER = ("Chen et al., AdderNet: Do We Really Need Multiplications in Deep Learning?, "
+         "CVPR 2020, https://arxiv.org/abs/1912.13200")
+OFFICIAL_CODE = "https://github.com/huawei-noah/AdderNet (main.py, resnet20.py)"
+
+VARIANTS = ("adder", "conv", "binary")
+"""The network kinds a paper row compares: AdderNet, CNN and BNN."""
+
+
+def check_variant(variant: str) -> str:
+  """Returns ``variant`` (empty means ``"adder"``) or raises a ValueError naming it."""
+  variant = variant or "adder"
+  if variant not in VARIANTS:
+    raise ValueError(f"The config argument must be one of {VARIANTS}, got {variant!r}.")
+  return variant
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The default value of every field the trainer reads."""
+  config = ml_collections.ConfigDict()
+  config.reference = ""  # The recipe this config follows.
+
+  # Model: a name of adderjax.models.names() and its keyword arguments.
+  config.model = "lenet5_bn"
+  config.kind = "adder"  # "adder", "conv" or "binary".
+  config.grad_mode = "full_precision"  # "full_precision", "unclipped" or "sign".
+  config.implementation = ""  # Adder kernels: "" picks the fastest for the backend.
+  config.dtype = "float32"  # Compute dtype, "float32" or "bfloat16"; params stay float32.
+
+  # Data (adderjax.data).
+  config.dataset = "mnist"  # "mnist", "cifar10", "cifar100" or "imagenet2012".
+  config.data_source = "tfds"  # "tfds", "idx", "cifar_python", "synthetic" or "digits".
+  config.data_dir = ""  # "" means the source's default (TFDS: ~/tensorflow_datasets).
+  config.download = False  # Let TFDS download and prepare (needs TensorFlow).
+  config.train_split = ""  # "" means the dataset's training split.
+  config.eval_split = ""  # "" means the dataset's test (or validation) split.
+  config.num_synthetic_examples = 0  # Size of a synthetic training set; 0: the source's default.
+  config.image_size = 0  # ImageNet crop size; 0: the dataset's model input size.
+  config.augment = True  # The dataset's standard training augmentation.
+  config.data_threads = 0  # Threads for per-image decoding and augmentation.
+
+  # Optimization: addernet_sgd (SGD with momentum, weight decay, adaptive rate).
+  config.batch_size = 256  # Global batch, over all devices and processes.
+  config.eval_batch_size = 256
+  config.num_epochs = 50.0
+  config.num_train_steps = 0  # 0: num_epochs of the training set.
+  config.learning_rate = 0.1
+  config.schedule = "cosine"  # "cosine" or "constant".
+  config.warmup_epochs = 0.0
+  config.momentum = 0.9
+  config.nesterov = False
+  config.weight_decay = 5e-4
+  config.label_smoothing = 0.0
+  # The adder kernels' rate: "adaptive" (eta * sqrt(k) / ||g||, the paper),
+  # "fixed" (the gradient times adder_lr_multiplier) or "none" (plain SGD).
+  config.adder_lr = "adaptive"
+  config.eta = 0.2
+  config.adder_lr_multiplier = 1.0
+
+  # Bookkeeping.
+  config.seed = 0
+  config.log_every_steps = 50
+  config.eval_every_steps = 0  # 0: at the end of every epoch.
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.bn_recompute_batches = 0  # Training batches to recompute BatchNorm statistics on before eval.
+  config.num_devices = 0  # Local devices to use; 0: all of them.
+  config.distributed = False  # Call jax.distributed.initialize() (multi-host).
+  config.progress_bar = True
+  return config
+
+
+def mnist_lenet5_bn(variant: str) -> ml_collections.ConfigDict:
+  """LeNet-5-BN on MNIST: the paper's Section 4.1 (cosine rate from 0.1, 50 epochs)."""
+  config = base_config()
+  config.reference = f"{PAPER}, Section 4.1 (MNIST) and Table 1."
+  config.model = "lenet5_bn"
+  config.kind = check_variant(variant)
+  config.dataset = "mnist"
+  config.batch_size = 256
+  config.num_epochs = 50.0
+  config.learning_rate = 0.1
+  return config
+
+
+def cifar(dataset: str, model: str, variant: str) -> ml_collections.ConfigDict:
+  """A CIFAR row: the official code's recipe (SGD 0.9, wd 5e-4, batch 256, lr 0.05 cosine, 400 epochs, eta 0.2)."""
+  config = base_config()
+  config.reference = (f"{PAPER}, Section 4.2 and Table 3; recipe of the official code, "
+                      f"{OFFICIAL_CODE}.")
+  config.model = model
+  config.kind = check_variant(variant)
+  config.dataset = dataset
+  config.batch_size = 256
+  config.num_epochs = 400.0
+  config.learning_rate = 0.05
+  config.weight_decay = 5e-4
+  config.eta = 0.2
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  return config
+
+
+def imagenet(model: str, variant: str) -> ml_collections.ConfigDict:
+  """An ImageNet row: the paper's Section 4.3 (cosine rate, 150 epochs)."""
+  config = base_config()
+  config.reference = f"{PAPER}, Section 4.3 and Table 4."
+  config.model = model
+  config.kind = check_variant(variant)
+  config.dataset = "imagenet2012"
+  config.batch_size = 256
+  config.num_epochs = 150.0
+  config.learning_rate = 0.1
+  config.weight_decay = 1e-4
+  config.eta = 0.2
+  config.data_threads = 16
+  config.log_every_steps = 200
+  config.checkpoint_every_steps = 2500
+  return config

@@ -1,0 +1,367 @@
+"""Training and evaluation of the paper's networks: ``train_and_evaluate(config, workdir)``.
+
+Data-parallel over a one-axis ``("data",)`` mesh of all devices: the state is
+replicated, each batch is sharded over its batch axis, and ``jax.jit`` turns
+BatchNorm's batch means into global ones, so every device count gives the
+same updates. The workdir holds ``checkpoints/`` (orbax), ``metrics.jsonl``,
+``tensorboard/`` and ``config.json``; a run started on a workdir with a
+checkpoint resumes from the newest one and, because the data order and the
+augmentation are functions of the seed and the step, ends with the same
+parameters as a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from adderjax import data, models
+from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
+from adderjax.optim import addernet_sgd, only_adder_kernels
+from experiments.checkpoints import Checkpoints
+from experiments.metrics import MetricWriter, ProgressBar, adaptive_lr_scales
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SCHEDULES = ("cosine", "constant")
+ADDER_LRS = ("adaptive", "fixed", "none")
+
+
+def _choice(config: ml_collections.ConfigDict, field: str, choices: Any) -> Any:
+  value = config[field]
+  if value not in choices:
+    raise ValueError(f"config.{field} must be one of {tuple(choices)}, got {value!r}.")
+  return value
+
+
+def _positive(config: ml_collections.ConfigDict, field: str, *, allow_zero: bool = False) -> Any:
+  value = config[field]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+      value == 0 and not allow_zero):
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"config.{field} must be a number {bound}, got {value!r}.")
+  return value
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the first field of ``config`` that is out of range."""
+  _choice(config, "model", models.names())
+  _choice(config, "kind", models.KINDS)
+  _choice(config, "dataset", data.DATASETS)
+  _choice(config, "data_source", data.SOURCES)
+  _choice(config, "dtype", DTYPES)
+  _choice(config, "schedule", SCHEDULES)
+  _choice(config, "adder_lr", ADDER_LRS)
+  for field in ("batch_size", "eval_batch_size", "learning_rate", "eta", "log_every_steps",
+                "checkpoint_every_steps", "keep_checkpoints", "adder_lr_multiplier"):
+    _positive(config, field)
+  for field in ("num_epochs", "num_train_steps", "warmup_epochs", "weight_decay",
+                "label_smoothing", "eval_every_steps", "bn_recompute_batches", "num_devices",
+                "data_threads", "num_synthetic_examples", "image_size"):
+    _positive(config, field, allow_zero=True)
+  if not config.num_epochs and not config.num_train_steps:
+    raise ValueError("Set config.num_epochs or config.num_train_steps to a number > 0.")
+  if not 0 <= config.momentum < 1:
+    raise ValueError(f"config.momentum must be in [0, 1), got {config.momentum!r}.")
+
+
+def make_mesh(num_devices: int) -> jax.sharding.Mesh:
+  """A one-axis ``("data",)`` mesh over all devices, or the first ``num_devices`` local ones."""
+  devices = jax.devices()
+  if num_devices:
+    if jax.process_count() > 1:
+      raise ValueError("config.num_devices must be 0 (all devices) in a multi-process run.")
+    if num_devices > len(devices):
+      raise ValueError(f"config.num_devices={num_devices} but only {len(devices)} devices exist.")
+    devices = devices[:num_devices]
+  return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int,
+                  steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate per step: linear warmup, then cosine decay to 0 or constant."""
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  if config.schedule == "cosine":
+    main = optax.cosine_decay_schedule(config.learning_rate, max(total_steps - warmup, 1))
+  else:
+    main = optax.constant_schedule(config.learning_rate)
+  if not warmup:
+    return main
+  ramp = optax.linear_schedule(0.0, config.learning_rate, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  """``addernet_sgd``, or for the ablations the same SGD with a fixed or no adder-kernel factor."""
+  if config.adder_lr == "adaptive":
+    return addernet_sgd(schedule, momentum=config.momentum, weight_decay=config.weight_decay,
+                        eta=config.eta, nesterov=config.nesterov)
+  multiplier = config.adder_lr_multiplier if config.adder_lr == "fixed" else 1.0
+  return optax.chain(
+      only_adder_kernels(optax.scale(multiplier)),
+      optax.add_decayed_weights(config.weight_decay),
+      optax.trace(decay=config.momentum, nesterov=config.nesterov),
+      optax.scale_by_learning_rate(schedule),
+  )
+
+
+def make_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+  return models.get(
+      config.model,
+      kind=config.kind,
+      num_classes=data.DATASETS[config.dataset].num_classes,
+      rngs=rngs,
+      dtype=DTYPES[config.dtype],
+      grad_mode=config.grad_mode,
+      implementation=config.implementation or None,
+  )
+
+
+def _logits(outputs: Any) -> jax.Array:
+  # LeNet++ returns (embedding, logits).
+  return (outputs[-1] if isinstance(outputs, tuple) else outputs).astype(jnp.float32)
+
+
+def _loss_and_correct(logits: jax.Array, labels: jax.Array, num_classes: int,
+                      label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  losses = optax.softmax_cross_entropy(logits, targets)
+  return losses, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
+def _load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  spec = data.DATASETS[config.dataset]
+  options = dict(source=config.data_source, data_dir=config.data_dir or None,
+                 download=config.download, seed=config.seed)
+  if config.data_source == "synthetic" and config.num_synthetic_examples:
+    options["num_examples"] = config.num_synthetic_examples
+  train = data.load_source(config.dataset, config.train_split or spec.train_split, **options)
+  options.pop("num_examples", None)
+  evaluation = data.load_source(config.dataset, config.eval_split or spec.eval_split, **options)
+  return train, evaluation
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  path = workdir / "config.json"
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if not path.exists():
+    path.write_text(text)
+  elif path.read_text() != text:
+    logger.warning("%s differs from this run's config; it is kept as it is. "
+                   "Resuming under a changed config mixes two recipes.", path)
+
+
+class Trainer:
+  """The jitted steps and the state of one run; built by :func:`train_and_evaluate`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               total_steps: int, steps_per_epoch: int):
+    self.config = config
+    self.mesh = mesh
+    self.replicated = NamedSharding(mesh, P())
+    self.batch_sharding = NamedSharding(mesh, P("data"))
+    self.num_classes = data.DATASETS[config.dataset].num_classes
+    self.schedule = make_schedule(config, total_steps, steps_per_epoch)
+    model = make_model(config, rngs=nnx.Rngs(config.seed))
+    model.train()
+    optimizer = nnx.Optimizer(model, make_optimizer(config, self.schedule), wrt=nnx.Param)
+    self.graphdef, state = nnx.split((model, optimizer))
+    self.state = jax.device_put(state, self.replicated)
+    self.train_step = jax.jit(self._train_step, donate_argnums=0,
+                              out_shardings=(self.replicated, self.replicated))
+    self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
+
+  def _train_step(self, state: nnx.State, batch: dict[str, jax.Array]):
+    model, optimizer = nnx.merge(self.graphdef, state)
+
+    def loss_fn(model):
+      logits = _logits(model(batch["image"]))
+      losses, correct = _loss_and_correct(logits, batch["label"], self.num_classes,
+                                          self.config.label_smoothing)
+      return losses.mean(), correct.mean()
+
+    (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), {"loss": loss, "accuracy": accuracy}
+
+  def _eval_step(self, state: nnx.State, batch: dict[str, jax.Array]):
+    model, _ = nnx.merge(self.graphdef, state)
+    model.eval()
+    logits = _logits(model(batch["image"]))
+    losses, correct = _loss_and_correct(logits, batch["label"], self.num_classes, 0.0)
+    mask = batch["mask"].astype(jnp.float32)
+    return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
+
+  def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's slice of a batch -> one array sharded over the mesh's batch axis."""
+    dtype = DTYPES[self.config.dtype]
+
+    def put(name, value):
+      if name == "image":
+        value = value.astype(dtype)
+      return jax.make_array_from_process_local_data(self.batch_sharding, value)
+
+    return {name: put(name, value) for name, value in batch.items()}
+
+  def evaluate(self, batches: Iterator[dict[str, np.ndarray]],
+               state: nnx.State | None = None) -> dict[str, float]:
+    """Loss and accuracy over every (unpadded) example of ``batches``."""
+    state = self.state if state is None else state
+    totals = None
+    for batch in batches:
+      sums = self.eval_step(state, self.to_global(batch))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = max(float(totals["count"]), 1.0)
+    return {"eval_loss": float(totals["loss"]) / count,
+            "eval_accuracy": float(totals["correct"]) / count,
+            "eval_examples": float(totals["count"])}
+
+  def recomputed_bn_state(self, batches: Iterator[dict[str, np.ndarray]],
+                          num_batches: int) -> nnx.State:
+    """A copy of the state whose BatchNorm statistics are recomputed on ``num_batches`` batches."""
+    model, optimizer = nnx.merge(self.graphdef, self.state)
+    images = (self.to_global(next(batches))["image"] for _ in range(num_batches))
+    recompute_batch_norm_stats(model, images)
+    return jax.device_put(nnx.state((model, optimizer)), self.replicated)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+                       ) -> dict[str, float]:
+  """Trains ``config``'s model on its dataset, evaluating and checkpointing in ``workdir``.
+
+  Args:
+    config: The fields of :func:`experiments.configs.common.base_config`.
+    workdir: The run's directory; created if missing. A checkpoint in it is
+      resumed from.
+
+  Returns:
+    The final evaluation (``eval_loss``, ``eval_accuracy``, ``eval_examples``)
+    with ``step``, ``train_seconds`` (the training loop's wall time in this
+    call, compilation included) and ``train_loss`` (mean of the last logging
+    interval).
+
+  Raises:
+    ValueError: for a bad config field (named), and ``adderjax.data.DataError``
+      for a missing or malformed dataset; both before anything is written.
+  """
+  check_config(config)
+  train_source, eval_source = _load_sources(config)
+  mesh = make_mesh(config.num_devices)
+  batch_size, eval_batch_size = config.batch_size, config.eval_batch_size
+  for field, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+    if size % mesh.size:
+      raise ValueError(f"config.{field}={size} must be divisible by the {mesh.size} devices.")
+  steps_per_epoch = data.steps_per_epoch(len(train_source), batch_size)
+  total_steps = config.num_train_steps or int(round(config.num_epochs * steps_per_epoch))
+  eval_every = config.eval_every_steps or steps_per_epoch
+
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    _write_config(config, workdir)
+  trainer = Trainer(config, mesh, total_steps, steps_per_epoch)
+  checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+  start_step = checkpoints.latest_step() or 0
+  if start_step:
+    trainer.state = checkpoints.restore(start_step, trainer.state)
+    logger.info("Resumed from the checkpoint of step %d in %s.", start_step, workdir)
+  if start_step >= total_steps:
+    logger.info("The checkpoint of step %d is already the last of %d steps.", start_step,
+                total_steps)
+
+  loader = dict(image_size=config.image_size or None, num_threads=config.data_threads)
+  train_batches = data.train_batches(config.dataset, train_source, global_batch_size=batch_size,
+                                     seed=config.seed, start_step=start_step,
+                                     augment=config.augment, **loader)
+
+  def evaluate() -> dict[str, float]:
+    state = None
+    if config.bn_recompute_batches:
+      # Fresh batches from another seed, so the training order is untouched.
+      batches = data.train_batches(config.dataset, train_source, global_batch_size=batch_size,
+                                   seed=config.seed + 1, augment=config.augment, **loader)
+      state = trainer.recomputed_bn_state(batches, config.bn_recompute_batches)
+    batches = data.eval_batches(config.dataset, eval_source, global_batch_size=eval_batch_size,
+                                **loader)
+    return trainer.evaluate(batches, state)
+
+  writer = MetricWriter(workdir)
+  progress = ProgressBar(total_steps, start_step=start_step, enabled=config.progress_bar)
+  result: dict[str, float] = {}
+  step = start_step
+  saved_step = start_step
+  interval_metrics: list[dict[str, jax.Array]] = []
+  interval_start = time.perf_counter()
+  loop_start = interval_start
+  eval_seconds = 0.0
+  try:
+    while step < total_steps:
+      batch = trainer.to_global(next(train_batches))
+      trainer.state, metrics = trainer.train_step(trainer.state, batch)
+      step += 1
+      interval_metrics.append(metrics)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        means = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(interval_metrics))
+        now = time.perf_counter()
+        images_per_sec = len(interval_metrics) * batch_size / (now - interval_start)
+        _, optimizer = nnx.merge(trainer.graphdef, trainer.state)
+        scalars = {"train_loss": means["loss"], "train_accuracy": means["accuracy"],
+                   "learning_rate": float(trainer.schedule(step - 1)),
+                   "images_per_sec": images_per_sec,
+                   "epoch": step / steps_per_epoch}
+        scalars.update(adaptive_lr_scales(optimizer.opt_state))
+        writer.write(step, scalars)
+        progress.update(step, images_per_sec=images_per_sec, loss=means["loss"],
+                        acc=means["accuracy"])
+        result["train_loss"] = means["loss"]
+        interval_metrics = []
+        interval_start = time.perf_counter()
+      if step % eval_every == 0 or step == total_steps:
+        eval_start = time.perf_counter()
+        result.update(evaluate())
+        writer.write(step, {k: v for k, v in result.items() if k.startswith("eval_")})
+        logger.info("step %d: eval accuracy %.4f, loss %.4f over %d examples", step,
+                    result["eval_accuracy"], result["eval_loss"], result["eval_examples"])
+        eval_seconds += time.perf_counter() - eval_start
+        interval_start = time.perf_counter()
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        checkpoints.save(step, trainer.state)
+        saved_step = step
+        interval_start = time.perf_counter()
+  except BaseException:
+    # Keep what was done: the state after the last completed step is consistent.
+    if step > saved_step:
+      try:
+        checkpoints.save(step, trainer.state)
+        logger.warning("Interrupted; saved the checkpoint of step %d.", step)
+      except Exception:  # The state may have been donated to the failed step.
+        logger.exception("Interrupted; could not save step %d, the last checkpoint is %d.",
+                         step, saved_step)
+    raise
+  finally:
+    checkpoints.wait()
+    checkpoints.close()
+    progress.close()
+    writer.close()
+  if not any(k.startswith("eval_") for k in result):
+    result.update(evaluate())
+  result["step"] = float(step)
+  result["train_seconds"] = time.perf_counter() - loop_start - eval_seconds
+  return result

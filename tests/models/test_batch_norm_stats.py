@@ -1,0 +1,63 @@
+"""recompute_batch_norm_stats against the statistics of the concatenated batches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from adderjax.models import get
+from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
+
+
+class TwoNorms(nnx.Module):
+  def __init__(self, rngs):
+    self.first = nnx.BatchNorm(3, momentum=0.9, rngs=rngs)
+    self.dense = nnx.Linear(3, 2, rngs=rngs)
+    self.second = nnx.BatchNorm(2, momentum=0.9, rngs=rngs)
+
+  def __call__(self, x):
+    return self.second(self.dense(self.first(x)))
+
+
+def test_statistics_are_those_of_all_batches():
+  model = TwoNorms(nnx.Rngs(0))
+  model.eval()
+  rng = np.random.default_rng(0)
+  batches = [rng.normal(loc=[5.0, -2.0, 0.0], scale=[1.0, 3.0, 0.5], size=(16, 3))
+             .astype(np.float32) for _ in range(4)]
+  assert recompute_batch_norm_stats(model, batches) == 4
+  everything = np.concatenate(batches).astype(np.float64)
+  np.testing.assert_allclose(model.first.mean[...], everything.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(model.first.var[...], everything.var(0), rtol=1e-4)
+  # While gathering, the first norm normalizes each batch with its own statistics, as in
+  # training; the second sees the dense layer's output of that.
+  normalized = np.concatenate([(b - b.mean(0)) / np.sqrt(b.var(0) + 1e-5)
+                               for b in np.asarray(batches, np.float64)])
+  hidden = normalized @ np.asarray(model.dense.kernel[...], np.float64) + np.asarray(
+      model.dense.bias[...])
+  np.testing.assert_allclose(model.second.mean[...], hidden.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(model.second.var[...], hidden.var(0), rtol=1e-4)
+  # Mode and momentum come back as they were.
+  assert model.first.use_running_average and model.first.momentum == 0.9
+
+
+def test_recomputed_adder_net_statistics_fix_lagging_running_averages():
+  model = get("lenet5_bn", kind="adder", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (32, 28, 28, 1))
+  model.eval()
+  before = model(x)
+  recompute_batch_norm_stats(model, [x])
+  after = model(x)
+  model.train()
+  train_mode = model(x)
+  # With the statistics of x itself, eval mode reproduces training mode on x.
+  np.testing.assert_allclose(after, train_mode, rtol=2e-3, atol=2e-3)
+  assert float(jnp.abs(before - train_mode).max()) > 1.0
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="no nnx.BatchNorm"):
+    recompute_batch_norm_stats(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), [jnp.ones((1, 2))])
+  with pytest.raises(ValueError, match="batches is empty"):
+    recompute_batch_norm_stats(TwoNorms(nnx.Rngs(0)), [])
