@@ -6,7 +6,8 @@
 Both networks train with the paper's MNIST recipe (``experiments/configs/
 mnist_lenet5_bn.py``: SGD with momentum, cosine rate from 0.1, the adaptive rate
 on the adder kernels) for ``--epochs`` epochs, then the script prints their test
-accuracy, operations per image (``adderjax.profiling.count_ops``) and training
+accuracy (with BatchNorm statistics recomputed over 10 training batches: in a
+short run the running averages lag the adder layers' fast-moving outputs), operations per image (``adderjax.profiling.count_ops``) and training
 time. The data, in order of preference:
 
 1. TFDS MNIST (60,000/10,000), when TensorFlow is installed to prepare it and
@@ -61,11 +62,13 @@ def choose_data(data_dir: str | None) -> tuple[dict[str, str], str]:
       "to 28x28 (1,437 to train on, 360 to test on)")
 
 
-def comparison_config(kind: str, fields: dict[str, str], epochs: float, batch_size: int):
+def comparison_config(kind: str, fields: dict[str, str], epochs: float, batch_size: int,
+                      bn_recompute_batches: int):
   config = common.mnist_lenet5_bn(kind)
   config.update(fields)
   config.num_epochs = epochs
   config.batch_size = batch_size
+  config.bn_recompute_batches = bn_recompute_batches
   config.eval_batch_size = 400
   config.log_every_steps = 10
   config.checkpoint_every_steps = 10**9  # Only at the end.
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--data_dir", help="MNIST in its original IDX files.")
   parser.add_argument("--epochs", type=float, default=5.0)
   parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--bn_recompute_batches", type=int, default=10,
+                      help="Training batches to recompute BatchNorm statistics on before each "
+                      "evaluation (0: use the running averages).")
   parser.add_argument("--workdir", help="Where the two runs go (default: a new temporary "
                       "directory); an existing run there is resumed.")
   args = parser.parse_args(argv)
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
   workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="compare_mnist_"))
   rows = []
   for kind, label in (("adder", "AdderNet"), ("conv", "CNN")):
-    config = comparison_config(kind, fields, args.epochs, args.batch_size)
+    config = comparison_config(kind, fields, args.epochs, args.batch_size,
+                               args.bn_recompute_batches)
     print(f"\nTraining LeNet-5-BN as {label} for {args.epochs:g} epochs "
           f"(workdir {workdir / kind})", flush=True)
     start = time.perf_counter()

@@ -34,7 +34,9 @@ def main(argv):
   if FLAGS.config.distributed:
     jax.distributed.initialize()
   signal.signal(signal.SIGTERM, _raise_interrupt)
-  from experiments.train import train_and_evaluate  # After initialize(): it touches devices.
+  from experiments.train import (
+    train_and_evaluate,  # After initialize(): it touches devices.
+  )
 
   result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.getLogger("experiments").info("Done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))

@@ -12,7 +12,6 @@ parameters as a run that was never stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import time

@@ -48,11 +48,12 @@ def recompute_batch_norm_stats(
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> from adderjax.models import get
     >>> from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
-    >>> model = get("lenet5_bn", kind="conv", rngs=nnx.Rngs(0))
-    >>> recompute_batch_norm_stats(model, [jnp.ones((4, 28, 28, 1))] * 2)
+    >>> model = nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+    >>> recompute_batch_norm_stats(model, [jnp.array([[1.0], [3.0]]), jnp.array([[5.0], [7.0]])])
     2
+    >>> print(model.mean[...], model.var[...])
+    [4.] [5.]
   """
   norms = _batch_norms(model)
   if not norms:

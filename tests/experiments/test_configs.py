@@ -39,7 +39,7 @@ def test_config_loads_and_builds_its_model(name, arg):
   assert config.reference
   spec = data.DATASETS[config.dataset]
   model = nnx.eval_shape(lambda: train.make_model(config, rngs=nnx.Rngs(0)))
-  height, width, channels = spec.image_shape
+  height, _, channels = spec.image_shape
   size = config.image_size or height
   model.eval()
   graphdef, state = nnx.split(model)

@@ -1,7 +1,6 @@
 """The trainer end to end: smoke run on mock TFDS data, resume, devices, failures."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
