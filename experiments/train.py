@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from adderjax import data, models
+from adderjax import data, models, ops
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
 from adderjax.optim import addernet_sgd, only_adder_kernels
 from experiments.checkpoints import Checkpoints
@@ -60,6 +60,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the first field of ``config`` that is out of range."""
   _choice(config, "model", models.names())
   _choice(config, "kind", models.KINDS)
+  _choice(config, "grad_mode", ops.GRAD_MODES)
+  _choice(config, "implementation", ("", *ops.IMPLEMENTATIONS))
   _choice(config, "dataset", data.DATASETS)
   _choice(config, "data_source", data.SOURCES)
   _choice(config, "dtype", DTYPES)
@@ -270,6 +272,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   steps_per_epoch = data.steps_per_epoch(len(train_source), batch_size)
   total_steps = config.num_train_steps or int(round(config.num_epochs * steps_per_epoch))
   eval_every = config.eval_every_steps or steps_per_epoch
+  loader = dict(image_size=config.image_size or None, num_threads=config.data_threads)
+  # The loaders check their arguments when made: fail here, before the workdir is touched.
+  data.train_batches(config.dataset, train_source, global_batch_size=batch_size,
+                     seed=config.seed, augment=config.augment, **loader)
+  data.eval_batches(config.dataset, eval_source, global_batch_size=eval_batch_size, **loader)
 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -285,7 +292,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     logger.info("The checkpoint of step %d is already the last of %d steps.", start_step,
                 total_steps)
 
-  loader = dict(image_size=config.image_size or None, num_threads=config.data_threads)
   train_batches = data.train_batches(config.dataset, train_source, global_batch_size=batch_size,
                                      seed=config.seed, start_step=start_step,
                                      augment=config.augment, **loader)

@@ -196,13 +196,14 @@ def test_bad_data_dir_is_named_and_the_workdir_is_untouched(uninterrupted, tmp_p
 @pytest.mark.parametrize("field, value", [
     ("model", "resnet21"), ("kind", "float"), ("dataset", "svhn"), ("dtype", "float16"),
     ("batch_size", 0), ("learning_rate", -1.0), ("momentum", 1.0), ("adder_lr", "ilr"),
-    ("schedule", "step"),
+    ("schedule", "step"), ("grad_mode", "exact"), ("implementation", "cuda"),
+    ("image_size", 64),
 ])
 def test_bad_config_field_is_named_before_anything_is_written(tmp_path, field, value):
   config = smoke_config()
   with config.unlocked():
     config[field] = value
-  with pytest.raises(ValueError, match=f"config.{field}"):
+  with pytest.raises(ValueError, match=f"config.{field}|{field}="):
     train.train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
 
