@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+def _call(model: nnx.Module, batch: Any) -> Any:
+  return model(batch)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _batch_moments(graphdef: nnx.GraphDef, apply: Callable[[nnx.Module, Any], Any],
+                   stats: nnx.State, rest: nnx.State, batch: Any) -> nnx.State:
+  """Each BatchNorm's (mean, var) of ``batch``, in float32; cached across calls and models."""
+  model = nnx.merge(graphdef, stats, rest)
+  apply(model, batch)
+  return jax.tree.map(lambda s: s.astype(jnp.float32), nnx.state(model, nnx.BatchStat))
 
 
 def _batch_norms(model: nnx.Module) -> list[nnx.BatchNorm]:
@@ -37,7 +51,8 @@ def recompute_batch_norm_stats(
     batches: The inputs, each passed to ``apply``: e.g. some training batches
       (with the training augmentation).
     apply: ``apply(model, batch)`` runs the model; defaults to
-      ``model(batch)``. It is traced once with ``jax.jit``.
+      ``model(batch)``. It is compiled with ``jax.jit``, once per model
+      structure and ``apply`` (pass the same function to reuse it).
 
   Returns:
     The number of batches used.
@@ -58,24 +73,16 @@ def recompute_batch_norm_stats(
   norms = _batch_norms(model)
   if not norms:
     raise ValueError("model has no nnx.BatchNorm whose statistics could be recomputed.")
-  apply = apply or (lambda m, x: m(x))
+  apply = apply or _call
   saved = [(bn.momentum, bn.use_running_average) for bn in norms]
   for bn in norms:
     # With momentum 0 a training-mode call leaves exactly the batch's statistics.
     bn.momentum, bn.use_running_average = 0.0, False
   try:
     graphdef, stats, rest = nnx.split(model, nnx.BatchStat, ...)
-
-    @jax.jit
-    def batch_moments(stats, rest, batch):
-      model = nnx.merge(graphdef, stats, rest)
-      apply(model, batch)
-      new = nnx.state(model, nnx.BatchStat)
-      return jax.tree.map(lambda s: s.astype(jnp.float32), new)
-
     count, first, second = 0, None, None
     for batch in batches:
-      moments = batch_moments(stats, rest, batch)
+      moments = _batch_moments(graphdef, apply, stats, rest, batch)
       squares = _second_moments(moments)
       if count == 0:
         first, second = moments, squares
