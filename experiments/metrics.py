@@ -75,16 +75,9 @@ def adaptive_lr_scales(opt_state: Any) -> dict[str, float]:
     if not isinstance(state, ScaleByAdaptiveLrState):
       continue
     for path, value in jax.tree_util.tree_flatten_with_path(state.scale)[0]:
-      name = "/".join(_key_name(k) for k in path).removesuffix("/value")
+      name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
       scales[f"adaptive_lr_scale/{name}"] = float(np.asarray(value))
   return scales
-
-
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
 
 
 def format_duration(seconds: float) -> str:
