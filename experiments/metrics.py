@@ -13,6 +13,7 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
+from adderjax.analysis import read_metrics  # noqa: F401  (its one home; experiments read it here)
 from adderjax.optim import ScaleByAdaptiveLrState
 
 
@@ -50,17 +51,6 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tensorboard.close()
-
-
-def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
-  """The records of a ``metrics.jsonl``, the last one kept for a repeated (step, keys) pair."""
-  records: dict[tuple[int, tuple[str, ...]], dict[str, Any]] = {}
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        record = json.loads(line)
-        records[(record["step"], tuple(sorted(record)))] = record
-  return sorted(records.values(), key=lambda r: r["step"])
 
 
 def adaptive_lr_scales(opt_state: Any) -> dict[str, float]:
