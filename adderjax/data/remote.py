@@ -271,6 +271,8 @@ def download(dataset: str, *, splits: Sequence[str] | None = None,
   directory.mkdir(parents=True, exist_ok=True)
   show = sys.stderr.isatty() if progress is None else progress
   for file in files:
+    if _is_present(remote, file, directory):  # Without a lock: the directory may be read-only.
+      continue
     with _locked(directory / f".{file.name}.lock"):  # Other processes wait, then find the file.
       if _is_present(remote, file, directory):
         continue

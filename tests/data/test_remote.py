@@ -240,3 +240,19 @@ def test_published_checksums_match_the_bundled_and_shared_files():
   for file in remote.REMOTES["mnist"].files["test"]:
     content = (MNIST_DIR / file.name).read_bytes()
     assert md5(content) == file.md5 and len(content) == file.size
+
+
+def test_files_in_a_read_only_directory_are_used_as_they_are(mnist_server, tmp_path):
+  directory = tmp_path / "readonly"
+  directory.mkdir()
+  for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+    (directory / name).write_bytes(mnist_server.files[name])
+  directory.chmod(0o555)
+  try:
+    assert data.download("mnist", splits=("test",), data_dir=directory) == directory
+    assert len(data.load_source("mnist", "test", source="idx", data_dir=directory,
+                                download=True)) == 12
+  finally:
+    directory.chmod(0o755)
+  assert sum(mnist_server.requests.values()) == 0
+  assert listing(directory) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]  # No lock.
