@@ -50,8 +50,16 @@ def test_features_leave_a_training_model_unchanged():
   model = models.get("lenet5_bn", kind="conv", rngs=nnx.Rngs(0))
   model.train()
   before = np.asarray(model.bn1.mean[...]).copy()
-  analysis.features(model, _images(4), "fc1")
+  x = _images(4)
+  copy = nnx.clone(model)
+  batch_stats = np.asarray(copy.bn1(copy.conv1(jnp.asarray(x))))
+  np.testing.assert_allclose(analysis.features(model, x, "bn1"), batch_stats, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(np.asarray(model.bn1.mean[...]), before)
+  # The same structure in eval mode is another compiled function: the running statistics.
+  model.eval()
+  running = np.asarray(model.bn1(model.conv1(jnp.asarray(x))))
+  np.testing.assert_allclose(analysis.features(model, x, "bn1"), running, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(running, batch_stats, atol=1e-2)
 
 
 def test_features_bad_arguments(lenet):
@@ -121,6 +129,36 @@ def test_gradient_norms_of_a_model_leave_it_unchanged():
                              np.linalg.norm(np.asarray(grads["fc1"]["kernel"][...])), rtol=1e-4)
   with pytest.raises(ValueError, match="same length"):
     analysis.gradient_norms(model, x, labels[:3])
+
+
+def test_nearest_centre_accuracy_against_loops():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 4, size=60)
+  x = rng.normal(size=(60, 3)) + labels[:, None] * 0.5
+  for metric in ("l1", "angle"):
+    centres = {}
+    for c in range(4):
+      members = [v for v, label in zip(x, labels) if label == c]
+      if metric == "angle":
+        members = [v / math.sqrt(sum(t * t for t in v)) for v in members]
+      mean = [sum(v[i] for v in members) / len(members) for i in range(3)]
+      if metric == "angle":
+        norm = math.sqrt(sum(t * t for t in mean))
+        mean = [t / norm for t in mean]
+      centres[c] = mean
+    correct = 0
+    for v, label in zip(x, labels):
+      if metric == "l1":
+        score = {c: -sum(abs(v[i] - m[i]) for i in range(3)) for c, m in centres.items()}
+      else:
+        norm = math.sqrt(sum(t * t for t in v))
+        score = {c: sum(v[i] / norm * m[i] for i in range(3)) for c, m in centres.items()}
+      correct += max(score, key=score.get) == label
+    assert analysis.nearest_centre_accuracy(x, labels, metric=metric) == correct / 60
+  with pytest.raises(ValueError, match="metric must be 'l1' or 'angle', got metric='l2'"):
+    analysis.nearest_centre_accuracy(x, labels, metric="l2")
+  with pytest.raises(ValueError, match=r"features must be \(n, d\) with n = 60"):
+    analysis.nearest_centre_accuracy(x[:5], labels)
 
 
 def _reference_stats(values):

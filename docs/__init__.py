@@ -1,0 +1,1 @@
+"""Documentation helpers: ``python -m docs.make_figures`` makes the README's figures."""
