@@ -372,6 +372,9 @@ def cost_bars(columns: Mapping[str, Mapping[str, tuple[Any, Any, Any]]], *,
 
   Three panels: the operations (multiplications + additions + XNORs), the
   energy and the latency, each a group of bars per model with a bar per kind.
+  A cost whose table has no figure for some of its operations (the XNORs of a
+  BNN in the default tables: ``Cost.complete`` is False) is hatched: its bar
+  leaves them out.
 
   Example:
     >>> from adderjax import plotting
@@ -402,19 +405,31 @@ def cost_bars(columns: Mapping[str, Mapping[str, tuple[Any, Any, Any]]], *,
       f"energy ({_unit(columns, 1)})": lambda c, e, l: e.total,
       f"latency ({_unit(columns, 2)})": lambda c, e, l: l.total,
   }
-  fig, axes = _panels(len(panels), width=max(3.5, 1.2 * len(columns) + 1.5), height=3.4)
+  if len(columns) > 3:  # many models: the panels one above the other
+    fig = Figure(figsize=(0.9 * len(columns) + 2, 2.8 * len(panels)), layout="constrained")
+    axes = [fig.add_subplot(len(panels), 1, i + 1) for i in range(len(panels))]
+  else:
+    fig, axes = _panels(len(panels), width=1.2 * len(columns) + 2, height=3.4)
   width = 0.8 / len(kinds)
   x = np.arange(len(columns))
-  for ax, (name, value) in zip(axes, panels.items()):
+  rows = list(columns.values())
+  incomplete = False
+  for panel, (ax, (name, value)) in enumerate(zip(axes, panels.items())):
     for i, kind in enumerate(kinds):
-      present = [j for j, row in enumerate(columns.values()) if kind in row]
-      heights = [value(*list(columns.values())[j][kind]) for j in present]
-      ax.bar(x[present] + (i - (len(kinds) - 1) / 2) * width, heights, width, label=kind)
-    ax.set_xticks(x, list(columns), rotation=30 if len(columns) > 3 else 0,
-                  ha="right" if len(columns) > 3 else "center")
+      present = [j for j, row in enumerate(rows) if kind in row]
+      bars = ax.bar(x[present] + (i - (len(kinds) - 1) / 2) * width,
+                    [value(*rows[j][kind]) for j in present], width, label=kind)
+      for bar, j in zip(bars, present):
+        if panel and not rows[j][kind][panel].complete:
+          bar.set_hatch("//")
+          incomplete = True
+    ax.set_xticks(x, list(columns))
     ax.set_yscale("log")
     ax.set_title(name)
   axes[0].legend(fontsize="small")
+  if incomplete:
+    fig.supxlabel("hatched: some operations (XNORs) have no cost in the table and are left out",
+                  fontsize="small")
   if title:
     fig.suptitle(title)
   return fig
