@@ -9,7 +9,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from adderjax.ops import pallas_gpu, reference, xla
+from adderjax.ops import cpu_native, pallas_gpu, reference, xla
 from adderjax.ops.spec import ConvSpec, check_grad_mode, conv_spec
 
 
@@ -27,6 +27,7 @@ class Implementation(Protocol):
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "xla": xla,
+    "cpu": cpu_native.NativeCpuAdderConv(),
     "reference": reference,
     "pallas": pallas_gpu.PallasAdderConv(),
     "pallas_interpret": pallas_gpu.PallasAdderConv(interpret=True),
@@ -34,6 +35,8 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 """Each provides ``forward``, ``input_grad`` and ``weight_grad``, called with
 operands of one floating dtype (float32, or float64) that they keep.
 
+``"cpu"`` runs the native CPU kernels of `adderjax.ops.cpu_native` (built on
+first use) where they apply and the XLA loops elsewhere;
 ``"pallas"`` compiles the kernels of `adderjax.ops.pallas_gpu` for a GPU;
 ``"pallas_interpret"`` runs the same kernels in Pallas' interpreter on any
 backend (slow: for tests and debugging)."""
@@ -57,9 +60,21 @@ def _resolve_implementation(implementation: str | None, x: jax.Array, w: jax.Arr
   """The implementation to run: ``None`` becomes the fastest that can run here.
 
   ``None`` is ``"pallas"`` on a GPU backend when the kernels support the layer,
-  else ``"xla"``. An explicit ``"pallas"`` that cannot run raises and says why.
+  ``"cpu"`` on a CPU backend when the native kernels are built, else ``"xla"``.
+  An explicit ``"pallas"`` or ``"cpu"`` that cannot run raises and says why.
   """
   implementation = check_implementation(implementation)
+  on_cpu = jax.default_backend() == "cpu"
+  if implementation is None and on_cpu:
+    return "cpu" if cpu_native.available() else "xla"
+  if implementation == "cpu":
+    if not on_cpu:
+      raise ValueError(f"implementation='cpu' runs native CPU kernels, but JAX's default backend "
+                       f"is {jax.default_backend()!r}. Use None or 'xla'.")
+    if not cpu_native.available():
+      raise ValueError(f"implementation='cpu' is not available here: "
+                       f"{cpu_native.unavailable_reason()}. Use 'xla' (or None, which picks it).")
+    return implementation
   if implementation in (None, "pallas", "pallas_interpret"):
     reason = pallas_gpu.unsupported_reason(x.shape, w.shape, spec)
     if implementation is None:
@@ -143,7 +158,10 @@ def adder_conv(
     feature_group_count: number of channel groups.
     grad_mode: ``"full_precision"``, ``"unclipped"`` or ``"sign"``.
     implementation: ``None`` (the fastest that runs here: ``"pallas"`` on a
-      GPU backend, else ``"xla"``), ``"xla"`` (XLA loops; any backend),
+      GPU backend, ``"cpu"`` on a CPU backend where the native kernels build,
+      else ``"xla"``), ``"xla"`` (XLA loops; any backend), ``"cpu"`` (the
+      native CPU kernels of `adderjax.ops.cpu_native` where they apply, XLA
+      elsewhere; a CPU backend only),
       ``"pallas"`` (the GPU kernels of `adderjax.ops.pallas_gpu`; a GPU
       backend only), ``"pallas_interpret"`` (the same kernels in Pallas'
       interpreter, any backend; slow, for tests and debugging), or
