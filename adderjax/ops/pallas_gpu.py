@@ -170,12 +170,12 @@ class PallasAdderConv:
       raise ValueError(f"method must be one of {FORWARD_METHODS}, got method={self.method!r}.")
 
   def forward(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
-    """``-sum |Xpad - F|`` over each patch: (B, Ho, Wo, O); see `forward`."""
+    """``-sum |Xpad - F|`` over each patch, (B, Ho, Wo, O): `pallas_kernels.forward`."""
     return _sharding().per_batch_shard("forward", spec, self, x, w)
 
   def input_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
                  grad_mode: GradMode) -> jax.Array:
-    """The input gradient: the kernel of `input_grad` for ``"full_precision"``.
+    """The input gradient: the kernel `pallas_kernels.input_grad` for ``"full_precision"``.
 
     ``"unclipped"`` (a transposed convolution) and ``"sign"`` use
     `adderjax.ops.xla.input_grad`.

@@ -191,8 +191,8 @@ def input_grad(x: jax.Array, w: jax.Array, g: jax.Array, *, spec: ConvSpec,
                options: PallasAdderConv) -> jax.Array:
   """The full-precision input gradient, ``sum g * HardTanh(F - X)``, as Pallas kernels.
 
-  One kernel launch per stride phase (one for stride 1); see the module
-  docstring.
+  One kernel launch per stride phase (one for stride 1); `adderjax.ops.pallas_gpu`
+  explains the phases.
 
   Args:
     x: ``(B, H, W, C)``, float32 or float64.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import jax
 from jax import custom_batching
@@ -22,7 +22,9 @@ from adderjax.ops.spec import ConvSpec
 if TYPE_CHECKING:
   from adderjax.ops.pallas_gpu import PallasAdderConv
 
-__all__ = ["per_batch_shard"]
+__all__ = ["KernelName", "per_batch_shard"]
+
+KernelName = Literal["forward", "input_grad"]
 
 
 def _explicit_batch_axes(x: jax.Array):
@@ -37,7 +39,7 @@ def _explicit_batch_axes(x: jax.Array):
   return mesh, sharding.spec[0] if sharding.spec else None
 
 
-def per_batch_shard(kind: str, spec: ConvSpec, options: PallasAdderConv,
+def per_batch_shard(kind: KernelName, spec: ConvSpec, options: PallasAdderConv,
                      *operands: jax.Array) -> jax.Array:
   """Runs the ``kind`` kernel on ``operands`` (``x, w`` or ``x, w, g``), per batch shard.
 
@@ -78,7 +80,7 @@ _SHARDING_RULES = {
 
 
 @functools.cache
-def _auto_partitioned(kind: str, spec: ConvSpec, options: PallasAdderConv) -> Callable:
+def _auto_partitioned(kind: KernelName, spec: ConvSpec, options: PallasAdderConv) -> Callable:
   def fn(*operands):  # positional only: custom_partitioning binds the signature
     return _KERNELS[kind](*operands, spec=spec, options=options)
 
