@@ -17,9 +17,17 @@ What each source needs:
   OpenCV, to decode the JPEGs), or without it in numpy (slower, and without
   antialiasing: see :mod:`adderjax.data.resize`).
 - ``source="idx"`` (MNIST): nothing; the four original IDX files, gzipped
-  or not, in ``data_dir``.
+  or not, in ``data_dir``; with ``download=True`` they are fetched from
+  their authors' site or a mirror and checked against the published MD5s
+  (:func:`download`, into a cache, ``~/.cache/adderjax`` or
+  ``$ADDERJAX_DATA_DIR``).
 - ``source="cifar_python"`` (CIFAR-10/100): nothing; the unpacked "python
-  version" archive (``cifar-10-batches-py`` / ``cifar-100-python``).
+  version" archive (``cifar-10-batches-py`` / ``cifar-100-python``); with
+  ``download=True``, fetched and unpacked the same way.
+- ``source="bundled"`` (MNIST): nothing; the 10,000 real MNIST test images
+  shipped in the package (:mod:`adderjax.data.bundled`), by convention the
+  first 8,000 to train on (``"test[:8000]"``) and the other 2,000 to test
+  on (``"test[8000:]"``).
 - ``source="synthetic"`` (all datasets): nothing; random class-dependent
   images for tests and smoke runs.
 - ``source="digits"`` (MNIST): ``pip install scikit-learn``; its 8x8 digits,
@@ -35,6 +43,7 @@ Example:
   ((32, 32, 32, 3), dtype('float32'), dtype('int32'))
 """
 
+from adderjax.data.bundled import load_bundled_mnist
 from adderjax.data.local_files import DataError, read_idx
 from adderjax.data.pipeline import (
     epoch_permutation,
@@ -44,6 +53,7 @@ from adderjax.data.pipeline import (
     train_batches,
 )
 from adderjax.data.sources import SOURCES, ArraySource, Source, load_source, parse_split
+from adderjax.data.remote import REMOTES, DownloadError, data_home, download, is_downloaded
 from adderjax.data.specs import DATASETS, DatasetSpec
 
 __all__ = [
@@ -52,9 +62,15 @@ __all__ = [
     "ArraySource",
     "DataError",
     "DatasetSpec",
+    "DownloadError",
+    "REMOTES",
     "Source",
+    "data_home",
+    "download",
     "epoch_permutation",
     "eval_batches",
+    "is_downloaded",
+    "load_bundled_mnist",
     "load_source",
     "num_eval_batches",
     "parse_split",

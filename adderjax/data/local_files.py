@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["DataError", "load_cifar_python", "load_mnist_idx", "read_idx"]
+__all__ = ["DataError", "load_cifar_python", "load_mnist_idx", "mnist_arrays", "parse_idx", "read_idx"]
 
 PathLike = str | os.PathLike
 
@@ -35,16 +35,13 @@ _IDX_DTYPES = {
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _read_bytes(path: pathlib.Path) -> bytes:
-  """The content of ``path``, gunzipped if it is gzip data (whatever its name)."""
-  if not path.is_file():
-    raise DataError(f"{path} does not exist or is not a file.")
-  data = path.read_bytes()
+def _gunzipped(data: bytes, where: object) -> bytes:
+  """``data``, gunzipped if it is gzip data (whatever the file's name)."""
   if data[:2] == _GZIP_MAGIC:
     try:
       data = gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as e:
-      raise DataError(f"{path} is not a valid gzip file: {e}") from e
+      raise DataError(f"{where} is not a valid gzip file: {e}") from e
   return data
 
 
@@ -66,23 +63,41 @@ def read_idx(path: PathLike) -> np.ndarray:
       fewer or more values than its header says.
   """
   path = pathlib.Path(path)
-  data = _read_bytes(path)
+  if not path.is_file():
+    raise DataError(f"{path} does not exist or is not a file.")
+  return parse_idx(path.read_bytes(), where=path)
+
+
+def parse_idx(data: bytes, *, where: object = "the IDX data") -> np.ndarray:
+  """Decodes the content of an IDX file, optionally gzipped: :func:`read_idx` without the file.
+
+  Args:
+    data: The file's bytes.
+    where: What to call the data in error messages (its path).
+
+  Returns:
+    The array, as :func:`read_idx` returns it.
+
+  Raises:
+    DataError: If the data is malformed; the message names ``where``.
+  """
+  data = _gunzipped(data, where)
   if len(data) < 4:
-    raise DataError(f"{path} is not an IDX file: {len(data)} bytes, too short for a header.")
+    raise DataError(f"{where} is not an IDX file: {len(data)} bytes, too short for a header.")
   if data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-    raise DataError(f"{path} is not an IDX file: bad magic number {data[:4].hex()} "
+    raise DataError(f"{where} is not an IDX file: bad magic number {data[:4].hex()} "
                     f"(expected 0000 then a type code in "
                     f"{[f'{c:02x}' for c in _IDX_DTYPES]} and the rank).")
   dtype, ndim = _IDX_DTYPES[data[2]], data[3]
   offset = 4 + 4 * ndim
   if len(data) < offset:
-    raise DataError(f"{path} is truncated: its header of rank {ndim} needs {offset} bytes, "
+    raise DataError(f"{where} is truncated: its header of rank {ndim} needs {offset} bytes, "
                     f"the file has {len(data)}.")
   shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
   expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   if len(data) - offset != expected:
     problem = "truncated" if len(data) - offset < expected else "longer than its header says"
-    raise DataError(f"{path} is {problem}: shape {shape} needs {expected} bytes of values, "
+    raise DataError(f"{where} is {problem}: shape {shape} needs {expected} bytes of values, "
                     f"the file has {len(data) - offset}.")
   array = np.frombuffer(data, dtype, offset=offset).reshape(shape)
   return array.astype(dtype.newbyteorder("="))
@@ -131,18 +146,23 @@ def load_mnist_idx(data_dir: PathLike, split: str) -> tuple[np.ndarray, np.ndarr
   image_name, label_name = _MNIST_FILES[split]
   directory = _existing_dir(data_dir, f"the MNIST IDX files {image_name}[.gz], {label_name}[.gz]")
   image_path, label_path = _find_file(directory, image_name), _find_file(directory, label_name)
-  images, labels = read_idx(image_path), read_idx(label_path)
+  return mnist_arrays(read_idx(image_path), read_idx(label_path), image_path, label_path)
+
+
+def mnist_arrays(images: np.ndarray, labels: np.ndarray, image_where: object,
+                 label_where: object) -> tuple[np.ndarray, np.ndarray]:
+  """Checks decoded MNIST images and labels and returns them as ``(N, 28, 28, 1)`` uint8, int64."""
   if images.dtype != np.uint8 or images.ndim != 3:
-    raise DataError(f"{image_path} holds {images.dtype} values of shape {images.shape}, "
+    raise DataError(f"{image_where} holds {images.dtype} values of shape {images.shape}, "
                     "expected uint8 images of shape (N, height, width).")
   if labels.dtype != np.uint8 or labels.ndim != 1:
-    raise DataError(f"{label_path} holds {labels.dtype} values of shape {labels.shape}, "
+    raise DataError(f"{label_where} holds {labels.dtype} values of shape {labels.shape}, "
                     "expected uint8 labels of shape (N,).")
   if len(images) != len(labels):
-    raise DataError(f"{image_path} holds {len(images)} images but {label_path} holds "
+    raise DataError(f"{image_where} holds {len(images)} images but {label_where} holds "
                     f"{len(labels)} labels.")
   if labels.size and labels.max() > 9:
-    raise DataError(f"{label_path} holds label {labels.max()}, expected labels in 0..9.")
+    raise DataError(f"{label_where} holds label {labels.max()}, expected labels in 0..9.")
   return images[..., None], labels.astype(np.int64)
 
 

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from adderjax.data import remote
+from adderjax.data.bundled import load_bundled_mnist
 from adderjax.data.local_files import DataError, load_cifar_python, load_mnist_idx
 from adderjax.data.specs import DatasetSpec, get_spec
 
@@ -27,9 +29,10 @@ __all__ = [
     "parse_split",
 ]
 
-SOURCES = ("tfds", "idx", "cifar_python", "synthetic", "digits")
+SOURCES = ("tfds", "idx", "cifar_python", "bundled", "synthetic", "digits")
 """Where examples come from: TFDS ArrayRecord data, MNIST IDX files, CIFAR
-python batches, class-dependent random images, scikit-learn's 8x8 digits."""
+python batches, the MNIST test set shipped in the package, class-dependent
+random images, scikit-learn's 8x8 digits."""
 
 SPLIT_NAMES = ("train", "test", "validation")
 
@@ -149,14 +152,24 @@ def load_source(dataset: str, split: str, *, source: str = "tfds",
       - ``"idx"``: MNIST in its original IDX files in ``data_dir``.
       - ``"cifar_python"``: CIFAR-10/100 in its original python batches in
         ``data_dir``.
+      - ``"bundled"``: MNIST only: the 10,000 official test images shipped
+        in the package (:mod:`adderjax.data.bundled`); its only split is
+        "test", by convention sliced as ``"test[:8000]"`` to train on and
+        ``"test[8000:]"`` to test on.
       - ``"synthetic"``: ``num_examples`` random images of the dataset's
         shape (64x64 for ImageNet), each its class's fixed random
         prototype plus noise, so that a model can learn them.
       - ``"digits"``: MNIST only: scikit-learn's 1,797 8x8 digits scaled
         to 28x28, "train" a fixed 80% of them and "test" the rest.
 
-    data_dir: The data directory (``"tfds"``, ``"idx"``, ``"cifar_python"``).
-    download: Lets TFDS download and prepare the data (``"tfds"`` only).
+    data_dir: The data directory (``"tfds"``, ``"idx"``, ``"cifar_python"``);
+      for ``"idx"`` and ``"cifar_python"`` it defaults to the download cache,
+      :func:`adderjax.data.remote.dataset_dir`.
+    download: Fetch what is missing: ``"idx"`` and ``"cifar_python"`` get
+      the authors' files, checksummed, with
+      :func:`adderjax.data.download` (no TensorFlow needed);
+      ``"tfds"`` lets TFDS download and prepare the data (needs TensorFlow).
+      The other sources hold their data and have nothing to fetch.
     num_examples: The size of the whole split (``"synthetic"`` only; default
       1024 for "train", 256 otherwise); a slice applies on top.
     seed: The seed of the synthetic data: the class prototypes depend on it
@@ -169,7 +182,8 @@ def load_source(dataset: str, split: str, *, source: str = "tfds",
   Raises:
     ValueError: If an argument, or the combination of dataset, split and
       source, is not supported; the message names the argument.
-    DataError: If the data is missing or malformed.
+    DataError: If the data is missing or malformed, or a download failed
+      (:class:`adderjax.data.DownloadError`).
     ImportError: If the source needs a package that is not installed.
   """
   spec = get_spec(dataset)
@@ -180,14 +194,11 @@ def load_source(dataset: str, split: str, *, source: str = "tfds",
     raise ValueError(f"num_examples applies to source='synthetic' only, got "
                      f"num_examples={num_examples!r} with source={source!r} (to take part of a "
                      "split, slice it: split='train[:1000]').")
-  if download and source != "tfds":
-    raise ValueError(f"download applies to source='tfds' only, got download={download!r} "
-                     f"with source={source!r}.")
   if source == "tfds":
     return _tfds_source(spec, split, data_dir=data_dir, download=download)
   if source == "synthetic":
     return _synthetic_source(spec, split, num_examples=num_examples, seed=seed)
-  if source in ("idx", "digits") and spec.name != "mnist":
+  if source in ("idx", "digits", "bundled") and spec.name != "mnist":
     raise ValueError(f"source={source!r} holds MNIST only, got dataset={dataset!r}.")
   if source == "cifar_python" and spec.name not in ("cifar10", "cifar100"):
     raise ValueError(f"source='cifar_python' holds CIFAR-10/100 only, got dataset={dataset!r}.")
@@ -196,8 +207,20 @@ def load_source(dataset: str, split: str, *, source: str = "tfds",
                      f"got split={split!r}.")
   if source == "digits":
     return _sliced(*_digits_split(name), split)
-  if data_dir is None:
-    raise ValueError(f"source={source!r} reads files: data_dir must be given, got data_dir=None.")
+  if source == "bundled":
+    if name != "test":
+      raise ValueError("source='bundled' holds MNIST's 10,000 test images only: its split is "
+                       "'test', sliced as 'test[:8000]' to train on and 'test[8000:]' to test "
+                       f"on; got split={split!r}.")
+    return _sliced(*load_bundled_mnist(), split)
+  if download:
+    data_dir = remote.download(spec.name, splits=(name,), data_dir=data_dir)
+  elif data_dir is None:
+    data_dir = remote.dataset_dir(spec.name)
+    if not remote.is_downloaded(spec.name, splits=(name,), data_dir=data_dir):
+      raise DataError(f"source={source!r} with no data_dir reads the download cache {data_dir}, "
+                      f"which lacks the {spec.name} {name} files: pass download=True (in the "
+                      "trainer, --config.download=True) to fetch them, or give data_dir.")
   if source == "idx":
     return _sliced(*load_mnist_idx(data_dir, name), split)
   return _sliced(*load_cifar_python(data_dir, spec.name, name), split)

@@ -42,9 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Data (adderjax.data).
   config.dataset = "mnist"  # "mnist", "cifar10", "cifar100" or "imagenet2012".
-  config.data_source = "tfds"  # "tfds", "idx", "cifar_python", "synthetic" or "digits".
-  config.data_dir = ""  # "" means the source's default (TFDS: ~/tensorflow_datasets).
-  config.download = False  # Let TFDS download and prepare (needs TensorFlow).
+  # "tfds", "idx", "cifar_python", "bundled", "synthetic" or "digits".
+  config.data_source = "tfds"
+  # "" means the source's default: for "idx" and "cifar_python" the download cache
+  # ($ADDERJAX_DATA_DIR, else ~/.cache/adderjax), for "tfds" ~/tensorflow_datasets.
+  config.data_dir = ""
+  # Fetch missing data: "idx" and "cifar_python" download the authors' files, checked
+  # against their published MD5s (no TensorFlow); "tfds" lets TFDS prepare (needs TensorFlow).
+  config.download = False
   config.train_split = ""  # "" means the dataset's training split.
   config.eval_split = ""  # "" means the dataset's test (or validation) split.
   config.num_synthetic_examples = 0  # Size of a synthetic training set; 0: the source's default.
@@ -90,6 +95,8 @@ def mnist_lenet5_bn(variant: str) -> ml_collections.ConfigDict:
   config.model = "lenet5_bn"
   config.kind = check_variant(variant)
   config.dataset = "mnist"
+  config.data_source = "idx"  # The four IDX files, downloaded once into the cache.
+  config.download = True
   config.batch_size = 256
   config.num_epochs = 50.0
   config.learning_rate = 0.1
@@ -104,6 +111,8 @@ def cifar(dataset: str, model: str, variant: str) -> ml_collections.ConfigDict:
   config.model = model
   config.kind = check_variant(variant)
   config.dataset = dataset
+  config.data_source = "cifar_python"  # The "python version" archive, downloaded once.
+  config.download = True
   config.batch_size = 256
   config.num_epochs = 400.0
   config.learning_rate = 0.05

@@ -99,3 +99,24 @@ def test_model_kwargs_reach_the_model():
   config.model_kwargs.kind = "conv"  # the trainer's own argument, from config.kind
   with pytest.raises(ValueError, match=r"config.model_kwargs sets \['kind'\]"):
     train.check_config(config)
+
+
+def test_cifar_and_mnist_configs_download_their_data(tmp_path, monkeypatch):
+  """A paper row's config fetches its dataset (here from a local mirror) with nothing else set."""
+  from adderjax.data import remote
+  from tests.data.file_server import serving
+  from tests.data.test_remote import cifar10_archive, mnist_files, patch_remote
+  files = {"cifar-10-python.tar.gz": cifar10_archive(), **mnist_files()}
+  patch_remote(monkeypatch, "cifar10", files)
+  patch_remote(monkeypatch, "mnist", files)
+  monkeypatch.setenv(remote.ENV_DATA_DIR, str(tmp_path))
+  with serving(files) as server:
+    monkeypatch.setenv(remote.ENV_MIRROR, server.url)
+    cifar = load("cifar10_resnet20", "adder")
+    assert (cifar.data_source, cifar.download, cifar.data_dir) == ("cifar_python", True, "")
+    train_source, eval_source = train._load_sources(cifar)
+    assert (len(train_source), len(eval_source)) == (20, 4)
+    mnist = load("mnist_lenet5_bn", "conv")
+    assert (mnist.data_source, mnist.download) == ("idx", True)
+    assert [len(s) for s in train._load_sources(mnist)] == [24, 12]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10", "mnist"]
