@@ -70,8 +70,9 @@ def _scalar_like(value: Any) -> bool:
 def _compute_dtype(leaf: Any) -> jnp.dtype:
   """float32, or the leaf's floating dtype where it is wider (float64)."""
   dtype = getattr(leaf, "dtype", jnp.float32)
-  return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else (
-      jnp.dtype(jnp.float32))
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return jnp.dtype(jnp.float32)
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def scale_by_adaptive_lr(

@@ -73,6 +73,7 @@ from typing import Any, Literal
 
 import jax
 
+from adderjax._checks import is_int
 from adderjax.ops import xla
 from adderjax.ops.pallas_reference import next_power_of_2
 from adderjax.ops.spec import ConvSpec, GradMode
@@ -159,12 +160,12 @@ class PallasAdderConv:
   def __post_init__(self):
     for name in ("block_m", "block_n"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or not _is_power_of_2(value)):
+      if value is not None and (not is_int(value) or not _is_power_of_2(value)):
         raise ValueError(f"{name} must be None or a power of 2 (Triton's blocks are), "
                          f"got {name}={value!r}.")
     for name in ("num_warps", "num_stages"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or value < 1):
+      if value is not None and (not is_int(value) or value < 1):
         raise ValueError(f"{name} must be None or a positive int, got {name}={value!r}.")
     if self.method not in FORWARD_METHODS:
       raise ValueError(f"method must be one of {FORWARD_METHODS}, got method={self.method!r}.")
