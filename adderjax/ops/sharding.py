@@ -20,14 +20,17 @@ of ``(x, w)`` (``kind="forward"``) or ``(x, w, g)`` (``kind="input_grad"``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
+from typing import Literal
 
 import jax
 from jax import custom_batching
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding
 
-__all__ = ["explicit_batch_axes", "per_batch_shard"]
+__all__ = ["KernelName", "explicit_batch_axes", "per_batch_shard"]
+
+KernelName = Literal["forward", "input_grad"]
 
 # Which operands carry the batch.
 _BATCHED = {"forward": (True, False), "input_grad": (True, False, True)}
@@ -51,7 +54,7 @@ def explicit_batch_axes(x: jax.Array):
   return mesh, sharding.spec[0] if sharding.spec else None
 
 
-def per_batch_shard(kernel: Callable[..., jax.Array] | Hashable, kind: str,
+def per_batch_shard(kernel: Callable[..., jax.Array], kind: KernelName,
                     *operands: jax.Array) -> jax.Array:
   """Runs ``kernel(*operands)`` per batch shard; see the module docstring.
 
@@ -77,7 +80,7 @@ def per_batch_shard(kernel: Callable[..., jax.Array] | Hashable, kind: str,
 
 
 @functools.cache
-def _auto_partitioned(kernel: Callable[..., jax.Array], kind: str) -> Callable:
+def _auto_partitioned(kernel: Callable[..., jax.Array], kind: KernelName) -> Callable:
   def fn(*operands):  # positional only: custom_partitioning binds the signature
     return kernel(*operands)
 

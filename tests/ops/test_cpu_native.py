@@ -1,6 +1,5 @@
 """The native CPU kernels of adderjax.ops.cpu_native: the shared test base, the build and its fallback."""
 
-import os
 import pathlib
 import stat
 import warnings
@@ -13,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from adderjax.ops import adder_conv, cpu_native, xla
 from adderjax.ops.spec import conv_spec
-from tests.ops.test_adder_conv import CASES, AdderConvTestBase
+from tests.ops.test_adder_conv import AdderConvTestBase
 
 NATIVE = jax.default_backend() == "cpu" and cpu_native.available()
 
