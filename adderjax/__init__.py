@@ -1,1 +1,46 @@
-"""adderjax."""
+"""adderjax: AdderNet (Chen et al., CVPR 2020) for JAX and Flax.
+
+The subpackages, each imported on first use so that ``import adderjax`` stays
+cheap:
+
+- `adderjax.ops`: ``adder_conv`` and ``adder_dense`` with the paper's
+  gradients (XLA loops; Pallas kernels on GPUs), ``sign_ste``.
+- `adderjax.nn`: Flax NNX layers, ``AdderConv``, ``AdderDense``,
+  ``BinaryConv``, ``BinaryDense``; `adderjax.linen`: the Linen adder layers.
+- `adderjax.optim`: the adaptive learning rate as optax transforms,
+  ``addernet_sgd``.
+- `adderjax.models`: LeNet-5-BN, LeNet++, VGG-small and the ResNets as
+  AdderNets, CNNs or BNNs.
+- `adderjax.profiling`: operation counts, energy and latency;
+  `adderjax.data`: input pipelines.
+
+Example:
+  >>> import adderjax
+  >>> adderjax.__version__
+  '0.1.0'
+  >>> adderjax.optim.addernet_sgd.__name__
+  'addernet_sgd'
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from adderjax._version import __version__
+
+if TYPE_CHECKING:
+  from adderjax import data, linen, models, nn, ops, optim, profiling
+
+__all__ = ["__version__", "data", "linen", "models", "nn", "ops", "optim", "profiling"]
+
+_SUBPACKAGES = frozenset(__all__) - {"__version__"}
+
+
+def __getattr__(name: str) -> Any:
+  # PEP 562: a subpackage is imported on first access (JAX and Flax take seconds).
+  if name in _SUBPACKAGES:
+    return importlib.import_module(f"adderjax.{name}")
+  raise AttributeError(f"module 'adderjax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | _SUBPACKAGES)

@@ -19,17 +19,17 @@ from flax.typing import Dtype, Initializer, PaddingLike
 import jax
 import jax.numpy as jnp
 
-from adderjax.nn import (
-    _apply_adder_conv,
-    _canonical_padding,
-    _check_groups,
-    _check_op_options,
-    _positive_int,
+from adderjax._checks import canonical_padding, check_groups, positive_int, positive_pair
+from adderjax._layer_common import (
+    PADDING_MODES,
+    apply_adder_conv,
+    check_op_options,
     default_bias_init,
     default_kernel_init,
 )
 from adderjax.ops import adder_dense
-from adderjax.ops.spec import positive_pair
+from adderjax.ops.dispatch import ImplementationLike
+from adderjax.ops.spec import GradMode
 
 __all__ = ["AdderConv", "AdderDense"]
 
@@ -95,17 +95,17 @@ class AdderConv(nn.Module):
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = default_bias_init
   promote_dtype: PromoteDtypeFn = promote_dtype
-  grad_mode: str = "full_precision"
-  implementation: str | None = None
+  grad_mode: GradMode = "full_precision"
+  implementation: ImplementationLike = None
 
   def __post_init__(self):
-    _positive_int(self.features, "features")
+    positive_int(self.features, "features")
     positive_pair(self.kernel_size, "kernel_size")
     positive_pair(self.strides, "strides")
-    _canonical_padding(self.padding)
+    canonical_padding(self.padding, PADDING_MODES)
     positive_pair(self.kernel_dilation, "kernel_dilation")
-    _positive_int(self.feature_group_count, "feature_group_count")
-    _check_op_options(self.grad_mode, self.implementation)
+    positive_int(self.feature_group_count, "feature_group_count")
+    check_op_options(self.grad_mode, self.implementation)
     super().__post_init__()
 
   @nn.compact
@@ -124,16 +124,16 @@ class AdderConv(nn.Module):
       raise ValueError(f"inputs must have shape (*batch, height, width, features) or "
                        f"(height, width, features), got shape {tuple(inputs.shape)}.")
     in_features = inputs.shape[-1]
-    _check_groups(in_features, self.features, self.feature_group_count, out_name="features")
+    check_groups(in_features, self.features, self.feature_group_count, out_name="features")
     kernel_shape = positive_pair(self.kernel_size, "kernel_size") + (
         in_features // self.feature_group_count, self.features)
     kernel = self.param("adder_kernel", self.kernel_init, kernel_shape, self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    return _apply_adder_conv(
+    return apply_adder_conv(
         inputs, kernel, bias, strides=positive_pair(self.strides, "strides"),
-        padding=_canonical_padding(self.padding),
+        padding=canonical_padding(self.padding, PADDING_MODES),
         kernel_dilation=positive_pair(self.kernel_dilation, "kernel_dilation"),
         feature_group_count=self.feature_group_count, grad_mode=self.grad_mode,
         implementation=self.implementation)
@@ -179,12 +179,12 @@ class AdderDense(nn.Module):
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = default_bias_init
   promote_dtype: PromoteDtypeFn = promote_dtype
-  grad_mode: str = "full_precision"
-  implementation: str | None = None
+  grad_mode: GradMode = "full_precision"
+  implementation: ImplementationLike = None
 
   def __post_init__(self):
-    _positive_int(self.features, "features")
-    _check_op_options(self.grad_mode, self.implementation)
+    positive_int(self.features, "features")
+    check_op_options(self.grad_mode, self.implementation)
     super().__post_init__()
 
   @nn.compact

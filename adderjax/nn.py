@@ -14,8 +14,7 @@ paper compares against: weights and inputs binarised to +-1 by
 :func:`adderjax.ops.sign_ste`, then an ordinary convolution or product.
 """
 
-from collections.abc import Callable, Mapping, Sequence
-import math
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -25,21 +24,21 @@ from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 import jax
 import jax.numpy as jnp
 
-from adderjax.ops import adder_conv, adder_dense, sign_ste
-from adderjax.ops.adder_conv import check_implementation
-from adderjax.ops.spec import check_grad_mode, is_int, positive_pair
+from adderjax._checks import canonical_padding, check_groups, positive_int, positive_pair
+from adderjax._layer_common import (
+    PADDING_MODES,
+    apply_adder_conv,
+    check_op_options,
+    default_bias_init,
+    default_kernel_init,
+)
+from adderjax.ops import adder_dense, sign_ste
+from adderjax.ops.dispatch import ImplementationLike
+from adderjax.ops.spec import GradMode
 
 __all__ = ["AdderConv", "AdderDense", "AdderKernel", "BinaryConv", "BinaryDense"]
 
-default_kernel_init = nnx.initializers.normal(stddev=1.0)
 binary_default_kernel_init = nnx.initializers.lecun_normal()
-default_bias_init = nnx.initializers.zeros_init()
-
-_ZERO_PADDINGS = ("SAME", "SAME_LOWER", "VALID")
-_PAD_MODES = {"CIRCULAR": "wrap", "REFLECT": "reflect"}
-_PADDING_STRINGS = _ZERO_PADDINGS + tuple(_PAD_MODES)
-
-_Padding2D = str | tuple[tuple[int, int], tuple[int, int]]
 
 
 class AdderKernel(nnx.Param):
@@ -50,102 +49,6 @@ class AdderKernel(nnx.Param):
   ``nnx.state(model, AdderKernel)`` and :func:`adderjax.optim.addernet_sgd`
   find the adder kernels alone.
   """
-
-
-def _positive_int(value: Any, name: str) -> int:
-  if not is_int(value) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {name}={value!r}.")
-  return int(value)
-
-
-def _canonical_padding(padding: Any) -> _Padding2D:
-  """Validates ``padding`` and returns an upper-case string or 2 ``(low, high)`` pairs."""
-  if isinstance(padding, str):
-    if padding.upper() not in _PADDING_STRINGS:
-      raise ValueError(f"padding must be one of {_PADDING_STRINGS}, an int, or a sequence of "
-                       f"2 ints or (low, high) pairs, got padding={padding!r}.")
-    return padding.upper()
-  if is_int(padding):
-    pads = [padding, padding]
-  elif isinstance(padding, Sequence) and len(padding) == 2:
-    pads = list(padding)
-  else:
-    raise ValueError(f"padding must be one of {_PADDING_STRINGS}, an int, or a sequence of "
-                     f"2 ints or (low, high) pairs (adder layers are 2-D), "
-                     f"got padding={padding!r}.")
-  pairs = []
-  for p in pads:
-    pair = (p, p) if is_int(p) else p
-    if not (isinstance(pair, Sequence) and len(pair) == 2 and all(is_int(v) for v in pair)):
-      raise ValueError(f"Each entry of padding must be an int or a (low, high) pair of ints, "
-                       f"got padding={padding!r}.")
-    if min(pair) < 0:
-      raise ValueError(f"padding must be non-negative, got padding={padding!r}.")
-    pairs.append((int(pair[0]), int(pair[1])))
-  return tuple(pairs)  # type: ignore[return-value]
-
-
-def _check_op_options(grad_mode: Any, implementation: Any) -> None:
-  check_grad_mode(grad_mode)
-  check_implementation(implementation)
-
-
-def _check_groups(in_features: int, out_features: int, feature_group_count: int, *,
-                  out_name: str = "out_features") -> None:
-  if in_features % feature_group_count:
-    raise ValueError(f"in_features={in_features} is not divisible by "
-                     f"feature_group_count={feature_group_count}.")
-  if out_features % feature_group_count:
-    raise ValueError(f"{out_name}={out_features} is not divisible by "
-                     f"feature_group_count={feature_group_count}.")
-
-
-def _conv_2d(
-    conv: Callable[[jax.Array, jax.Array, _Padding2D], jax.Array],
-    inputs: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    *,
-    padding: _Padding2D,
-    kernel_dilation: tuple[int, int],
-) -> jax.Array:
-  """``conv(x, kernel, padding)`` on ``(*batch, H, W, C)`` or ``(H, W, C)`` inputs, plus a bias.
-
-  The batch dims are flattened into one, or one is added, then restored.
-  ``"CIRCULAR"`` and ``"REFLECT"`` pad the input as `flax.nnx.Conv` does, then
-  convolve with ``"VALID"``.
-  """
-  batch_shape = inputs.shape[:-3]
-  x = jnp.reshape(inputs, (math.prod(batch_shape),) + inputs.shape[-3:])
-  if padding in _PAD_MODES:
-    dilated = [(k - 1) * d + 1 for k, d in zip(kernel.shape[:2], kernel_dilation)]
-    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
-    x = jnp.pad(x, pads, mode=_PAD_MODES[padding])
-    padding = "VALID"
-  y = conv(x, kernel, padding)
-  if bias is not None:
-    y = y + bias
-  return jnp.reshape(y, batch_shape + y.shape[1:])
-
-
-def _apply_adder_conv(
-    inputs: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    *,
-    strides: tuple[int, int],
-    padding: _Padding2D,
-    kernel_dilation: tuple[int, int],
-    feature_group_count: int,
-    grad_mode: str,
-    implementation: str | None,
-) -> jax.Array:
-  """`adder_conv` through `_conv_2d`: any batch dims, every padding mode, a bias."""
-  def conv(x, w, pad):
-    return adder_conv(x, w, strides=strides, padding=pad, rhs_dilation=kernel_dilation,
-                      feature_group_count=feature_group_count, grad_mode=grad_mode,
-                      implementation=implementation)
-  return _conv_2d(conv, inputs, kernel, bias, padding=padding, kernel_dilation=kernel_dilation)
 
 
 def _bias(use_bias: bool, bias_init: Initializer, out_features: int, param_dtype: Dtype,
@@ -238,21 +141,21 @@ class AdderConv(nnx.Module):
       kernel_init: Initializer = default_kernel_init,
       bias_init: Initializer = default_bias_init,
       promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
-      grad_mode: str = "full_precision",
-      implementation: str | None = None,
+      grad_mode: GradMode = "full_precision",
+      implementation: ImplementationLike = None,
       rngs: nnx.Rngs,
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    in_features = _positive_int(in_features, "in_features")
-    out_features = _positive_int(out_features, "out_features")
-    feature_group_count = _positive_int(feature_group_count, "feature_group_count")
-    _check_groups(in_features, out_features, feature_group_count)
+    in_features = positive_int(in_features, "in_features")
+    out_features = positive_int(out_features, "out_features")
+    feature_group_count = positive_int(feature_group_count, "feature_group_count")
+    check_groups(in_features, out_features, feature_group_count)
     kernel_size = positive_pair(kernel_size, "kernel_size")
     strides = positive_pair(strides, "strides")
-    padding = _canonical_padding(padding)
+    padding = canonical_padding(padding, PADDING_MODES)
     kernel_dilation = positive_pair(kernel_dilation, "kernel_dilation")
-    _check_op_options(grad_mode, implementation)
+    check_op_options(grad_mode, implementation)
 
     self.kernel = AdderKernel(
         kernel_init(rngs.params(),
@@ -293,7 +196,7 @@ class AdderConv(nnx.Module):
                        f"in_features={self.in_features}, got shape {tuple(inputs.shape)}.")
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
-    return _apply_adder_conv(
+    return apply_adder_conv(
         inputs, kernel, bias, strides=self.strides, padding=self.padding,
         kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count,
         grad_mode=self.grad_mode, implementation=self.implementation)
@@ -358,15 +261,15 @@ class AdderDense(nnx.Module):
       kernel_init: Initializer = default_kernel_init,
       bias_init: Initializer = default_bias_init,
       promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
-      grad_mode: str = "full_precision",
-      implementation: str | None = None,
+      grad_mode: GradMode = "full_precision",
+      implementation: ImplementationLike = None,
       rngs: nnx.Rngs,
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    in_features = _positive_int(in_features, "in_features")
-    out_features = _positive_int(out_features, "out_features")
-    _check_op_options(grad_mode, implementation)
+    in_features = positive_int(in_features, "in_features")
+    out_features = positive_int(out_features, "out_features")
+    check_op_options(grad_mode, implementation)
 
     self.kernel = AdderKernel(
         kernel_init(rngs.params(), (in_features, out_features), param_dtype), **kernel_metadata)
@@ -397,8 +300,19 @@ class AdderDense(nnx.Module):
     return y if bias is None else y + bias
 
 
-class BinaryConv(nnx.Module):
-  """A 2-D binary convolution, the BNN counterpart of :class:`flax.nnx.Conv`.
+def _binary_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any,
+                                 **kwargs: Any) -> jax.Array:
+  """`jax.lax.conv_general_dilated` of the binarised input and kernel: BinaryConv's hook."""
+  return jax.lax.conv_general_dilated(sign_ste(lhs), sign_ste(rhs), *args, **kwargs)
+
+
+def _binary_dot_general(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+  """`jax.lax.dot_general` of the binarised input and kernel: BinaryDense's hook."""
+  return jax.lax.dot_general(sign_ste(lhs), sign_ste(rhs), *args, **kwargs)
+
+
+class BinaryConv(nnx.Conv):
+  """A 2-D binary convolution: :class:`flax.nnx.Conv` on binarised operands.
 
   Both the kernel and the input are binarised to ``+1``/``-1`` by
   :func:`adderjax.ops.sign_ste` (``sign(0) = +1``), then convolved by
@@ -411,6 +325,10 @@ class BinaryConv(nnx.Module):
   :class:`flax.nnx.Param` named ``kernel`` of shape ``(kh, kw, in_features //
   feature_group_count, out_features)``, initialized small (LeCun normal, as
   :class:`flax.nnx.Conv`) so that it starts inside the estimator's window.
+
+  The layer is an :class:`flax.nnx.Conv` whose ``conv_general_dilated`` hook
+  binarises both operands; the arguments are checked as for
+  :class:`AdderConv`, and the defaults differ (no bias, 2-D only).
 
   Inputs after a ReLU are all binarised to ``+1``: use an activation that
   keeps the sign, such as ``HardTanh`` (BNN's), in front of the layer.
@@ -474,42 +392,26 @@ class BinaryConv(nnx.Module):
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    in_features = _positive_int(in_features, "in_features")
-    out_features = _positive_int(out_features, "out_features")
-    feature_group_count = _positive_int(feature_group_count, "feature_group_count")
-    _check_groups(in_features, out_features, feature_group_count)
-    kernel_size = positive_pair(kernel_size, "kernel_size")
-    strides = positive_pair(strides, "strides")
-    padding = _canonical_padding(padding)
-    kernel_dilation = positive_pair(kernel_dilation, "kernel_dilation")
+    in_features = positive_int(in_features, "in_features")
+    out_features = positive_int(out_features, "out_features")
+    feature_group_count = positive_int(feature_group_count, "feature_group_count")
+    check_groups(in_features, out_features, feature_group_count)
+    super().__init__(
+        in_features, out_features, positive_pair(kernel_size, "kernel_size"),
+        positive_pair(strides, "strides"), padding=canonical_padding(padding, PADDING_MODES),
+        kernel_dilation=positive_pair(kernel_dilation, "kernel_dilation"),
+        feature_group_count=feature_group_count, use_bias=use_bias, dtype=dtype,
+        param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init,
+        conv_general_dilated=_binary_conv_general_dilated, promote_dtype=promote_dtype,
+        rngs=rngs, kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
 
-    self.kernel = nnx.Param(
-        kernel_init(rngs.params(),
-                    kernel_size + (in_features // feature_group_count, out_features),
-                    param_dtype),
-        **kernel_metadata,
-    )
-    self.bias: nnx.Param[jax.Array] | None = _bias(use_bias, bias_init, out_features,
-                                                  param_dtype, rngs, bias_metadata)
-
-    self.in_features = in_features
-    self.out_features = out_features
-    self.kernel_size = kernel_size
-    self.strides = strides
-    self.padding = padding
-    self.kernel_dilation = kernel_dilation
-    self.feature_group_count = feature_group_count
-    self.use_bias = use_bias
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.promote_dtype = promote_dtype
-
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
     """Binarises the inputs and the kernel, and convolves them.
 
     Args:
       inputs: ``(*batch_dims, height, width, in_features)`` or
         ``(height, width, in_features)``.
+      out_sharding: as in :class:`flax.nnx.Conv`.
 
     Returns:
       ``(*batch_dims, out_height, out_width, out_features)``, without batch
@@ -518,29 +420,19 @@ class BinaryConv(nnx.Module):
     if inputs.ndim < 3 or inputs.shape[-1] != self.in_features:
       raise ValueError(f"inputs must have shape (*batch, height, width, {self.in_features}) for "
                        f"in_features={self.in_features}, got shape {tuple(inputs.shape)}.")
-    bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
-
-    def conv(x, w, pad):
-      pad = pad if isinstance(pad, str) else list(pad)
-      return jax.lax.conv_general_dilated(
-          sign_ste(x), sign_ste(w), window_strides=self.strides, padding=pad,
-          rhs_dilation=self.kernel_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-          feature_group_count=self.feature_group_count)
-
-    return _conv_2d(conv, inputs, kernel, bias, padding=self.padding,
-                    kernel_dilation=self.kernel_dilation)
+    return super().__call__(inputs, out_sharding=out_sharding)
 
 
-class BinaryDense(nnx.Module):
-  """A fully connected binary layer, the BNN counterpart of :class:`flax.nnx.Linear`.
+class BinaryDense(nnx.Linear):
+  """A fully connected binary layer: :class:`flax.nnx.Linear` on binarised operands.
 
   ``y[..., n] = sum_k sign(x[..., k]) * sign(kernel[k, n])``, with
   :func:`adderjax.ops.sign_ste` (``sign(0) = +1``) and its straight-through
   gradient, as in BNN (Hubara et al., NeurIPS 2016). The kernel is a plain
   :class:`flax.nnx.Param` named ``kernel`` of shape ``(in_features,
   out_features)``, initialized with LeCun normal; there is no bias by default
-  and no scaling factor: follow the layer with a BatchNorm.
+  and no scaling factor: follow the layer with a BatchNorm. The layer is an
+  :class:`flax.nnx.Linear` whose ``dot_general`` hook binarises both operands.
 
   Example:
     >>> from flax import nnx
@@ -588,26 +480,18 @@ class BinaryDense(nnx.Module):
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
-    in_features = _positive_int(in_features, "in_features")
-    out_features = _positive_int(out_features, "out_features")
+    super().__init__(
+        positive_int(in_features, "in_features"), positive_int(out_features, "out_features"),
+        use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+        bias_init=bias_init, dot_general=_binary_dot_general, promote_dtype=promote_dtype,
+        rngs=rngs, kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
 
-    self.kernel = nnx.Param(
-        kernel_init(rngs.params(), (in_features, out_features), param_dtype), **kernel_metadata)
-    self.bias: nnx.Param[jax.Array] | None = _bias(use_bias, bias_init, out_features,
-                                                  param_dtype, rngs, bias_metadata)
-
-    self.in_features = in_features
-    self.out_features = out_features
-    self.use_bias = use_bias
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.promote_dtype = promote_dtype
-
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
     """Binarises the inputs and the kernel and multiplies them along the last dimension.
 
     Args:
       inputs: ``(..., in_features)``.
+      out_sharding: as in :class:`flax.nnx.Linear`.
 
     Returns:
       ``(..., out_features)``.
@@ -615,8 +499,4 @@ class BinaryDense(nnx.Module):
     if inputs.ndim < 1 or inputs.shape[-1] != self.in_features:
       raise ValueError(f"inputs must have shape (..., {self.in_features}) for "
                        f"in_features={self.in_features}, got shape {tuple(inputs.shape)}.")
-    bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
-    y = jax.lax.dot_general(sign_ste(inputs), sign_ste(kernel),
-                            (((inputs.ndim - 1,), (0,)), ((), ())))
-    return y if bias is None else y + bias
+    return super().__call__(inputs, out_sharding=out_sharding)

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+import numpy as np
 import optax
 
 from adderjax.nn import AdderKernel
@@ -38,15 +40,43 @@ class ScaleByAdaptiveLrState(NamedTuple):
   """State of :func:`scale_by_adaptive_lr`.
 
   Attributes:
-    scale: A pytree like the params holding, per leaf, the float32 scalar
-      factor applied at the last update (zeros after ``init``).
+    scale: A pytree like the params holding, per leaf, the scalar factor
+      applied at the last update (zeros after ``init``), in float32 or the
+      leaf's dtype where that is wider (float64).
   """
 
   scale: optax.Updates
 
 
+def _concrete_number(value: Any) -> bool:
+  """Whether ``value`` is a Python or NumPy real number, whose range can be checked now."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_positive(value: ArrayLike, name: str) -> None:
+  if _concrete_number(value) and not value > 0:
+    raise ValueError(f"{name} must be > 0, got {name}={value!r}.")
+
+
+def _scalar_like(value: Any) -> bool:
+  """A real number or a 0-d array (a traced one included), as optax hyperparameters are."""
+  if isinstance(value, bool):
+    return False
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    return np.ndim(value) == 0
+  return isinstance(value, numbers.Real)
+
+
+def _compute_dtype(leaf: Any) -> jnp.dtype:
+  """float32, or the leaf's floating dtype where it is wider (float64)."""
+  dtype = getattr(leaf, "dtype", jnp.float32)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return jnp.dtype(jnp.float32)
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def scale_by_adaptive_lr(
-    eta: float = 0.2, eps: float = 1e-12
+    eta: ArrayLike = 0.2, eps: ArrayLike = 1e-12
 ) -> optax.GradientTransformation:
   r"""Rescales each leaf by the AdderNet adaptive learning rate.
 
@@ -56,22 +86,28 @@ def scale_by_adaptive_lr(
     \eta \sqrt{k} \, \frac{g}{\max(\|g\|_2, \epsilon)},
 
   so each leaf is updated with the same norm ``eta * sqrt(k)`` whatever the
-  magnitude of its gradient. The norm is computed in float32 and the result is
-  cast back to the leaf's dtype.
+  magnitude of its gradient. The norm and the factor are computed in float32,
+  or in the leaf's dtype where that is wider (float64), and the result is cast
+  back to the leaf's dtype.
+
+  The hyperparameters may be arrays, so that :func:`optax.inject_hyperparams`
+  can wrap the transformation and ``jit`` or ``vmap`` can trace them.
 
   The transformation rescales every leaf it gets: to restrict it to the adder
   kernels, wrap it in :func:`only_adder_kernels` (or :func:`optax.masked`).
 
   Args:
     eta: The hyper-parameter ``eta`` of the paper (0.2 in the official code),
-      must be > 0.
-    eps: Floor on the gradient norm that avoids dividing by zero, must be > 0.
+      a scalar > 0.
+    eps: Floor on the gradient norm that avoids dividing by zero, a scalar
+      > 0.
 
   Returns:
     A :class:`optax.GradientTransformation` object.
 
   Raises:
-    ValueError: If ``eta`` or ``eps`` is not > 0.
+    ValueError: If ``eta`` or ``eps`` is a number that is not > 0 (arrays are
+      not checked: they may be traced).
 
   Example:
     >>> import jax.numpy as jnp
@@ -86,25 +122,24 @@ def scale_by_adaptive_lr(
     Chen et al., `AdderNet: Do We Really Need Multiplications in Deep
     Learning? <https://arxiv.org/abs/1912.13200>`_, CVPR 2020.
   """
-  if not eta > 0:
-    raise ValueError(f"eta must be > 0, got eta={eta!r}.")
-  if not eps > 0:
-    raise ValueError(f"eps must be > 0, got eps={eps!r}.")
+  _check_positive(eta, "eta")
+  _check_positive(eps, "eps")
 
   def leaf_scale(g: jax.Array) -> jax.Array:
-    norm = jnp.linalg.norm(jnp.ravel(g).astype(jnp.float32))
-    return eta * math.sqrt(g.size) / jnp.maximum(norm, eps)
+    dtype = _compute_dtype(g)
+    norm = jnp.linalg.norm(jnp.ravel(g).astype(dtype))
+    return (eta * math.sqrt(g.size) / jnp.maximum(norm, eps)).astype(dtype)
 
   def init_fn(params):
     return ScaleByAdaptiveLrState(
-        scale=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params)
+        scale=jax.tree.map(lambda p: jnp.zeros([], _compute_dtype(p)), params)
     )
 
   def update_fn(updates, state, params=None):
     del state, params
     scale = jax.tree.map(leaf_scale, updates)
     updates = jax.tree.map(
-        lambda g, s: (g.astype(jnp.float32) * s).astype(g.dtype), updates, scale
+        lambda g, s: (g.astype(s.dtype) * s).astype(g.dtype), updates, scale
     )
     return updates, ScaleByAdaptiveLrState(scale=scale)
 
@@ -263,12 +298,13 @@ def only_adder_kernels(
 def addernet_sgd(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    eta: float = 0.2,
+    momentum: ArrayLike = 0.9,
+    weight_decay: ArrayLike = 5e-4,
+    eta: ArrayLike = 0.2,
     nesterov: bool = False,
-    eps: float = 1e-12,
+    eps: ArrayLike = 1e-12,
     mask: MaskOrFn | None = None,
+    adder_transform: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
   """SGD with momentum and the AdderNet adaptive rate on the adder kernels.
 
@@ -288,8 +324,14 @@ def addernet_sgd(
   adds weight decay and momentum to every parameter: the adaptive rate thus
   comes first and the weight decay is not rescaled by it.
 
+  Every numeric hyperparameter may be an array (the learning rate also a
+  schedule), so that :func:`optax.inject_hyperparams` can wrap this function
+  and ``jit`` or ``vmap`` can trace them; :func:`optax.MultiSteps` can
+  accumulate its gradients.
+
   Args:
-    learning_rate: A fixed learning rate or a schedule of the step count.
+    learning_rate: A fixed learning rate (a scalar) or a schedule of the step
+      count.
     momentum: Momentum (decay of the trace), in [0, 1).
     weight_decay: Coefficient of the L2 weight decay, >= 0.
     eta: The ``eta`` of the adaptive learning rate, > 0.
@@ -297,12 +339,18 @@ def addernet_sgd(
     eps: Floor on the adder gradient norm, > 0.
     mask: Which leaves get the adaptive rate, as in
       :func:`only_adder_kernels`; defaults to :func:`adder_kernel_mask`.
+    adder_transform: What step 1 applies to the adder kernels' gradients
+      instead of ``scale_by_adaptive_lr(eta, eps)`` (``eta`` and ``eps`` are
+      then unused), for ablations: e.g. ``optax.scale(10.0)`` for a fixed
+      factor, or ``optax.identity()`` for plain SGD.
 
   Returns:
     A :class:`optax.GradientTransformation` object.
 
   Raises:
-    ValueError: If an argument is out of its range.
+    ValueError: If ``learning_rate`` is neither a scalar nor a callable, or
+      a hyperparameter given as a number is out of its range (arrays are not
+      checked: they may be traced).
 
   Example:
     >>> import jax.numpy as jnp
@@ -320,21 +368,21 @@ def addernet_sgd(
 
     Official code: https://github.com/huawei-noah/AdderNet
   """
-  if isinstance(learning_rate, bool) or not (
-      callable(learning_rate) or isinstance(learning_rate, numbers.Real)
-  ):
+  if not (callable(learning_rate) or _scalar_like(learning_rate)):
     raise ValueError(
-        "learning_rate must be a number or a schedule, got "
-        f"learning_rate={learning_rate!r}."
+        "learning_rate must be a scalar (a number or a 0-d array) or a schedule, "
+        f"got learning_rate={learning_rate!r}."
     )
-  if not 0 <= momentum < 1:
+  if _concrete_number(momentum) and not 0 <= momentum < 1:
     raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}.")
-  if not weight_decay >= 0:
+  if _concrete_number(weight_decay) and not weight_decay >= 0:
     raise ValueError(
         f"weight_decay must be >= 0, got weight_decay={weight_decay!r}."
     )
+  if adder_transform is None:
+    adder_transform = scale_by_adaptive_lr(eta, eps)
   return optax.chain(
-      only_adder_kernels(scale_by_adaptive_lr(eta, eps), mask),
+      only_adder_kernels(adder_transform, mask),
       optax.add_decayed_weights(weight_decay),
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from adderjax import data, models, ops
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
-from adderjax.optim import addernet_sgd, only_adder_kernels
+from adderjax.optim import addernet_sgd
 from experiments.checkpoints import Checkpoints
 from experiments.metrics import MetricWriter, ProgressBar, adaptive_lr_scales
 
@@ -78,6 +78,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("Set config.num_epochs or config.num_train_steps to a number > 0.")
   if not 0 <= config.momentum < 1:
     raise ValueError(f"config.momentum must be in [0, 1), got {config.momentum!r}.")
+  taken = set(config.model_kwargs.keys()) & set(_MODEL_ARGUMENTS)
+  if taken:
+    raise ValueError(f"config.model_kwargs sets {sorted(taken)}, which the trainer sets from "
+                     f"other fields; set config.kind, config.grad_mode, ... instead.")
 
 
 def make_mesh(num_devices: int) -> jax.sharding.Mesh:
@@ -89,6 +93,8 @@ def make_mesh(num_devices: int) -> jax.sharding.Mesh:
     if num_devices > len(devices):
       raise ValueError(f"config.num_devices={num_devices} but only {len(devices)} devices exist.")
     devices = devices[:num_devices]
+  # Auto, not Explicit: only the batch is sharded, so the inputs' sharding and jit's propagation
+  # say everything (BatchNorm's means become all-reduces) without sharded types on every array.
   return jax.make_mesh((len(devices),), ("data",), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -110,19 +116,20 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int,
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
   """``addernet_sgd``, or for the ablations the same SGD with a fixed or no adder-kernel factor."""
-  if config.adder_lr == "adaptive":
-    return addernet_sgd(schedule, momentum=config.momentum, weight_decay=config.weight_decay,
-                        eta=config.eta, nesterov=config.nesterov)
-  multiplier = config.adder_lr_multiplier if config.adder_lr == "fixed" else 1.0
-  return optax.chain(
-      only_adder_kernels(optax.scale(multiplier)),
-      optax.add_decayed_weights(config.weight_decay),
-      optax.trace(decay=config.momentum, nesterov=config.nesterov),
-      optax.scale_by_learning_rate(schedule),
-  )
+  adder_transform = None  # the adaptive rate
+  if config.adder_lr != "adaptive":
+    adder_transform = optax.scale(
+        config.adder_lr_multiplier if config.adder_lr == "fixed" else 1.0)
+  return addernet_sgd(schedule, momentum=config.momentum, weight_decay=config.weight_decay,
+                      eta=config.eta, nesterov=config.nesterov, adder_transform=adder_transform)
+
+
+_MODEL_ARGUMENTS = ("kind", "num_classes", "rngs", "dtype", "grad_mode", "implementation")
+"""The model arguments `make_model` derives from other config fields."""
 
 
 def make_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+  """``config.model`` built with the config's kind, dtype, ... and ``config.model_kwargs``."""
   return models.get(
       config.model,
       kind=config.kind,
@@ -131,6 +138,7 @@ def make_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Modu
       dtype=DTYPES[config.dtype],
       grad_mode=config.grad_mode,
       implementation=config.implementation or None,
+      **config.model_kwargs.to_dict(),
   )
 
 

@@ -165,3 +165,16 @@ def test_addernet_sgd_step_uses_the_adaptive_rate_on_adder_kernels():
   np.testing.assert_allclose(
       new_params["AdderDense_0"]["adder_kernel"],
       params["AdderDense_0"]["adder_kernel"] + updates["AdderDense_0"]["adder_kernel"])
+
+
+def test_implementation_may_be_a_pallas_instance():
+  # A frozen dataclass, so the Linen module (and jit's cache) can hash it.
+  from adderjax.ops import PallasAdderConv
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 3)), jnp.float32)
+  layer = AdderConv(features=4, kernel_size=3,
+                    implementation=PallasAdderConv(interpret=True, block_m=16))
+  params = layer.init(jax.random.key(0), x)
+  want = AdderConv(features=4, kernel_size=3, implementation="xla").apply(params, x)
+  np.testing.assert_allclose(jax.jit(layer.apply)(params, x), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="implementation"):
+    AdderConv(features=4, kernel_size=3, implementation=object())

@@ -290,6 +290,7 @@ def test_addernet_sgd_nnx_optimizer_under_jit():
     [
         (("0.1",), {}, "learning_rate"),
         ((None,), {}, "learning_rate"),
+        ((np.ones(2),), {}, "learning_rate"),
         ((0.1,), dict(momentum=1.0), "momentum"),
         ((0.1,), dict(momentum=-0.1), "momentum"),
         ((0.1,), dict(weight_decay=-1e-4), "weight_decay"),
@@ -299,3 +300,108 @@ def test_addernet_sgd_nnx_optimizer_under_jit():
 def test_addernet_sgd_rejects_bad_arguments(args, kwargs, name):
   with pytest.raises(ValueError, match=name):
     addernet_sgd(*args, **kwargs)
+
+
+# Composability with optax: array hyperparameters, inject_hyperparams, MultiSteps.
+
+
+def _train_losses(tx, steps=3):
+  """Losses and final params of `_TinyAdderModel` trained by ``tx`` in a jitted nnx step."""
+  model = _TinyAdderModel(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.arange(6.0).reshape(2, 3) / 6.0
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.sum((m(x) - 1.0) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(train_step(model, optimizer)) for _ in range(steps)]
+  return losses, nnx.state(model, nnx.Param), optimizer
+
+
+def test_inject_hyperparams_addernet_sgd_trains_like_the_plain_transform():
+  want_losses, want_params, _ = _train_losses(addernet_sgd(0.1))
+  losses, params, optimizer = _train_losses(
+      optax.inject_hyperparams(addernet_sgd)(learning_rate=0.1))
+  assert want_losses[0] > want_losses[-1]
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  hyperparams = optimizer.opt_state.hyperparams
+  assert float(hyperparams["learning_rate"][...]) == pytest.approx(0.1)
+  assert float(hyperparams["eta"][...]) == pytest.approx(0.2)
+
+
+def test_inject_hyperparams_scale_by_adaptive_lr_matches_the_plain_transform():
+  def tx(adaptive):
+    return optax.chain(only_adder_kernels(adaptive), optax.sgd(0.05))
+
+  want_losses, want_params, _ = _train_losses(tx(scale_by_adaptive_lr(eta=0.3)))
+  losses, params, _ = _train_losses(
+      tx(optax.inject_hyperparams(scale_by_adaptive_lr)(eta=0.3)))
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_array_learning_rate_under_jit_and_vmap():
+  params = jax.tree.map(jnp.asarray, _random_tree(3))
+  grads = jax.tree.map(jnp.asarray, _random_tree(4))
+
+  def step(learning_rate):
+    tx = addernet_sgd(learning_rate, eta=jnp.asarray(0.3), momentum=jnp.asarray(0.9))
+    return tx.update(grads, tx.init(params), params)[0]
+
+  want = jax.jit(lambda: addernet_sgd(0.1, eta=0.3).update(
+      grads, addernet_sgd(0.1).init(params), params)[0])()
+  for got in (step(jnp.asarray(0.1)), jax.jit(step)(jnp.asarray(0.1))):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+  # A learning-rate sweep in one call: the updates scale with the rate.
+  swept = jax.jit(jax.vmap(step))(jnp.asarray([0.1, 0.3]))
+  for a, b in zip(jax.tree.leaves(swept), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a[0], b, rtol=1e-6)
+    np.testing.assert_allclose(a[1], 3 * np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_multi_steps_accumulates_the_mean_gradient():
+  rng = np.random.default_rng(5)
+  shapes = {"adder_kernel": (3, 3, 2, 2), "kernel": (4, 3), "bias": (3,)}
+
+  def random_tree():
+    return {k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()}
+
+  params = random_tree()
+  grads_seq = [random_tree() for _ in range(3)]
+  tx = optax.MultiSteps(addernet_sgd(0.1, momentum=0.8, weight_decay=1e-2, eta=0.3),
+                        every_k_schedule=3)
+  jax_params = jax.tree.map(jnp.asarray, params)
+  state = tx.init(jax_params)
+  update = jax.jit(tx.update)
+  for i, grads in enumerate(grads_seq):
+    updates, state = update(grads, state, jax_params)
+    if i < 2:  # accumulating: no update yet
+      assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+  # The third call applies addernet_sgd once, to the mean of the three gradients.
+  mean = {k: sum(g[k].astype(np.float64) for g in grads_seq) / 3 for k in shapes}
+  expected = _addernet_sgd_np(params, [mean], [0.1], 0.8, 1e-2, 0.3, False)
+  got = optax.apply_updates(jax_params, updates)
+  for k in shapes:
+    np.testing.assert_allclose(got[k], expected[k], rtol=RTOL, atol=ATOL)
+
+
+def test_scale_by_adaptive_lr_in_float64_is_exact():
+  # The official code computes the norm in the gradient's precision; float32
+  # arithmetic would cost a relative 1e-7 on a float64 model.
+  g = np.random.default_rng(9).normal(size=(3, 3, 4, 5))
+  with jax.enable_x64(True):
+    grads = {"adder_kernel": jnp.asarray(g, jnp.float64)}
+    tx = scale_by_adaptive_lr(eta=0.2)
+    state = tx.init(grads)
+    assert state.scale["adder_kernel"].dtype == jnp.float64
+    updates, state = jax.jit(tx.update)(grads, state)
+    assert updates["adder_kernel"].dtype == jnp.float64
+    assert state.scale["adder_kernel"].dtype == jnp.float64
+    np.testing.assert_allclose(updates["adder_kernel"], _adaptive_np(g, 0.2), rtol=1e-13)

@@ -362,7 +362,7 @@ def _fetch_once(url: str, file: RemoteFile, part: pathlib.Path, *, timeout: floa
     if isinstance(e.reason, (socket.gaierror, ConnectionRefusedError)):
       raise _Fatal(f"unreachable ({e.reason})") from e
     raise _Transient(f"{e.reason}") from e
-  except (TimeoutError, socket.timeout) as e:
+  except TimeoutError as e:
     raise _Transient(f"timed out after {timeout:g} s") from e
   except (http.client.HTTPException, ConnectionError) as e:
     raise _Transient(f"connection failed mid-file: {type(e).__name__}: {e}") from e

@@ -169,6 +169,7 @@ def load_source(dataset: str, split: str, *, source: str = "tfds",
       the authors' files, checksummed, with
       :func:`adderjax.data.download` (no TensorFlow needed);
       ``"tfds"`` lets TFDS download and prepare the data (needs TensorFlow).
+      The other sources hold their data and have nothing to fetch.
     num_examples: The size of the whole split (``"synthetic"`` only; default
       1024 for "train", 256 otherwise); a slice applies on top.
     seed: The seed of the synthetic data: the class prototypes depend on it
@@ -193,9 +194,6 @@ def load_source(dataset: str, split: str, *, source: str = "tfds",
     raise ValueError(f"num_examples applies to source='synthetic' only, got "
                      f"num_examples={num_examples!r} with source={source!r} (to take part of a "
                      "split, slice it: split='train[:1000]').")
-  if download and source not in ("tfds", "idx", "cifar_python"):
-    raise ValueError(f"download applies to the sources 'tfds', 'idx' and 'cifar_python', got "
-                     f"download={download!r} with source={source!r}.")
   if source == "tfds":
     return _tfds_source(spec, split, data_dir=data_dir, download=download)
   if source == "synthetic":

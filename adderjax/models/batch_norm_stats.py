@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+__all__ = ["recompute_batch_norm_stats"]
+
 
 def _call(model: nnx.Module, batch: Any) -> Any:
   return model(batch)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import dataclasses
-from typing import Any
+from typing import Any, Literal, get_args
 
 from flax import nnx
 from flax.typing import Dtype, PaddingLike
@@ -26,12 +26,14 @@ import jax
 import jax.numpy as jnp
 
 from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense
-from adderjax.ops.adder_conv import check_implementation
-from adderjax.ops.spec import check_grad_mode, is_int
+from adderjax._checks import positive_int as check_positive_int
+from adderjax.ops.dispatch import ImplementationLike, check_implementation
+from adderjax.ops.spec import GradMode, check_grad_mode
 
 __all__ = [
     "BATCH_NORM_MOMENTUM",
     "KINDS",
+    "Kind",
     "Layers",
     "activation",
     "batch_norm",
@@ -44,7 +46,10 @@ __all__ = [
     "max_pool",
 ]
 
-KINDS = ("adder", "conv", "binary")
+Kind = Literal["adder", "conv", "binary"]
+"""The type of ``kind`` arguments; `KINDS` lists its values."""
+
+KINDS = get_args(Kind)
 """The kinds of model: AdderNet, CNN, BNN."""
 
 BATCH_NORM_MOMENTUM = 0.9
@@ -52,18 +57,11 @@ BATCH_NORM_MOMENTUM = 0.9
 negative mean that Flax's default 0.99 tracks too slowly (README.md)."""
 
 
-def check_kind(kind: Any) -> str:
+def check_kind(kind: Any) -> Kind:
   """Returns ``kind`` if it is one of :data:`KINDS`, else raises a ValueError naming it."""
   if not isinstance(kind, str) or kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got kind={kind!r}.")
   return kind
-
-
-def check_positive_int(value: Any, name: str) -> int:
-  """Returns ``value`` as an int if it is a positive int, else raises a ValueError naming it."""
-  if not is_int(value) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {name}={value!r}.")
-  return int(value)
 
 
 def batch_norm(features: int, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
@@ -92,7 +90,7 @@ def batch_norm(features: int, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
                        param_dtype=param_dtype, rngs=rngs)
 
 
-def activation(kind: str) -> Callable[[jax.Array], jax.Array]:
+def activation(kind: Kind) -> Callable[[jax.Array], jax.Array]:
   """The activation of a model of this kind: ReLU, or HardTanh for ``"binary"``.
 
   The next binary layer binarises its input with ``sign``, which is +1 for
@@ -109,7 +107,7 @@ def activation(kind: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def conv_layer(
-    kind: str,
+    kind: Kind,
     in_features: int,
     out_features: int,
     kernel_size: int | Sequence[int],
@@ -119,8 +117,8 @@ def conv_layer(
     use_bias: bool = False,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
-    grad_mode: str = "full_precision",
-    implementation: str | None = None,
+    grad_mode: GradMode = "full_precision",
+    implementation: ImplementationLike = None,
     rngs: nnx.Rngs,
 ) -> nnx.Module:
   """A 2-D convolution of the given kind.
@@ -165,15 +163,15 @@ def conv_layer(
 
 
 def dense_layer(
-    kind: str,
+    kind: Kind,
     in_features: int,
     out_features: int,
     *,
     use_bias: bool = False,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
-    grad_mode: str = "full_precision",
-    implementation: str | None = None,
+    grad_mode: GradMode = "full_precision",
+    implementation: ImplementationLike = None,
     rngs: nnx.Rngs,
 ) -> nnx.Module:
   """A fully connected layer of the given kind.
@@ -231,12 +229,12 @@ class Layers:
     ('AdderConv', 'Conv')
   """
 
-  kind: str
+  kind: Kind
   rngs: nnx.Rngs
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  grad_mode: str = "full_precision"
-  implementation: str | None = None
+  grad_mode: GradMode = "full_precision"
+  implementation: ImplementationLike = None
 
   def __post_init__(self):
     check_kind(self.kind)
@@ -249,7 +247,7 @@ class Layers:
 
   def conv(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
            strides: int | Sequence[int] = 1, *, padding: PaddingLike | None = None,
-           use_bias: bool = False, kind: str | None = None) -> nnx.Module:
+           use_bias: bool = False, kind: Kind | None = None) -> nnx.Module:
     """:func:`conv_layer`, padded by ``kernel_size // 2`` unless ``padding`` is given."""
     if padding is None:
       sizes = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -258,7 +256,7 @@ class Layers:
                       padding=padding, use_bias=use_bias, **self._options())
 
   def dense(self, in_features: int, out_features: int, *, use_bias: bool = False,
-            kind: str | None = None) -> nnx.Module:
+            kind: Kind | None = None) -> nnx.Module:
     """:func:`dense_layer` of this model's kind, or of ``kind``."""
     return dense_layer(kind or self.kind, in_features, out_features, use_bias=use_bias,
                        **self._options())

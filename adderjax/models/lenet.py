@@ -16,13 +16,16 @@ from flax.typing import Dtype
 import jax
 import jax.numpy as jnp
 
+from adderjax._checks import is_int
+from adderjax.ops import ImplementationLike
+from adderjax.ops.spec import GradMode
 from adderjax.models.layers import (
+    Kind,
     Layers,
     check_inputs,
     check_positive_int,
     max_pool,
 )
-from adderjax.ops.spec import is_int
 
 __all__ = ["LeNet5BN", "LeNetPP", "lenet5_bn", "lenet_pp"]
 
@@ -71,9 +74,9 @@ class LeNet5BN(nnx.Module):
       or a ``num_classes`` that is not a positive int.
   """
 
-  def __init__(self, *, kind: str = "adder", num_classes: int = 10, rngs: nnx.Rngs,
+  def __init__(self, *, kind: Kind = "adder", num_classes: int = 10, rngs: nnx.Rngs,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               grad_mode: str = "full_precision", implementation: str | None = None):
+               grad_mode: GradMode = "full_precision", implementation: ImplementationLike = None):
     num_classes = check_positive_int(num_classes, "num_classes")
     make = Layers(kind=kind, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                   grad_mode=grad_mode, implementation=implementation)
@@ -161,9 +164,9 @@ class LeNetPP(nnx.Module):
       positive int.
   """
 
-  def __init__(self, *, kind: str = "adder", num_classes: int = 10, embed_dim: int = 2,
+  def __init__(self, *, kind: Kind = "adder", num_classes: int = 10, embed_dim: int = 2,
                rngs: nnx.Rngs, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               grad_mode: str = "full_precision", implementation: str | None = None):
+               grad_mode: GradMode = "full_precision", implementation: ImplementationLike = None):
     num_classes = check_positive_int(num_classes, "num_classes")
     if not is_int(embed_dim) or embed_dim not in EMBED_DIMS:
       raise ValueError(f"embed_dim must be one of {EMBED_DIMS}, got embed_dim={embed_dim!r}.")
@@ -191,7 +194,7 @@ class LeNetPP(nnx.Module):
     self.embed_dim = embed_dim
 
   @staticmethod
-  def _activation(kind: str, dtype: Dtype | None, param_dtype: Dtype) -> nnx.Module:
+  def _activation(kind: Kind, dtype: Dtype | None, param_dtype: Dtype) -> nnx.Module:
     if kind == "binary":
       return nnx.hard_tanh
     return nnx.PReLU(0.25, dtype=dtype, param_dtype=param_dtype)

@@ -18,14 +18,17 @@ from flax.typing import Dtype
 import jax
 import jax.numpy as jnp
 
+from adderjax._checks import is_int
+from adderjax.ops import ImplementationLike
+from adderjax.ops.spec import GradMode
 from adderjax.models.layers import (
+    Kind,
     Layers,
     check_inputs,
     check_positive_int,
     global_average_pool,
     max_pool,
 )
-from adderjax.ops.spec import is_int
 
 __all__ = [
     "BasicBlock",
@@ -240,10 +243,10 @@ class CifarResNet(nnx.Module):
       or bad ``blocks_per_stage`` or ``num_classes``.
   """
 
-  def __init__(self, *, blocks_per_stage: Sequence[int], kind: str = "adder",
+  def __init__(self, *, blocks_per_stage: Sequence[int], kind: Kind = "adder",
                num_classes: int = 10, rngs: nnx.Rngs, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, grad_mode: str = "full_precision",
-               implementation: str | None = None):
+               param_dtype: Dtype = jnp.float32, grad_mode: GradMode = "full_precision",
+               implementation: ImplementationLike = None):
     blocks_per_stage = _check_blocks(blocks_per_stage, 3)
     num_classes = check_positive_int(num_classes, "num_classes")
     make = Layers(kind=kind, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
@@ -322,10 +325,10 @@ class ResNet(nnx.Module):
       ``implementation``, or bad ``blocks_per_stage`` or ``num_classes``.
   """
 
-  def __init__(self, *, block: str, blocks_per_stage: Sequence[int], kind: str = "adder",
+  def __init__(self, *, block: str, blocks_per_stage: Sequence[int], kind: Kind = "adder",
                num_classes: int = 1000, rngs: nnx.Rngs, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, grad_mode: str = "full_precision",
-               implementation: str | None = None):
+               param_dtype: Dtype = jnp.float32, grad_mode: GradMode = "full_precision",
+               implementation: ImplementationLike = None):
     if block not in _BLOCKS:
       raise ValueError(f"block must be one of {tuple(_BLOCKS)}, got block={block!r}.")
     blocks_per_stage = _check_blocks(blocks_per_stage, 4)

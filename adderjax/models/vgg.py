@@ -9,7 +9,9 @@ from flax.typing import Dtype
 import jax
 import jax.numpy as jnp
 
-from adderjax.models.layers import Layers, check_inputs, check_positive_int, max_pool
+from adderjax.ops import ImplementationLike
+from adderjax.ops.spec import GradMode
+from adderjax.models.layers import Kind, Layers, check_inputs, check_positive_int, max_pool
 
 __all__ = ["VGGSmall", "vgg_small"]
 
@@ -53,9 +55,9 @@ class VGGSmall(nnx.Module):
       or a ``num_classes`` that is not a positive int.
   """
 
-  def __init__(self, *, kind: str = "adder", num_classes: int = 10, rngs: nnx.Rngs,
+  def __init__(self, *, kind: Kind = "adder", num_classes: int = 10, rngs: nnx.Rngs,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               grad_mode: str = "full_precision", implementation: str | None = None):
+               grad_mode: GradMode = "full_precision", implementation: ImplementationLike = None):
     num_classes = check_positive_int(num_classes, "num_classes")
     make = Layers(kind=kind, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                   grad_mode=grad_mode, implementation=implementation)

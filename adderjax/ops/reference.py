@@ -13,6 +13,8 @@ import jax.numpy as jnp
 
 from adderjax.ops.spec import ConvSpec
 
+__all__ = ["forward", "input_grad", "unfold", "weight_grad"]
+
 
 def unfold(x: jax.Array, kernel_hw: tuple[int, int], spec: ConvSpec) -> jax.Array:
   """Patches of a zero-padded NHWC input: ``(B, Ho, Wo, kh, kw, C)``."""

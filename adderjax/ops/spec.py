@@ -8,14 +8,21 @@ their inputs and `jax.custom_vjp` can take it as a static argument.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 from jax import lax
 
-GRAD_MODES = ("full_precision", "unclipped", "sign")
+from adderjax._checks import ZERO_PADDINGS, canonical_padding, positive_int, positive_pair
+
+__all__ = ["GRAD_MODES", "PADDING_STRINGS", "ConvSpec", "GradMode", "check_grad_mode",
+           "conv_spec"]
+
+GradMode = Literal["full_precision", "unclipped", "sign"]
+"""The type of ``grad_mode`` arguments; `GRAD_MODES` lists its values."""
+
+GRAD_MODES = get_args(GradMode)
 """The backward passes `adder_conv` offers.
 
 - ``"full_precision"`` (default, the paper's and the official code's): weight
@@ -24,7 +31,7 @@ GRAD_MODES = ("full_precision", "unclipped", "sign")
 - ``"sign"``: the exact gradient of ``-sum|X - F|`` for both, for ablations.
 """
 
-PADDING_STRINGS = ("SAME", "SAME_LOWER", "VALID")
+PADDING_STRINGS = ZERO_PADDINGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,26 +57,6 @@ class ConvSpec:
     return tuple(out)
 
 
-def is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def positive_pair(value: Any, name: str) -> tuple[int, int]:
-  """An int ``n`` as ``(n, n)``, or a pair of ints; all positive, else a ValueError."""
-  if is_int(value):
-    pair = (value, value)
-  elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-    pair = tuple(value)
-  else:
-    raise ValueError(
-        f"{name} must be an int or a pair of ints (adder layers are 2-D), got {name}={value!r}.")
-  if not all(is_int(v) for v in pair):
-    raise ValueError(f"{name} must be an int or a pair of ints, got {name}={value!r}.")
-  if min(pair) < 1:
-    raise ValueError(f"{name} must be positive, got {name}={value!r}.")
-  return int(pair[0]), int(pair[1])
-
-
 def _check_array(value: Any, name: str, ndim: int | None, what: str) -> None:
   if not hasattr(value, "shape") or not hasattr(value, "dtype"):
     raise TypeError(f"{name} must be an array, got {type(value).__name__}.")
@@ -81,7 +68,7 @@ def _check_array(value: Any, name: str, ndim: int | None, what: str) -> None:
         f"got {value.dtype}.")
 
 
-def check_grad_mode(grad_mode: Any) -> str:
+def check_grad_mode(grad_mode: Any) -> GradMode:
   if grad_mode not in GRAD_MODES:
     raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got grad_mode={grad_mode!r}.")
   return grad_mode
@@ -100,9 +87,7 @@ def conv_spec(x: Any, w: Any, *, strides: Any, padding: Any, rhs_dilation: Any,
   _check_array(w, "w", 4, "HWIO")
   strides = positive_pair(strides, "strides")
   dilation = positive_pair(rhs_dilation, "rhs_dilation")
-  groups = feature_group_count
-  if not is_int(groups) or groups < 1:
-    raise ValueError(f"feature_group_count must be a positive int, got {groups!r}.")
+  groups = positive_int(feature_group_count, "feature_group_count")
   in_channels, out_channels = x.shape[3], w.shape[3]
   if in_channels % groups:
     raise ValueError(
@@ -120,24 +105,10 @@ def conv_spec(x: Any, w: Any, *, strides: Any, padding: Any, rhs_dilation: Any,
 
   kernel_hw = w.shape[:2]
   in_hw = x.shape[1:3]
-  if isinstance(padding, str):
-    if padding.upper() not in PADDING_STRINGS:
-      raise ValueError(f"padding must be one of {PADDING_STRINGS} or a pair of (low, high) "
-                       f"pairs, got {padding!r}.")
+  pads = canonical_padding(padding)
+  if isinstance(pads, str):
     dilated = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
-    pads = tuple(tuple(p) for p in lax.padtype_to_pads(in_hw, dilated, strides, padding.upper()))
-  else:
-    try:
-      pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-      valid = len(pads) == 2 and all(
-          float(v) == int(v) for pair in padding for v in pair)
-    except (TypeError, ValueError):
-      valid = False
-    if not valid:
-      raise ValueError(f"padding must be one of {PADDING_STRINGS} or a pair of (low, high) "
-                       f"pairs of ints, got {padding!r}.")
-    if min(min(p) for p in pads) < 0:
-      raise ValueError(f"padding must be non-negative, got {padding!r}.")
+    pads = tuple(tuple(p) for p in lax.padtype_to_pads(in_hw, dilated, strides, pads))
 
   spec = ConvSpec(strides=strides, padding=pads, dilation=dilation, groups=groups)  # type: ignore[arg-type]
   for axis, (size, k, (lo, hi), d) in enumerate(zip(in_hw, kernel_hw, pads, dilation)):

@@ -39,6 +39,8 @@ from jax import lax
 
 from adderjax.ops.spec import ConvSpec
 
+__all__ = ["MAX_CHUNK", "MAX_TERMS", "MAX_TILE", "MIN_CHUNK", "forward", "input_grad", "weight_grad"]
+
 MAX_CHUNK = 16
 MIN_CHUNK = 8
 MAX_TERMS = 24

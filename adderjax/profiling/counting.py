@@ -41,6 +41,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from adderjax._checks import positive_int
 from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense
 
 __all__ = ["COUNTED_LAYERS", "LAYER_KINDS", "LayerCount", "OpCounts", "count_ops"]
@@ -316,8 +317,7 @@ def count_ops(
     if not x.shape:
       raise ValueError(f"x must have a leading batch dim, or pass batch_size; got x={x!r}.")
     batch_size = x.shape[0]
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got batch_size={batch_size!r}.")
+  batch_size = positive_int(batch_size, "batch_size")
   kinds = _check_kinds({} if extra_layers is None else extra_layers)
   run = apply if apply is not None else (lambda m, inputs: m(inputs))
 

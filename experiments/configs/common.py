@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.grad_mode = "full_precision"  # "full_precision", "unclipped" or "sign".
   config.implementation = ""  # Adder kernels: "" picks the fastest for the backend.
   config.dtype = "float32"  # Compute dtype, "float32" or "bfloat16"; params stay float32.
+  # The model's other keyword arguments, e.g. embed_dim for lenet_pp (a config file declares
+  # them; the command line can then override them, --config.model_kwargs.embed_dim=3).
+  config.model_kwargs = ml_collections.ConfigDict()
 
   # Data (adderjax.data).
   config.dataset = "mnist"  # "mnist", "cifar10", "cifar100" or "imagenet2012".

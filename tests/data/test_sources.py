@@ -142,9 +142,7 @@ def test_tfds_failure_is_a_data_error(tmp_path):
     (dict(dataset="cifar10", split="train", source="digits"), "dataset="),
     (dict(dataset="mnist", split="train", source="cifar_python", data_dir="."), "dataset="),
     (dict(dataset="mnist", split="validation", source="digits"), "split="),
-    (dict(dataset="mnist", split="train", source="synthetic", download=True), "download="),
     (dict(dataset="mnist", split="train", num_examples=10), "num_examples="),
-    (dict(dataset="mnist", split="test", source="bundled", download=True), "download="),
     (dict(dataset="mnist", split="train", source="synthetic", num_examples=0), "num_examples="),
     (dict(dataset="mnist", split="train", source="synthetic", seed=-1), "seed="),
 ])

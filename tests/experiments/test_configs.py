@@ -88,6 +88,19 @@ def test_fixed_and_no_adder_rate_optimizers():
       assert float(jnp.max(jnp.abs(value[...] - expected))) == 0.0, (adder_lr, path)
 
 
+def test_model_kwargs_reach_the_model():
+  config = load("mnist_lenet5_bn", "adder")
+  assert not config.model_kwargs.keys()  # empty by default
+  config.model = "lenet_pp"
+  config.model_kwargs.embed_dim = 3
+  train.check_config(config)
+  model = nnx.eval_shape(lambda: train.make_model(config, rngs=nnx.Rngs(0)))
+  assert model.embed_dim == 3 and model.classifier.kernel.shape == (3, 10)
+  config.model_kwargs.kind = "conv"  # the trainer's own argument, from config.kind
+  with pytest.raises(ValueError, match=r"config.model_kwargs sets \['kind'\]"):
+    train.check_config(config)
+
+
 def test_cifar_and_mnist_configs_download_their_data(tmp_path, monkeypatch):
   """A paper row's config fetches its dataset (here from a local mirror) with nothing else set."""
   from adderjax.data import remote

@@ -210,3 +210,44 @@ def test_binary_dense_parameters_and_errors():
     BinaryDense(4, -1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"inputs must have shape \(\.\.\., 4\)"):
     layer(jnp.zeros((2, 3)))
+
+
+# The layers are nnx.Conv / nnx.Linear whose hook binarises: the same outputs
+# and gradients as those layers on binarised operands, with the estimator's
+# window on the gradients.
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(strides=2, padding="VALID"), dict(padding="CIRCULAR", kernel_dilation=2),
+    dict(padding="REFLECT", feature_group_count=2, use_bias=True),
+    dict(padding=((0, 1), (2, 0)), strides=(1, 2))])
+def test_binary_conv_is_nnx_conv_on_binarised_operands(options):
+  layer = _conv(4, 6, (3, 2), **options)
+  assert isinstance(layer, nnx.Conv)
+  conv = nnx.Conv(4, 6, (3, 2), kernel_init=_np_init, rngs=nnx.Rngs(0),
+                  **(dict(use_bias=False) | options))
+  w = np.asarray(layer.kernel[...])
+  conv.kernel[...] = jnp.asarray(_sign(w))
+  if layer.bias is not None:
+    layer.bias[...] = conv.bias[...] = jnp.full((6,), 0.25)
+  x = 1.5 * _normal((2, 7, 6, 4), seed=9)
+  g = _normal(jax.eval_shape(layer, jnp.asarray(x)).shape, seed=10)
+  y, (dlayer, dx) = nnx.value_and_grad(lambda m, x: jnp.sum(m(x) * g), argnums=(0, 1))(
+      layer, jnp.asarray(x))
+  want_y, (dconv, dx_signed) = nnx.value_and_grad(lambda m, x: jnp.sum(m(x) * g),
+                                                  argnums=(0, 1))(conv, jnp.asarray(_sign(x)))
+  np.testing.assert_array_equal(y, want_y)
+  np.testing.assert_allclose(dx, dx_signed * (np.abs(x) <= 1), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dlayer.kernel[...], dconv.kernel[...] * (np.abs(w) <= 1),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_binary_dense_is_nnx_linear_on_binarised_operands():
+  layer = BinaryDense(5, 3, use_bias=True, kernel_init=_np_init, rngs=nnx.Rngs(0))
+  assert isinstance(layer, nnx.Linear)
+  linear = nnx.Linear(5, 3, kernel_init=_np_init, rngs=nnx.Rngs(0))
+  w = np.asarray(layer.kernel[...])
+  linear.kernel[...] = jnp.asarray(_sign(w))
+  layer.bias[...] = linear.bias[...] = jnp.full((3,), -0.5)
+  x = 1.5 * _normal((4, 5), seed=11)
+  np.testing.assert_array_equal(layer(jnp.asarray(x)), linear(jnp.asarray(_sign(x))))

@@ -186,8 +186,8 @@ class AdderConvTestBase:
     x = rng.normal(size=(2, 3, 37)).astype(np.float32)
     w = rng.normal(size=(37, 6)).astype(np.float32)
     for grad_mode in GRAD_MODES:
-      y, vjp = jax.vjp(lambda x, w: adder_dense(x, w, grad_mode=grad_mode,
-                                                implementation=self.implementation), x, w)
+      y, vjp = jax.vjp(lambda x, w, grad_mode=grad_mode: adder_dense(
+          x, w, grad_mode=grad_mode, implementation=self.implementation), x, w)
       g = rng.normal(size=y.shape).astype(np.float32)
       dx, dw = vjp(g)
       x4 = x.reshape(6, 1, 1, 37)

@@ -7,7 +7,6 @@ GPU, the kernels are still lowered for CUDA (Pallas' Triton lowering runs on a
 CPU jaxlib), which catches what only the Triton lowering rejects.
 """
 
-import importlib
 import re
 
 import jax
@@ -16,12 +15,9 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from adderjax.ops import adder_conv, pallas_gpu, reference
+from adderjax.ops import adder_conv, dispatch, pallas_gpu, pallas_reference, reference
 from adderjax.ops.spec import conv_spec
 from tests.ops.test_adder_conv import HAND_PICKED, AdderConvTestBase, _case_id
-
-# The function adderjax.ops.adder_conv shadows the module of the same name.
-adder_conv_module = importlib.import_module("adderjax.ops.adder_conv")
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -86,8 +82,8 @@ def test_jnp_references_of_the_kernels_match_the_oracle(case):
 
   @jax.jit  # one compilation instead of one per eager op
   def both(x, w, g):
-    return ((pallas_gpu.forward_reference(x, w, spec=spec), reference.forward(x, w, spec)),
-            (pallas_gpu.input_grad_reference(x, w, g, spec=spec),
+    return ((pallas_reference.forward_reference(x, w, spec=spec), reference.forward(x, w, spec)),
+            (pallas_reference.input_grad_reference(x, w, g, spec=spec),
              reference.input_grad(x, w, g, spec, "full_precision")))
 
   (y, want_y), (dx, want_dx) = both(x, w, g)
@@ -132,11 +128,11 @@ def _jaxpr_text(fn, *args):
   return str(jax.make_jaxpr(fn)(*args))
 
 
-def test_default_implementation_is_xla_on_cpu_and_pallas_on_gpu(monkeypatch):
+def test_default_implementation_is_pallas_on_gpu(monkeypatch):
   x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
   uses_pallas = lambda: "pallas_call" in _jaxpr_text(lambda x, w: adder_conv(x, w), x, w)
   assert uses_pallas() == ON_GPU
-  monkeypatch.setattr(adder_conv_module, "_gpu_backend", lambda: True)
+  monkeypatch.setattr(dispatch, "_gpu_backend", lambda: True)
   assert uses_pallas()
   # A layer the kernels cannot run falls back to XLA: shapes only, nothing allocated.
   big_x = jax.ShapeDtypeStruct((2**16, 128, 128, 1), jnp.float32)
@@ -154,7 +150,7 @@ def test_explicit_pallas_without_a_gpu_says_why():
 
 
 def test_unknown_implementation_lists_every_choice():
-  with pytest.raises(ValueError, match="'xla', 'reference', 'pallas', 'pallas_interpret'"):
+  with pytest.raises(ValueError, match="'xla', 'cpu', 'reference', 'pallas', 'pallas_interpret'"):
     adder_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), implementation="cuda")
 
 
@@ -171,8 +167,8 @@ def test_kernels_lower_for_cuda(monkeypatch, case, options):
   # ops, inline PTX) but not Triton's compiler, which needs the CUDA jaxlib.
   x, w, _, _ = _case_operands(case)
   kernels = pallas_gpu.PallasAdderConv(**options)
-  monkeypatch.setitem(adder_conv_module.IMPLEMENTATIONS, "pallas", kernels)
-  monkeypatch.setattr(adder_conv_module, "_gpu_backend", lambda: True)
+  monkeypatch.setitem(dispatch.IMPLEMENTATIONS, "pallas", kernels)
+  monkeypatch.setattr(dispatch, "_gpu_backend", lambda: True)
   _, _, strides, padding, dilation, groups = case
   layer = lambda x, w: adder_conv(x, w, strides=strides, padding=padding, rhs_dilation=dilation,
                                   feature_group_count=groups, implementation="pallas")
@@ -206,3 +202,56 @@ def test_batch_sharded_step_runs_the_kernels_per_shard(axis_type):
   hlo = jax.jit(layer).lower(xs, ws).compile().as_text()
   assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo)
   assert "f32[2,5,5,8]" in hlo
+
+
+def test_implementation_takes_a_pallas_instance_with_its_options():
+  x, w, spec, _ = _case_operands(HAND_PICKED[0])
+  _, _, strides, padding, dilation, groups = HAND_PICKED[0]
+  kernels = pallas_gpu.PallasAdderConv(interpret=True, block_m=16, block_n=4)
+  layer = lambda x, w, impl: adder_conv(x, w, strides=strides, padding=padding,
+                                        rhs_dilation=dilation, feature_group_count=groups,
+                                        implementation=impl)
+  np.testing.assert_allclose(layer(x, w, kernels), reference.forward(x, w, spec),
+                             rtol=1e-5, atol=2e-5)
+  # A compiled instance needs a GPU, as "pallas" does.
+  if not ON_GPU:
+    with pytest.raises(ValueError, match=r"implementation=PallasAdderConv\(.*default backend"):
+      layer(x, w, pallas_gpu.PallasAdderConv(block_m=16))
+
+
+# A JAX without Pallas' Triton lowering (deprecated since JAX 0.11), simulated
+# in a fresh interpreter where importing it fails.
+_WITHOUT_TRITON = """
+import sys
+sys.modules["jax.experimental.pallas.triton"] = None  # import raises ImportError
+import jax.numpy as jnp
+import adderjax
+from adderjax.nn import AdderConv
+from adderjax.ops import adder_conv, dispatch, pallas_gpu
+from flax import nnx
+
+assert "Triton lowering" in pallas_gpu.UNAVAILABLE_REASON, pallas_gpu.UNAVAILABLE_REASON
+assert "adderjax.ops.pallas_kernels" not in sys.modules
+x, w = jnp.ones((2, 6, 6, 2)), jnp.zeros((3, 3, 2, 4))
+dispatch._gpu_backend = lambda: True  # None would pick the kernels on a GPU
+assert float(adder_conv(x, w, padding="VALID")[0, 0, 0, 0]) == -18.0
+layer = AdderConv(2, 4, 3, rngs=nnx.Rngs(0))
+assert layer(x).shape == (2, 6, 6, 4)
+for impl in ("pallas", "pallas_interpret", pallas_gpu.PallasAdderConv(interpret=True)):
+  try:
+    adder_conv(x, w, implementation=impl)
+  except ValueError as e:
+    assert "Triton lowering" in str(e) and "implementation='xla'" in str(e), str(e)
+  else:
+    raise AssertionError(f"implementation={impl!r} ran without Triton")
+print("ok")
+"""
+
+
+def test_a_jax_without_the_triton_lowering_falls_back_to_xla():
+  import subprocess
+  import sys
+  result = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith("ok")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Literal, Protocol, TypeAlias
 
 import jax
 import jax.numpy as jnp
 
-from adderjax.ops import pallas_gpu, reference, xla
-from adderjax.ops.spec import ConvSpec, check_grad_mode, conv_spec
+from adderjax.ops import cpu_native, pallas_gpu, reference, xla
+from adderjax.ops.pallas_gpu import PallasAdderConv
+from adderjax.ops.spec import ConvSpec, GradMode, check_grad_mode, conv_spec
+
+__all__ = ["IMPLEMENTATIONS", "Implementation", "ImplementationLike", "ImplementationName",
+           "adder_conv", "adder_dense", "check_implementation"]
 
 
 class Implementation(Protocol):
@@ -19,14 +23,23 @@ class Implementation(Protocol):
   def forward(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array: ...
 
   def input_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
-                 grad_mode: str) -> jax.Array: ...
+                 grad_mode: GradMode) -> jax.Array: ...
 
   def weight_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
-                  grad_mode: str) -> jax.Array: ...
+                  grad_mode: GradMode) -> jax.Array: ...
+
+
+ImplementationName = Literal["xla", "cpu", "reference", "pallas", "pallas_interpret"]
+"""The names of the implementations `adder_conv` ships (keys of `IMPLEMENTATIONS`)."""
+
+ImplementationLike: TypeAlias = ImplementationName | PallasAdderConv | None
+"""What ``implementation=`` takes: ``None`` (the fastest that runs here), a name,
+or a `PallasAdderConv` carrying its own kernel options."""
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "xla": xla,
+    "cpu": cpu_native.NativeCpuAdderConv(),
     "reference": reference,
     "pallas": pallas_gpu.PallasAdderConv(),
     "pallas_interpret": pallas_gpu.PallasAdderConv(interpret=True),
@@ -34,45 +47,71 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 """Each provides ``forward``, ``input_grad`` and ``weight_grad``, called with
 operands of one floating dtype (float32, or float64) that they keep.
 
+``"cpu"`` runs the native CPU kernels of `adderjax.ops.cpu_native` (built on
+first use) where they apply and the XLA loops elsewhere;
 ``"pallas"`` compiles the kernels of `adderjax.ops.pallas_gpu` for a GPU;
 ``"pallas_interpret"`` runs the same kernels in Pallas' interpreter on any
-backend (slow: for tests and debugging)."""
+backend (slow: for tests and debugging). Where this JAX lacks Pallas' Triton
+lowering (`adderjax.ops.pallas_gpu.UNAVAILABLE_REASON`), both raise when
+asked for by name, and ``None`` runs ``"xla"``."""
 
 PaddingLike = str | Sequence[tuple[int, int]]
 
 
-def check_implementation(implementation: str | None) -> str | None:
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be None or one of {tuple(IMPLEMENTATIONS)}, "
-                     f"got implementation={implementation!r}.")
-  return implementation
+def check_implementation(implementation: object) -> ImplementationLike:
+  """Returns ``implementation`` if `adder_conv` accepts it, else raises a ValueError naming it."""
+  if (implementation is not None and not isinstance(implementation, PallasAdderConv)
+      and (not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS)):
+    raise ValueError(f"implementation must be None or one of {tuple(IMPLEMENTATIONS)}, or a "
+                     f"PallasAdderConv instance, got implementation={implementation!r}.")
+  return implementation  # type: ignore[return-value]
 
 
 def _gpu_backend() -> bool:
   return jax.default_backend() == "gpu"
 
 
-def _resolve_implementation(implementation: str | None, x: jax.Array, w: jax.Array,
-                            spec: ConvSpec) -> str:
+def _resolve_implementation(implementation: ImplementationLike, x: jax.Array, w: jax.Array,
+                            spec: ConvSpec) -> Implementation:
   """The implementation to run: ``None`` becomes the fastest that can run here.
 
-  ``None`` is ``"pallas"`` on a GPU backend when the kernels support the layer,
-  else ``"xla"``. An explicit ``"pallas"`` that cannot run raises and says why.
+  ``None`` is ``"pallas"`` on a GPU backend when this JAX has Pallas' Triton
+  lowering and the kernels support the layer, ``"cpu"`` on a CPU backend when
+  the native kernels are built, else ``"xla"``. An explicit Pallas or ``"cpu"``
+  implementation that cannot run raises and says why.
   """
   implementation = check_implementation(implementation)
-  if implementation in (None, "pallas", "pallas_interpret"):
-    reason = pallas_gpu.unsupported_reason(x.shape, w.shape, spec)
-    if implementation is None:
-      return "pallas" if _gpu_backend() and reason is None else "xla"
-    if implementation == "pallas" and not _gpu_backend():
+  on_cpu = not _gpu_backend() and jax.default_backend() == "cpu"
+  if implementation is None:
+    if on_cpu:
+      return IMPLEMENTATIONS["cpu" if cpu_native.available() else "xla"]
+    usable = (_gpu_backend() and pallas_gpu.UNAVAILABLE_REASON is None
+              and pallas_gpu.unsupported_reason(x.shape, w.shape, spec) is None)
+    return IMPLEMENTATIONS["pallas" if usable else "xla"]
+  impl = IMPLEMENTATIONS[implementation] if isinstance(implementation, str) else implementation
+  if isinstance(impl, cpu_native.NativeCpuAdderConv):
+    if not on_cpu:
+      raise ValueError(f"implementation='cpu' runs native CPU kernels, but JAX's default backend "
+                       f"is {jax.default_backend()!r}. Use None or 'xla'.")
+    if not cpu_native.available():
+      raise ValueError(f"implementation='cpu' is not available here: "
+                       f"{cpu_native.unavailable_reason()}. Use 'xla' (or None, which picks it).")
+  if isinstance(impl, PallasAdderConv):
+    if pallas_gpu.UNAVAILABLE_REASON is not None:
+      raise ValueError(f"implementation={implementation!r} runs Pallas kernels, but "
+                       f"{pallas_gpu.UNAVAILABLE_REASON}. Use implementation='xla' (or None, "
+                       f"which picks it).")
+    if not impl.interpret and not _gpu_backend():
       raise ValueError(
-          f"implementation='pallas' compiles Triton kernels for a GPU, but JAX's default "
-          f"backend is {jax.default_backend()!r}. Use implementation='pallas_interpret' to run "
-          f"the same kernels in Pallas' interpreter, or 'xla' (or None, which picks 'xla' here).")
+          f"implementation={implementation!r} compiles Triton kernels for a GPU, but JAX's "
+          f"default backend is {jax.default_backend()!r}. Use implementation='pallas_interpret' "
+          f"to run the same kernels in Pallas' interpreter, or 'xla' (or None, which picks "
+          f"'xla' here).")
+    reason = pallas_gpu.unsupported_reason(x.shape, w.shape, spec)
     if reason is not None:
       raise ValueError(f"implementation={implementation!r} cannot run this layer: {reason}. "
                        f"Use implementation='xla'.")
-  return implementation
+  return impl
 
 
 def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
@@ -81,9 +120,9 @@ def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _adder_conv(x, w, spec: ConvSpec, grad_mode: str, implementation: str):
+def _adder_conv(x, w, spec: ConvSpec, grad_mode: GradMode, implementation: Implementation):
   dtype = _compute_dtype(x, w)
-  y = IMPLEMENTATIONS[implementation].forward(x.astype(dtype), w.astype(dtype), spec)
+  y = implementation.forward(x.astype(dtype), w.astype(dtype), spec)
   return y.astype(jnp.result_type(x, w))
 
 
@@ -93,11 +132,10 @@ def _adder_conv_fwd(x, w, spec, grad_mode, implementation):
 
 def _adder_conv_bwd(spec, grad_mode, implementation, residuals, g):
   x, w = residuals
-  impl = IMPLEMENTATIONS[implementation]
   dtype = _compute_dtype(x, w, g)
   x_, w_, g_ = x.astype(dtype), w.astype(dtype), g.astype(dtype)
-  dx = impl.input_grad(x_, w_, g_, spec, grad_mode)
-  dw = impl.weight_grad(x_, w_, g_, spec, grad_mode)
+  dx = implementation.input_grad(x_, w_, g_, spec, grad_mode)
+  dw = implementation.weight_grad(x_, w_, g_, spec, grad_mode)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -112,8 +150,8 @@ def adder_conv(
     padding: PaddingLike = "SAME",
     rhs_dilation: int | Sequence[int] = 1,
     feature_group_count: int = 1,
-    grad_mode: str = "full_precision",
-    implementation: str | None = None,
+    grad_mode: GradMode = "full_precision",
+    implementation: ImplementationLike = None,
 ) -> jax.Array:
   """The AdderNet convolution: the negative L1 distance of each patch to each filter.
 
@@ -138,16 +176,22 @@ def adder_conv(
     w: filters, ``(kh, kw, in_channels // feature_group_count, out_channels)``.
     strides: an int or a pair ``(sh, sw)``.
     padding: ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"`` or
-      ``((top, bottom), (left, right))``, as in `jax.lax.conv_general_dilated`.
+      ``((top, bottom), (left, right))``, as in `jax.lax.conv_general_dilated`;
+      an int ``p`` is ``((p, p), (p, p))``.
     rhs_dilation: kernel dilation, an int or a pair.
     feature_group_count: number of channel groups.
     grad_mode: ``"full_precision"``, ``"unclipped"`` or ``"sign"``.
     implementation: ``None`` (the fastest that runs here: ``"pallas"`` on a
-      GPU backend, else ``"xla"``), ``"xla"`` (XLA loops; any backend),
+      GPU backend, ``"cpu"`` on a CPU backend where the native kernels build,
+      else ``"xla"``), ``"xla"`` (XLA loops; any backend), ``"cpu"`` (the
+      native CPU kernels of `adderjax.ops.cpu_native` where they apply, XLA
+      elsewhere; a CPU backend only),
       ``"pallas"`` (the GPU kernels of `adderjax.ops.pallas_gpu`; a GPU
       backend only), ``"pallas_interpret"`` (the same kernels in Pallas'
-      interpreter, any backend; slow, for tests and debugging), or
-      ``"reference"`` (the broadcasting oracle; small shapes only).
+      interpreter, any backend; slow, for tests and debugging),
+      ``"reference"`` (the broadcasting oracle; small shapes only), or a
+      `PallasAdderConv` instance: the kernels with its options (tiles,
+      warps, ``method``, ``interpret``).
 
   Returns:
     ``(batch, out_height, out_width, out_channels)``.
@@ -184,8 +228,8 @@ def adder_dense(
     x: jax.Array,
     w: jax.Array,
     *,
-    grad_mode: str = "full_precision",
-    implementation: str | None = None,
+    grad_mode: GradMode = "full_precision",
+    implementation: ImplementationLike = None,
 ) -> jax.Array:
   """A fully connected adder layer: ``Y[..., n] = -sum_k |x[..., k] - w[k, n]|``.
 

@@ -1,0 +1,68 @@
+"""What the NNX (`adderjax.nn`) and Linen (`adderjax.linen`) adder layers share.
+
+Argument checks beyond `adderjax._checks`, the default initializers, and the
+adder convolution on any batch dims with every padding mode and a bias.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from adderjax._checks import ZERO_PADDINGS, Padding2D
+from adderjax.ops.dispatch import ImplementationLike, adder_conv, check_implementation
+from adderjax.ops.spec import GradMode, check_grad_mode
+
+__all__ = ["PADDING_MODES", "apply_adder_conv", "check_op_options", "default_bias_init",
+           "default_kernel_init"]
+
+default_kernel_init = nnx.initializers.normal(stddev=1.0)
+"""N(0, 1), the official code's initialization of adder kernels."""
+default_bias_init = nnx.initializers.zeros_init()
+
+_PAD_MODES = {"CIRCULAR": "wrap", "REFLECT": "reflect"}
+PADDING_MODES = ZERO_PADDINGS + tuple(_PAD_MODES)
+"""The padding strings of the layers: zeros, or `flax.nnx.Conv`'s periodic and reflecting."""
+
+
+def check_op_options(grad_mode: Any, implementation: Any) -> None:
+  """A ValueError naming ``grad_mode`` or ``implementation`` if `adder_conv` rejects it."""
+  check_grad_mode(grad_mode)
+  check_implementation(implementation)
+
+
+def apply_adder_conv(
+    inputs: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    *,
+    strides: tuple[int, int],
+    padding: Padding2D,
+    kernel_dilation: tuple[int, int],
+    feature_group_count: int,
+    grad_mode: GradMode,
+    implementation: ImplementationLike,
+) -> jax.Array:
+  """`adder_conv` on ``(*batch, H, W, C)`` or ``(H, W, C)`` inputs, plus a bias.
+
+  The batch dims are flattened into one, or one is added, then restored.
+  ``"CIRCULAR"`` and ``"REFLECT"`` pad the input as `flax.nnx.Conv` does, then
+  convolve with ``"VALID"``.
+  """
+  batch_shape = inputs.shape[:-3]
+  x = jnp.reshape(inputs, (math.prod(batch_shape),) + inputs.shape[-3:])
+  if padding in _PAD_MODES:
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel.shape[:2], kernel_dilation)]
+    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+    x = jnp.pad(x, pads, mode=_PAD_MODES[padding])
+    padding = "VALID"
+  y = adder_conv(x, kernel, strides=strides, padding=padding, rhs_dilation=kernel_dilation,
+                 feature_group_count=feature_group_count, grad_mode=grad_mode,
+                 implementation=implementation)
+  if bias is not None:
+    y = y + bias
+  return jnp.reshape(y, batch_shape + y.shape[1:])

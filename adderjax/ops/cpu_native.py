@@ -1,0 +1,265 @@
+"""Native CPU kernels for the adder convolution: XLA FFI handlers built on first use.
+
+The forward pass and the full-precision input gradient at stride 1 run as C++
+micro-kernels (``csrc/adder_cpu.cc``): a tile of 8 output pixels by 16 or 32
+channels held in vector registers, the reduction streamed through it with
+implicit im2col, the max trick ``|a - b| = 2 max(a, b) - a - b`` in the
+forward, and the rows shared out over XLA's intra-op threads. The rest (the
+weight gradient, which is a convolution's; the other gradient modes; strided
+input gradients; float64) uses :mod:`adderjax.ops.xla`.
+
+The handlers are compiled the first time they are needed with the system's
+C++ compiler (``$CXX``, else ``c++``) for this CPU (``-O3 -march=native``,
+AVX2+FMA or AVX-512) against the headers jaxlib ships
+(``jax.ffi.include_dir()``), and the library is cached per source, compiler
+flags, CPU features and jaxlib version under ``$ADDERJAX_CACHE_DIR``, else
+``$XDG_CACHE_HOME/adderjax``, else ``~/.cache/adderjax`` (in ``native/``). Where
+no compiler is found, the CPU lacks AVX2, or the build fails,
+:func:`available` is False, one warning says why, and ``implementation=None``
+uses the XLA loops. ``ADDERJAX_NATIVE=0`` turns the kernels off.
+
+Example:
+  >>> from adderjax.ops import cpu_native
+  >>> isinstance(cpu_native.available(), bool)
+  True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import importlib.resources
+import os
+import pathlib
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from adderjax.ops import sharding, xla
+from adderjax.ops.spec import ConvSpec
+
+__all__ = ["NativeCpuAdderConv", "available", "build_and_open", "library_path",
+           "unavailable_reason"]
+
+ENV_DISABLE = "ADDERJAX_NATIVE"
+ENV_CACHE_DIR = "ADDERJAX_CACHE_DIR"
+_FORWARD_TARGET = "adderjax_adder_forward"
+_INPUT_GRAD_TARGET = "adderjax_adder_input_grad"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes",
+          "-Wno-return-type")
+_BUILD_TIMEOUT_S = 300
+_OFF = ("0", "false", "no", "off")
+
+
+def _cache_root() -> pathlib.Path:
+  if os.environ.get(ENV_CACHE_DIR):
+    return pathlib.Path(os.environ[ENV_CACHE_DIR]).expanduser()
+  cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(cache).expanduser() / "adderjax"
+
+
+def _compiler() -> list[str] | None:
+  command = shlex.split(os.environ.get("CXX", "c++"))
+  return command if command and shutil.which(command[0]) else None
+
+
+def _source() -> bytes:
+  return (importlib.resources.files("adderjax.ops") / "csrc" / "adder_cpu.cc").read_bytes()
+
+
+def _build_key(compiler: list[str]) -> str:
+  """What the library depends on: the source, flags, compiler, CPU features, jaxlib."""
+  # The macros -march=native defines name this CPU's features as the compiler sees them.
+  features = subprocess.run([*compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+  version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
+                           timeout=60).stdout
+  digest = hashlib.sha256()
+  for part in (_source(), " ".join(_FLAGS).encode(), version.encode(), features.encode(),
+               jax.lib.__version__.encode(), platform.machine().encode()):
+    digest.update(part)
+    digest.update(b"\0")
+  return digest.hexdigest()[:24]
+
+
+def _build(compiler: list[str], target: pathlib.Path) -> None:
+  """Compiles the handlers into ``target`` atomically (concurrent builds are harmless)."""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+    source = pathlib.Path(scratch) / "adder_cpu.cc"
+    source.write_bytes(_source())
+    output = pathlib.Path(scratch) / target.name
+    result = subprocess.run(
+        [*compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(output)],
+        capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+    if result.returncode != 0:
+      lines = [line for line in result.stderr.splitlines() if "error" in line] or [
+          result.stderr.strip()[-500:]]
+      raise RuntimeError(f"{' '.join(compiler)} failed: {lines[0]}")
+    os.replace(output, target)
+
+
+def build_and_open(cache_root: pathlib.Path | None = None) -> tuple[ctypes.CDLL | None, str]:
+  """Builds the library if it is not cached yet and opens it: ``(library, "")`` or ``(None, why)``.
+
+  Args:
+    cache_root: Where the ``native/`` cache lives (default: see the module docstring).
+  """
+  if os.environ.get(ENV_DISABLE, "1").lower() in _OFF:
+    return None, f"{ENV_DISABLE}={os.environ[ENV_DISABLE]} turns them off"
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    return None, f"they are written for x86-64 (AVX2 or AVX-512), this is {platform.machine()}"
+  compiler = _compiler()
+  if compiler is None:
+    return None, f"no C++ compiler was found ($CXX={os.environ.get('CXX', '')!r}, or c++)"
+  try:
+    root = _cache_root() if cache_root is None else pathlib.Path(cache_root)
+    target = root / "native" / _build_key(compiler) / "libadderjax_cpu.so"
+    if not target.exists():
+      _build(compiler, target)
+    return ctypes.CDLL(str(target)), ""
+  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    return None, f"the build failed: {e}"
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+  """The library of this process, built and opened once, its FFI targets registered."""
+  library, reason = build_and_open()
+  if library is not None:
+    for name, symbol in ((_FORWARD_TARGET, library.AdderjaxAdderForward),
+                         (_INPUT_GRAD_TARGET, library.AdderjaxAdderInputGrad)):
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+  return library, reason
+
+
+def available() -> bool:
+  """Whether the native kernels are built and loaded (building them if needed).
+
+  The first call on a machine compiles them (a few seconds); a failure warns
+  once, saying why, and returns False.
+  """
+  library, reason = _load()
+  if library is None and os.environ.get(ENV_DISABLE, "1").lower() not in _OFF:
+    _warn_once(reason)
+  return library is not None
+
+
+def unavailable_reason() -> str:
+  """Why :func:`available` is False (empty when it is True)."""
+  return _load()[1]
+
+
+def library_path() -> str | None:
+  """The loaded library's file, or None."""
+  library = _load()[0]
+  return None if library is None else library._name
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+  warnings.warn(f"adderjax: the native CPU adder kernels are not available ({reason}); "
+                "using the XLA loops instead.", RuntimeWarning, stacklevel=3)
+
+
+def _vector_width() -> int:
+  return int(_load()[0].AdderjaxVectorWidth())
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _pad_last(a: jax.Array, size: int) -> jax.Array:
+  return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, size - a.shape[-1])])
+
+
+def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
+  """The native forward: ``-sum |Xpad - F|`` as ``(B, Ho, Wo, O)`` (float32)."""
+  kh, kw, cg, out = w.shape
+  groups, per_group = spec.groups, out // spec.groups
+  ho, wo = spec.output_spatial(x.shape[1:3], (kh, kw))
+  opad = _round_up(per_group, _vector_width())
+  xp = jnp.pad(x, ((0, 0), *spec.padding, (0, 0)))
+  # Filters as (G, K, Opad), K in (row, column, channel) order; their sums per output channel.
+  wt = _pad_last(w.reshape(kh * kw * cg, groups, per_group).transpose(1, 0, 2), opad)
+  sf = wt.sum(axis=1)
+  # The sum of each patch, per group: channel sums, then a window sum over the taps.
+  channel_sums = xp.reshape(*xp.shape[:3], groups, cg).sum(-1)
+  (sh, sw), (dh, dw) = spec.strides, spec.dilation
+  sx = lax.reduce_window(channel_sums, 0.0, lax.add, (1, kh, kw, 1), (1, sh, sw, 1), "VALID",
+                         window_dilation=(1, dh, dw, 1))
+  call = jax.ffi.ffi_call(_FORWARD_TARGET, jax.ShapeDtypeStruct((x.shape[0], ho, wo, out),
+                                                                 jnp.float32),
+                          vmap_method="sequential")
+  return call(xp, wt, sx, sf, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh),
+              sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw), groups=np.int64(groups))
+
+
+def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
+                              spec: ConvSpec) -> jax.Array:
+  """The native ``sum g * HardTanh(F - Xpad)`` at stride 1: ``(B, H, W, C)`` (float32)."""
+  b, h, wd, c = x.shape
+  kh, kw, cg, out = w.shape
+  groups, per_group = spec.groups, out // spec.groups
+  (dh, dw), ((top, _), (left, _)) = spec.dilation, spec.padding
+  ho, wo = g.shape[1:3]
+  # g padded (or cropped) so that row y + (kh-1-i)*dh of it is output row y + top - i*dh.
+  low_h, low_w = (kh - 1) * dh - top, (kw - 1) * dw - left
+  gp = lax.pad(g, jnp.zeros((), g.dtype),
+               ((0, 0, 0), (low_h, h + (kh - 1) * dh - ho - low_h, 0),
+                (low_w, wd + (kw - 1) * dw - wo - low_w, 0), (0, 0, 0)))
+  cpad = _round_up(cg, _vector_width())
+  # Filters as (G, kh, kw, Og, Cpad): one output channel's filter is a row over the channels.
+  wt = _pad_last(w.reshape(kh, kw, cg, groups, per_group).transpose(3, 0, 1, 4, 2), cpad)
+  call = jax.ffi.ffi_call(_INPUT_GRAD_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                          vmap_method="sequential")
+  return call(x, gp, wt, dh=np.int64(dh), dw=np.int64(dw), groups=np.int64(groups))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+  """A native kernel bound to a layer's geometry: hashable, for `sharding.per_batch_shard`."""
+
+  kind: str
+  spec: ConvSpec
+
+  def __call__(self, *operands: jax.Array) -> jax.Array:
+    if self.kind == "forward":
+      return forward(*operands, self.spec)
+    return input_grad_full_precision(*operands, self.spec)
+
+
+class NativeCpuAdderConv:
+  """The ``implementation="cpu"`` of `adder_conv`: native kernels where they apply, else XLA.
+
+  The native kernels take float32 operands; float64 (and whatever they do not
+  cover: see the module docstring) goes to :mod:`adderjax.ops.xla`. Over a
+  batch-sharded mesh each device runs the kernels on its own shard
+  (`adderjax.ops.sharding`).
+  """
+
+  def forward(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
+    if x.dtype != jnp.float32:
+      return xla.forward(x, w, spec)
+    return sharding.per_batch_shard(_Kernel("forward", spec), "forward", x, w)
+
+  def input_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                 grad_mode: str) -> jax.Array:
+    if x.dtype == jnp.float32 and grad_mode == "full_precision" and spec.strides == (1, 1):
+      return sharding.per_batch_shard(_Kernel("input_grad", spec), "input_grad", x, w, g)
+    return xla.input_grad(x, w, g, spec, grad_mode)
+
+  def weight_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                  grad_mode: str) -> jax.Array:
+    return xla.weight_grad(x, w, g, spec, grad_mode)

@@ -1,0 +1,334 @@
+// Native CPU kernels of the adder convolution, as XLA FFI handlers.
+//
+// Both are written like an SGEMM micro-kernel: a tile of MR output pixels
+// (consecutive along a row) by one or two vectors of channels is held in
+// vector registers while the reduction streams through it, reading the input
+// in place (implicit im2col: per reduction element, one offset into the
+// padded input). The layers' rows are shared out over XLA's intra-op threads.
+//
+// Forward, with the max trick |a - b| = 2 max(a, b) - a - b:
+//   Y[p, o] = -(2 sum_k max(X[p, k], F[k, o]) - SX[p] - SF[o])
+// where SX (sum of each patch) and SF (sum of each filter) come in as inputs:
+// one vmaxps and one vaddps per pair instead of a subtract, an abs and an add.
+//
+// Input gradient, full precision, stride 1 (gathered: no scatter):
+//   dX[y, x, c] = sum_{i, j, o} G[y + (kh-1-i) dh, x + (kw-1-j) dw, o]
+//                 * clip(F[i, j, c, o] - X[y, x, c], -1, 1)
+// on G padded by the caller so that every index is valid (zeros outside).
+//
+// Layouts (prepared by adderjax/ops/cpu_native.py):
+//   forward:    xp (B, Hp, Wp, C) padded input; wt (G, K, Opad) with
+//               K = kh*kw*Cg in (i, j, c) order and Opad a multiple of the
+//               vector width (zero columns); sx (B, Ho, Wo, G); sf (G, Opad);
+//               y (B, Ho, Wo, G*Og).
+//   input grad: x (B, H, W, C); gp (B, H + (kh-1) dh, W + (kw-1) dw, G*Og);
+//               wt (G, kh, kw, Og, Cpad), Cpad a multiple of the vector
+//               width (zero columns); dx (B, H, W, C).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+struct Vec {
+  using T = __m512;
+  using Mask = __mmask16;
+  static constexpr int kWidth = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T set1(float a) { return _mm512_set1_ps(a); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(float* p, T v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
+  static Mask mask(int64_t n) {
+    return n >= kWidth ? Mask(0xFFFF) : Mask((1u << n) - 1u);
+  }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T min(T a, T b) { return _mm512_min_ps(a, b); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Vec {
+  using T = __m256;
+  using Mask = __m256i;
+  static constexpr int kWidth = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T set1(float a) { return _mm256_set1_ps(a); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T load(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static void store(float* p, T v, Mask m) { _mm256_maskstore_ps(p, m, v); }
+  static Mask mask(int64_t n) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(n, kWidth))), lanes);
+  }
+  static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static T min(T a, T b) { return _mm256_min_ps(a, b); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+};
+#else
+#error "adderjax's native kernels need AVX2 and FMA, or AVX-512"
+#endif
+
+using V = typename Vec::T;
+constexpr int kMR = 8;  // Output pixels per tile: 8 x 2 vectors = 16 accumulators.
+
+// Runs fn(item) for item in [0, total) on the calling thread and the pool.
+// Work is claimed from a shared counter; the caller waits only for items
+// claimed by running threads, so a helper that never starts cannot block it,
+// and one that starts late finds nothing left and touches no buffer.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, const Fn& fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
+  const Fn* body = &fn;
+  auto work = [state, body, total]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < total;) {
+      (*body)(i);
+      if (state->done.fetch_add(1) + 1 == total) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work]() { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == total; });
+}
+
+struct ForwardGeometry {
+  int64_t hp, wp, c, ho, wo, groups, cg, og, opad, kh, kw, sh, sw, dh, dw;
+};
+
+// One tile: MR pixels x NV vectors of output channels.
+template <int MR, int NV>
+inline void ForwardTile(const float* x, int64_t x_step, const int64_t* offsets, int64_t k_size,
+                        const float* w, int64_t w_row, const float* sx, int64_t sx_step,
+                        const float* sf, float* y, int64_t y_step, int64_t valid) {
+  V acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = Vec::zero();
+  for (int64_t k = 0; k < k_size; ++k) {
+    const float* xk = x + offsets[k];
+    const float* wk = w + k * w_row;
+    V wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = Vec::load(wk + v * Vec::kWidth);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const V xv = Vec::set1(xk[m * x_step]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = Vec::add(acc[m][v], Vec::max(xv, wv[v]));
+    }
+  }
+  const V two = Vec::set1(2.0f);
+  for (int m = 0; m < MR; ++m) {
+    const V patch = Vec::set1(sx[m * sx_step]);
+    for (int v = 0; v < NV; ++v) {
+      const int64_t left = valid - v * Vec::kWidth;
+      if (left <= 0) break;
+      // -(2 acc - SX - SF) = SX + SF - 2 acc
+      const V out = Vec::sub(Vec::add(patch, Vec::load(sf + v * Vec::kWidth)),
+                             Vec::fmadd(two, acc[m][v], Vec::zero()));
+      Vec::store(y + m * y_step + v * Vec::kWidth, out, Vec::mask(left));
+    }
+  }
+}
+
+template <int NV>
+void ForwardTileAnyMR(int mr, const float* x, int64_t x_step, const int64_t* offsets,
+                      int64_t k_size, const float* w, int64_t w_row, const float* sx,
+                      int64_t sx_step, const float* sf, float* y, int64_t y_step,
+                      int64_t valid) {
+#define ADDERJAX_MR_CASE(R)                                                             \
+  case R:                                                                               \
+    ForwardTile<R, NV>(x, x_step, offsets, k_size, w, w_row, sx, sx_step, sf, y, y_step, \
+                       valid);                                                          \
+    return;
+  switch (mr) {
+    ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
+    ADDERJAX_MR_CASE(5) ADDERJAX_MR_CASE(6) ADDERJAX_MR_CASE(7) ADDERJAX_MR_CASE(8)
+  }
+#undef ADDERJAX_MR_CASE
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> wt,
+                       ffi::Buffer<ffi::F32> sx, ffi::Buffer<ffi::F32> sf,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh,
+                       int64_t sw, int64_t dh, int64_t dw, int64_t groups) {
+  const auto xd = xp.dimensions(), wd = wt.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 3 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("adderjax_adder_forward: bad ranks");
+  ForwardGeometry g{xd[1], xd[2], xd[3], yd[1], yd[2], groups, xd[3] / groups,
+                    yd[3] / groups, wd[2], kh, kw, sh, sw, dh, dw};
+  const int64_t batch = xd[0], k_size = wd[1];
+  if (k_size != kh * kw * g.cg || wd[0] != groups || g.opad % Vec::kWidth)
+    return ffi::Error::InvalidArgument("adderjax_adder_forward: bad filter layout");
+  std::vector<int64_t> offsets(k_size);
+  for (int64_t i = 0, k = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j)
+      for (int64_t c = 0; c < g.cg; ++c, ++k) offsets[k] = (i * dh * g.wp + j * dw) * g.c + c;
+  const float* x_data = xp.typed_data();
+  const float* w_data = wt.typed_data();
+  const float* sx_data = sx.typed_data();
+  const float* sf_data = sf.typed_data();
+  float* y_data = y->typed_data();
+  const int64_t x_step = sw * g.c, out_c = groups * g.og;
+  const int64_t tile_n = 2 * Vec::kWidth;
+  auto row = [&](int64_t item) {
+    const int64_t b = item / g.ho, r = item % g.ho;
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      for (int64_t n0 = 0; n0 < g.og; n0 += tile_n) {
+        const int64_t valid = std::min(tile_n, g.og - n0);
+        const float* w = w_data + grp * k_size * g.opad + n0;
+        const float* sf_ = sf_data + grp * g.opad + n0;
+        for (int64_t c0 = 0; c0 < g.wo; c0 += kMR) {
+          const int mr = int(std::min<int64_t>(kMR, g.wo - c0));
+          const float* x = x_data + ((b * g.hp + r * sh) * g.wp + c0 * sw) * g.c + grp * g.cg;
+          const float* sx_ = sx_data + ((b * g.ho + r) * g.wo + c0) * groups + grp;
+          float* y_ = y_data + ((b * g.ho + r) * g.wo + c0) * out_c + grp * g.og + n0;
+          if (valid > Vec::kWidth)
+            ForwardTileAnyMR<2>(mr, x, x_step, offsets.data(), k_size, w, g.opad, sx_, groups,
+                                sf_, y_, out_c, valid);
+          else
+            ForwardTileAnyMR<1>(mr, x, x_step, offsets.data(), k_size, w, g.opad, sx_, groups,
+                                sf_, y_, out_c, valid);
+        }
+      }
+    }
+  };
+  ParallelFor(pool, batch * g.ho, row);
+  return ffi::Error::Success();
+}
+
+// One tile of the input gradient: MR pixels x one vector of input channels.
+template <int MR>
+inline void InputGradTile(const float* x, int64_t x_step, typename Vec::Mask cmask,
+                          const float* gp, int64_t g_row, int64_t g_step, const float* w,
+                          int64_t w_tap, int64_t w_row, int64_t kh, int64_t kw, int64_t dh,
+                          int64_t dw, int64_t og, float* dx) {
+  V xv[MR], acc[MR];
+  for (int m = 0; m < MR; ++m) {
+    xv[m] = Vec::load(x + m * x_step, cmask);
+    acc[m] = Vec::zero();
+  }
+  const V lo = Vec::set1(-1.0f), hi = Vec::set1(1.0f);
+  for (int64_t i = 0; i < kh; ++i) {
+    for (int64_t j = 0; j < kw; ++j) {
+      const float* gs = gp + (kh - 1 - i) * dh * g_row + (kw - 1 - j) * dw * g_step;
+      const float* ws = w + (i * kw + j) * w_tap;
+      for (int64_t o = 0; o < og; ++o) {
+        const V wv = Vec::load(ws + o * w_row);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; ++m) {
+          const V d = Vec::min(Vec::max(Vec::sub(wv, xv[m]), lo), hi);
+          acc[m] = Vec::fmadd(Vec::set1(gs[m * g_step + o]), d, acc[m]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) Vec::store(dx + m * x_step, acc[m], cmask);
+}
+
+void InputGradTileAnyMR(int mr, const float* x, int64_t x_step, typename Vec::Mask cmask,
+                        const float* gp, int64_t g_row, int64_t g_step, const float* w,
+                        int64_t w_tap, int64_t w_row, int64_t kh, int64_t kw, int64_t dh,
+                        int64_t dw, int64_t og, float* dx) {
+#define ADDERJAX_MR_CASE(R)                                                             \
+  case R:                                                                               \
+    InputGradTile<R>(x, x_step, cmask, gp, g_row, g_step, w, w_tap, w_row, kh, kw, dh, dw, \
+                     og, dx);                                                           \
+    return;
+  switch (mr) {
+    ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
+    ADDERJAX_MR_CASE(5) ADDERJAX_MR_CASE(6) ADDERJAX_MR_CASE(7) ADDERJAX_MR_CASE(8)
+  }
+#undef ADDERJAX_MR_CASE
+}
+
+ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> gp, ffi::Buffer<ffi::F32> wt,
+                         ffi::ResultBuffer<ffi::F32> dx, int64_t dh, int64_t dw,
+                         int64_t groups) {
+  const auto xd = x.dimensions(), gd = gp.dimensions(), wd = wt.dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 5)
+    return ffi::Error::InvalidArgument("adderjax_adder_input_grad: bad ranks");
+  const int64_t batch = xd[0], h = xd[1], w = xd[2], c = xd[3];
+  const int64_t kh = wd[1], kw = wd[2], og = wd[3], cpad = wd[4], cg = c / groups;
+  const int64_t hg = gd[1], wg = gd[2], out_c = gd[3];
+  if (wd[0] != groups || out_c != groups * og || cpad % Vec::kWidth ||
+      hg != h + (kh - 1) * dh || wg != w + (kw - 1) * dw)
+    return ffi::Error::InvalidArgument("adderjax_adder_input_grad: bad operand layout");
+  const float* x_data = x.typed_data();
+  const float* g_data = gp.typed_data();
+  const float* w_data = wt.typed_data();
+  float* dx_data = dx->typed_data();
+  auto row = [&](int64_t item) {
+    const int64_t b = item / h, r = item % h;
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      for (int64_t c0 = 0; c0 < cg; c0 += Vec::kWidth) {
+        const auto cmask = Vec::mask(cg - c0);
+        const float* wgrp = w_data + grp * kh * kw * og * cpad + c0;
+        for (int64_t x0 = 0; x0 < w; x0 += kMR) {
+          const int mr = int(std::min<int64_t>(kMR, w - x0));
+          const int64_t at = ((b * h + r) * w + x0) * c + grp * cg + c0;
+          const float* gs = g_data + ((b * hg + r) * wg + x0) * out_c + grp * og;
+          InputGradTileAnyMR(mr, x_data + at, c, cmask, gs, wg * out_c, out_c, wgrp,
+                             og * cpad, cpad, kh, kw, dh, dw, og, dx_data + at);
+        }
+      }
+    }
+  };
+  ParallelFor(pool, batch * h, row);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("groups"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderInputGrad, InputGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("groups"));
+
+extern "C" int AdderjaxVectorWidth() { return Vec::kWidth; }

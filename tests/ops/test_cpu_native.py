@@ -1,0 +1,142 @@
+"""The native CPU kernels of adderjax.ops.cpu_native: the shared test base, the build and its fallback."""
+
+import pathlib
+import stat
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from adderjax.ops import adder_conv, cpu_native, xla
+from adderjax.ops.spec import conv_spec
+from tests.ops.test_adder_conv import AdderConvTestBase
+
+NATIVE = jax.default_backend() == "cpu" and cpu_native.available()
+
+
+@pytest.mark.skipif(not NATIVE, reason=f"native kernels unavailable: "
+                    f"{cpu_native.unavailable_reason() if jax.default_backend() == 'cpu' else 'not a CPU backend'}")
+class TestCpuNative(AdderConvTestBase):
+  implementation = "cpu"
+
+  def test_the_native_kernels_run(self):
+    """Forward and stride-1 input gradient are the custom calls, not the XLA loops."""
+    x = jnp.ones((2, 6, 6, 5), jnp.float32)
+    w = jnp.ones((3, 3, 5, 7), jnp.float32)
+    grad = jax.value_and_grad(lambda x, w: self.conv(x, w).sum(), (0, 1))
+    text = jax.jit(grad).lower(x, w).as_text()
+    assert "adderjax_adder_forward" in text and "adderjax_adder_input_grad" in text
+    strided = jax.value_and_grad(lambda x: self.conv(x, w, strides=2).sum())
+    strided = jax.jit(strided).lower(x).as_text()
+    assert "adderjax_adder_forward" in strided and "adderjax_adder_input_grad" not in strided
+
+  def test_none_picks_the_native_kernels_on_cpu(self):
+    x = jnp.ones((1, 5, 5, 2), jnp.float32)
+    w = jnp.ones((3, 3, 2, 3), jnp.float32)
+    assert "adderjax_adder_forward" in jax.jit(adder_conv).lower(x, w).as_text()
+
+  @pytest.mark.parametrize("channels", [1, 15, 16, 17, 33, 64])
+  def test_every_channel_tail_and_pixel_tail(self, channels):
+    """Output and input channels around the vector widths, rows not a multiple of 8 pixels."""
+    rng = np.random.default_rng(channels)
+    x = jnp.asarray(rng.normal(size=(2, 5, 11, channels)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, channels, channels + 2)), jnp.float32)
+    spec = conv_spec(x, w, strides=1, padding="SAME", rhs_dilation=1, feature_group_count=1)
+    y = jax.jit(lambda x, w: cpu_native.forward(x, w, spec))(x, w)
+    want = xla.forward(x, w, spec)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    dx = jax.jit(lambda x, w, g: cpu_native.input_grad_full_precision(x, w, g, spec))(x, w, g)
+    want = xla.input_grad(x, w, g, spec, "full_precision")
+    np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+  @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+  def test_batch_sharded_over_8_devices_equals_one_device(self, axis_type):
+    if jax.device_count() < 8:
+      pytest.skip("needs 8 devices (tests/conftest.py sets 8 CPU devices)")
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(8, 6, 6, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+    loss = lambda x, w: jnp.sum(jnp.sin(self.conv(x, w)))
+    single = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    replicated = NamedSharding(mesh, P())
+    step = jax.jit(jax.value_and_grad(loss, (0, 1)), out_shardings=replicated)
+    x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    sharded = step(x_sharded, jax.device_put(w, replicated))
+    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # Each device runs its own shard: the compiled forward gathers nothing.
+    forward = jax.jit(self.conv).lower(x_sharded, jax.device_put(w, replicated)).compile()
+    assert "all-gather" not in forward.as_text()
+
+
+def test_float64_uses_the_xla_loops():
+  with jax.enable_x64(True):
+    x = jnp.ones((1, 4, 4, 2), jnp.float64)
+    w = jnp.zeros((3, 3, 2, 2), jnp.float64)
+    text = jax.jit(lambda x, w: adder_conv(x, w, implementation="xla")).lower(x, w).as_text()
+    assert "adderjax_adder_forward" not in text
+    if NATIVE:
+      text = jax.jit(lambda x, w: adder_conv(x, w, implementation="cpu")).lower(x, w).as_text()
+      assert "adderjax_adder_forward" not in text
+
+
+def _fake_compiler(tmp_path: pathlib.Path, body: str) -> str:
+  path = tmp_path / "fake-c++"
+  path.write_text("#!/bin/sh\n" + body + "\n")
+  path.chmod(path.stat().st_mode | stat.S_IEXEC)
+  return str(path)
+
+
+@pytest.mark.parametrize("cxx, reason", [
+    ("/no/such/compiler", "no C++ compiler was found"),
+    ("FAKE:exit 1", "the build failed"),
+    ("FAKE:case \"$*\" in *-shared*) echo 'adder_cpu.cc:1: error: boom' >&2; exit 1;; "
+     "*) exec c++ \"$@\";; esac", "error: boom"),
+])
+def test_a_failed_build_is_reported_not_raised(tmp_path, monkeypatch, cxx, reason):
+  if cxx.startswith("FAKE:"):
+    cxx = _fake_compiler(tmp_path, cxx[len("FAKE:"):])
+  monkeypatch.setenv("CXX", cxx)
+  library, why = cpu_native.build_and_open(tmp_path / "cache")
+  assert library is None and reason in why
+  assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+def test_disabled_by_the_environment(monkeypatch):
+  monkeypatch.setenv(cpu_native.ENV_DISABLE, "0")
+  assert cpu_native.build_and_open() == (None, f"{cpu_native.ENV_DISABLE}=0 turns them off")
+
+
+def test_unavailable_kernels_fall_back_to_xla_with_one_warning(monkeypatch):
+  monkeypatch.setattr(cpu_native, "_load", lambda: (None, "no C++ compiler was found"))
+  cpu_native._warn_once.cache_clear()
+  x = jnp.ones((1, 5, 5, 2), jnp.float32)
+  w = jnp.ones((3, 3, 2, 3), jnp.float32)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    text = jax.jit(lambda x, w: adder_conv(x, w)).lower(x, w).as_text()  # A fresh trace.
+    jax.jit(lambda x: adder_conv(x, w, padding="VALID")).lower(x)
+  assert "adderjax_adder_forward" not in text
+  messages = [str(c.message) for c in caught if "native CPU adder kernels" in str(c.message)]
+  assert messages == ["adderjax: the native CPU adder kernels are not available (no C++ "
+                      "compiler was found); using the XLA loops instead."]
+  with pytest.raises(ValueError, match="implementation='cpu' is not available here: no C"):
+    adder_conv(x, w, implementation="cpu")
+  cpu_native._warn_once.cache_clear()
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernels unavailable")
+def test_the_build_is_cached_per_machine(tmp_path):
+  library, why = cpu_native.build_and_open(tmp_path)
+  assert library is not None and why == ""
+  (built,) = list(tmp_path.rglob("libadderjax_cpu.so"))
+  mtime = built.stat().st_mtime_ns
+  again, _ = cpu_native.build_and_open(tmp_path)
+  assert again is not None and built.stat().st_mtime_ns == mtime
+  assert built.parent.parent == tmp_path / "native"
+  assert library.AdderjaxVectorWidth() in (8, 16)
