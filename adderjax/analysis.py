@@ -111,7 +111,7 @@ def features(model: nnx.Module, inputs: Any, layer: str, *, batch_size: int = 25
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from adderjax import analysis, models
-    >>> model = models.get("lenet_pp", kind="adder", embed_dim=2, rngs=nnx.Rngs(0))
+    >>> model = models.get("lenet_pp", kind="conv", embed_dim=2, rngs=nnx.Rngs(0))
     >>> model.eval()
     >>> analysis.features(model, jnp.zeros((5, 28, 28, 1)), "embed_act").shape
     (5, 2)
