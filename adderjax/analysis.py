@@ -244,11 +244,11 @@ def gradient_norms(model: nnx.Module, inputs: Any, labels: Any, *,
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def grads(state):
+  def grads(state, inputs, labels):  # the batch as arguments: not constants XLA would fold
     copy = nnx.merge(graphdef, state)
     return nnx.grad(lambda m: loss_fn(m(inputs), labels), argnums=nnx.DiffState(0, nnx.Param))(copy)
 
-  flat = nnx.to_flat_state(jax.device_get(grads(state)))
+  flat = nnx.to_flat_state(jax.device_get(grads(state, inputs, labels)))
   return {_path_str(path): float(np.sqrt(np.sum(np.square(np.asarray(v.get_value(), np.float64)))))
           for path, v in flat if not kernels_only or path[-1] == "kernel"}
 
