@@ -104,6 +104,10 @@ def conv_spec(x: Any, w: Any, *, strides: Any, padding: Any, rhs_dilation: Any,
   if not is_int(groups) or groups < 1:
     raise ValueError(f"feature_group_count must be a positive int, got {groups!r}.")
   in_channels, out_channels = x.shape[3], w.shape[3]
+  if not in_channels:
+    raise ValueError(f"x must have at least one input channel, got shape {tuple(x.shape)}.")
+  if not out_channels:
+    raise ValueError(f"w must have at least one output channel, got shape {tuple(w.shape)}.")
   if in_channels % groups:
     raise ValueError(
         f"feature_group_count={groups} does not divide the input channels of x "
