@@ -5,11 +5,13 @@
 
 Process ``FAULT_PROCESS`` sends itself ``FAULT_SIGNAL`` (a real signal) when it
 fetches the batch of training step ``FAULT_STEP``, so the test knows where the
-run was when the signal came, however fast the machine is.
+run was when the signal came, however fast the machine is; from then on each
+batch takes ``FAULT_SLOWDOWN`` seconds more.
 """
 
 import os
 import signal
+import time
 
 from absl import app
 
@@ -20,6 +22,7 @@ def _faulty(train_batches):
   signum = getattr(signal, os.environ["FAULT_SIGNAL"])
   fault_step = int(os.environ["FAULT_STEP"])
   fault_process = int(os.environ.get("FAULT_PROCESS", "0"))
+  slowdown = float(os.environ.get("FAULT_SLOWDOWN", "0"))
 
   def batches(*args, start_step=0, **kwargs):
     import jax
@@ -27,6 +30,8 @@ def _faulty(train_batches):
                                  start_step + 1):
       if step == fault_step and jax.process_index() == fault_process:
         os.kill(os.getpid(), signum)
+      if step >= fault_step:
+        time.sleep(slowdown)  # Time for the processes to agree on a preemption step.
       yield batch
 
   return batches
