@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-__all__ = ["CheckpointError", "Checkpoints", "SaveError", "DIGEST_FILE", "all_finite"]
+__all__ = ["DIGEST_FILE", "CheckpointError", "Checkpoints", "SaveError", "all_finite"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class Checkpoints:
       return problem or "its files are damaged on another process", None
     try:
       state = self.restore(step, like)
-    except Exception as e:  # Orbax and TensorStore raise many kinds.
+    except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise many kinds)
       state, problem = None, f"it cannot be restored ({_first_line(e)})"
     if not _all_processes(problem is None):
       return problem or "it cannot be restored on another process", None

@@ -50,9 +50,9 @@ def initialize(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field} must be an int >= 1, got {value!r}.")
     timeouts[field] = value
   env = {name: os.environ.get(name, "") for name in ENV_VARS}
-  kwargs: dict = dict(initialization_timeout=timeouts["initialization_timeout_seconds"],
-                      heartbeat_timeout_seconds=timeouts["heartbeat_timeout_seconds"],
-                      shutdown_timeout_seconds=timeouts["shutdown_timeout_seconds"])
+  kwargs: dict = {"initialization_timeout": timeouts["initialization_timeout_seconds"],
+                  "heartbeat_timeout_seconds": timeouts["heartbeat_timeout_seconds"],
+                  "shutdown_timeout_seconds": timeouts["shutdown_timeout_seconds"]}
   if env["JAX_NUM_PROCESSES"] or env["JAX_PROCESS_ID"]:
     missing = [name for name, value in env.items() if not value]
     if missing:

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["Diverged", "DivergenceGuard", "NONFINITE_ACTIONS"]
+__all__ = ["NONFINITE_ACTIONS", "Diverged", "DivergenceGuard"]
 
 logger = logging.getLogger(__name__)
 

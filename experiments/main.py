@@ -52,7 +52,7 @@ def _load_config(argv: list[str]) -> ConfigDict | None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module.get_config(variant) if variant else module.get_config()
-      except Exception:  # The flag parser reports a bad config file itself.
+      except Exception:  # noqa: BLE001 (the flag parser reports a bad config file itself)
         return None
   return None
 

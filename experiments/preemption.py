@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from typing import Self
 
 import jax
 
@@ -66,7 +67,7 @@ class PreemptionWatch:
       raise KeyboardInterrupt  # A second Ctrl-C: stop now (the trainer still tries to save).
     self.signal = signum
 
-  def __enter__(self) -> "PreemptionWatch":
+  def __enter__(self) -> Self:
     if threading.current_thread() is threading.main_thread():
       if self._multi_process:
         handlers = {signal.SIGINT: self._forward_to_sigterm}

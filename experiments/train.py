@@ -8,6 +8,12 @@ same updates. The workdir holds ``checkpoints/`` (orbax), ``metrics.jsonl``,
 checkpoint resumes from the newest one and, because the data order and the
 augmentation are functions of the seed and the step, ends with the same
 parameters as a run that was never stopped.
+
+What keeps a run safe lives in small modules: the workdir lock
+(:mod:`experiments.workdir_lock`), verified checkpoints with a fallback
+(:mod:`experiments.checkpoints`), the divergence guard
+(:mod:`experiments.guards`) and the synchronised stop on ``SIGTERM``/``SIGINT``
+(:mod:`experiments.preemption`).
 """
 
 from __future__ import annotations
@@ -314,7 +320,7 @@ def _save_after_error(checkpoints: Checkpoints, guard: DivergenceGuard, step: in
     checkpoints.save(step, state)
   except Diverged as e:
     logger.error("Stopped by %s; step %d not saved: %s", reason, step, e)
-  except Exception as e:  # The state may have been donated to the failed step.
+  except Exception as e:  # noqa: BLE001 (the state may have been donated to the failed step)
     logger.error("Stopped by %s; could not save step %d (%s: %s); the last checkpoint is step "
                  "%d.", reason, step, type(e).__name__, str(e).splitlines()[0], saved_step)
   else:

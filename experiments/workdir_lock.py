@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pathlib
+from typing import Self
 
 __all__ = ["WorkdirLock", "WorkdirLocked"]
 
@@ -41,7 +42,7 @@ class WorkdirLock:
   def acquire(self) -> None:
     """Takes the lock or raises :class:`WorkdirLocked` at once."""
     self.workdir.mkdir(parents=True, exist_ok=True)
-    file = open(self.path, "a+", encoding="utf-8")
+    file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held while locked)
     try:
       fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -63,7 +64,7 @@ class WorkdirLock:
       self._file.close()
       self._file = None
 
-  def __enter__(self) -> "WorkdirLock":
+  def __enter__(self) -> Self:
     self.acquire()
     return self
 

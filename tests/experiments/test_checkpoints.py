@@ -13,7 +13,6 @@ import pytest
 
 from experiments.checkpoints import DIGEST_FILE, CheckpointError, Checkpoints, SaveError
 
-
 NOISE = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
 
 
@@ -154,7 +153,7 @@ def small_disk(tmp_path):
   mount = tmp_path / "disk"
   mount.mkdir()
   result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                          capture_output=True)
+                          capture_output=True, check=False)
   if result.returncode:
     yield None
     return
@@ -166,14 +165,12 @@ def small_disk(tmp_path):
 
 def fill(directory):
   """Writes into ``directory`` until the disk is full."""
-  f = open(directory / "filler", "wb", buffering=0)
-  try:
-    while True:
-      f.write(bytes(4096))
-  except OSError as e:
-    assert e.errno == errno.ENOSPC
-  finally:
-    f.close()
+  with open(directory / "filler", "wb", buffering=0) as f:
+    try:
+      while True:
+        f.write(bytes(4096))
+    except OSError as e:
+      assert e.errno == errno.ENOSPC
 
 
 def test_failed_save_says_so_and_keeps_the_earlier_checkpoints(tmp_path, small_disk,

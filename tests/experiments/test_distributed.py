@@ -6,8 +6,8 @@ import pytest
 from experiments import distributed
 from experiments.configs import smoke
 
-TIMEOUTS = dict(initialization_timeout=300, heartbeat_timeout_seconds=60,
-                shutdown_timeout_seconds=60)
+TIMEOUTS = {"initialization_timeout": 300, "heartbeat_timeout_seconds": 60,
+            "shutdown_timeout_seconds": 60}
 
 
 @pytest.fixture
@@ -46,11 +46,11 @@ def test_without_variables_jax_detects_the_cluster(calls):
 
 
 @pytest.mark.parametrize("env, match", [
-    (dict(JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0"), "JAX_COORDINATOR_ADDRESS is not set"),
-    (dict(JAX_COORDINATOR_ADDRESS="h:1", JAX_PROCESS_ID="0"), "JAX_NUM_PROCESSES is not set"),
-    (dict(JAX_COORDINATOR_ADDRESS="h:1", JAX_NUM_PROCESSES="two", JAX_PROCESS_ID="0"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "JAX_COORDINATOR_ADDRESS is not set"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES is not set"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
      "JAX_NUM_PROCESSES must be an integer, got JAX_NUM_PROCESSES='two'"),
-    (dict(JAX_COORDINATOR_ADDRESS="h:1", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="2"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
      r"JAX_PROCESS_ID must be in \[0, JAX_NUM_PROCESSES=2\), got 2"),
 ])
 def test_bad_variables_are_named(calls, monkeypatch, env, match):

@@ -30,8 +30,8 @@ from experiments.preemption import PREEMPTED_EXIT_CODE
 from .test_train import REPO, final_params, smoke_config
 
 STEPS = 16
-FIELDS = dict(num_train_steps=STEPS, checkpoint_every_steps=4, log_every_steps=4,
-              eval_every_steps=STEPS)
+FIELDS = {"num_train_steps": STEPS, "checkpoint_every_steps": 4, "log_every_steps": 4,
+          "eval_every_steps": STEPS}
 
 
 def free_port():

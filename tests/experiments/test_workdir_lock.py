@@ -41,7 +41,7 @@ def test_second_run_on_a_workdir_exits_at_once_naming_it_and_the_holder(tmp_path
 
 
 def test_processes_of_one_run_lock_only_their_own_file(tmp_path):
-  with WorkdirLock(tmp_path, process_index=0), WorkdirLock(tmp_path, process_index=1):
-    with pytest.raises(WorkdirLocked, match="lock process_1.lock"):
-      WorkdirLock(tmp_path, process_index=1).acquire()
+  with (WorkdirLock(tmp_path, process_index=0), WorkdirLock(tmp_path, process_index=1),
+        pytest.raises(WorkdirLocked, match="lock process_1.lock")):
+    WorkdirLock(tmp_path, process_index=1).acquire()
   WorkdirLock(tmp_path, process_index=1).acquire()
