@@ -211,7 +211,10 @@ class Checkpoints:
   def _move_aside(self, step: int, problem: str) -> None:
     if jax.process_index() == 0:
       self.damaged_directory.mkdir(parents=True, exist_ok=True)
-      target = self.damaged_directory / f"{step}.{time.strftime('%Y%m%dT%H%M%S')}"
+      name = f"{step}.{time.strftime('%Y%m%dT%H%M%S')}"
+      target, copy = self.damaged_directory / name, 1
+      while target.exists():  # Never move into (or over) an earlier one.
+        target, copy = self.damaged_directory / f"{name}.{copy}", copy + 1
       shutil.move(self.directory / str(step), target)
       logger.warning("Checkpoint %d in %s is damaged: %s; moved to %s.", step, self.directory,
                      problem, target)

@@ -196,3 +196,16 @@ def test_failed_save_says_so_and_keeps_the_earlier_checkpoints(tmp_path, small_d
   checkpoints.close()
   assert step == 1
   assert_state(state, 1.0)
+
+
+def test_a_step_damaged_twice_is_kept_twice(tmp_path):
+  directory = tmp_path / "checkpoints"
+  saved(directory, 1.0, 2.0)
+  checkpoints = Checkpoints(directory)
+  for value in (2.0, 3.0):
+    flip_a_bit(directory / "2")
+    assert checkpoints.restore_latest(state_of(0.0))[0] == 1
+    checkpoints.save(2, state_of(value))
+  checkpoints.close()
+  aside = sorted(p.name for p in (tmp_path / "checkpoints_damaged").iterdir())
+  assert len(aside) == 2 and all(name.startswith("2.") for name in aside)
