@@ -109,7 +109,8 @@ def main(argv):
     sys.exit(PREEMPTED_EXIT_CODE)
   except RUN_ERRORS as e:
     logger.debug("Traceback of the error:", exc_info=True)
-    logger.error("%s: %s", type(e).__name__, e)
+    own = isinstance(e, (WorkdirLocked, CheckpointError, Diverged))  # Their messages say what.
+    logger.error("%s", e if own else f"{type(e).__name__}: {e}")
     sys.exit(1)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
