@@ -62,7 +62,7 @@ def launch(workdir, fault=None):
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if fault:
       env.update(FAULT_SIGNAL=fault[0], FAULT_STEP=str(fault[1]), FAULT_PROCESS="1",
-                 FAULT_SLOWDOWN="0.1")
+                 FAULT_SLOWDOWN="0.3")
     processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True))
   return processes
@@ -88,7 +88,9 @@ def test_two_processes_survive_kill_and_preemption_and_match_one_process(tmp_pat
   killed_at = time.monotonic()
   status, stderr = finish(first, timeout=60)
   assert status != 0 and time.monotonic() - killed_at < 30, stderr[-3000:]
-  assert "another process has most likely died" in stderr, stderr[-3000:]
+  # The trainer's message when a collective fails; JAX's when the heartbeat stops first.
+  assert ("another process has most likely died" in stderr
+          or "This most likely indicates that another task died" in stderr), stderr[-3000:]
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4]
 
   # 2. Restart; SIGTERM to process 1 only: both agree on one step, save it and exit.
