@@ -220,43 +220,57 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buff
   return ffi::Error::Success();
 }
 
-// One tile of the input gradient: MR pixels x one vector of input channels.
-template <int MR>
-inline void InputGradTile(const float* x, int64_t x_step, typename Vec::Mask cmask,
-                          const float* gp, int64_t g_row, int64_t g_step, const float* w,
-                          int64_t w_tap, int64_t w_row, int64_t kh, int64_t kw, int64_t dh,
-                          int64_t dw, int64_t og, float* dx) {
-  V xv[MR], acc[MR];
-  for (int m = 0; m < MR; ++m) {
-    xv[m] = Vec::load(x + m * x_step, cmask);
-    acc[m] = Vec::zero();
-  }
+// One tile of the input gradient: MR pixels x NV vectors of input channels.
+template <int MR, int NV>
+inline void InputGradTile(const float* x, int64_t x_step, int64_t valid, const float* gp,
+                          int64_t g_row, int64_t g_step, const float* w, int64_t w_tap,
+                          int64_t w_row, int64_t kh, int64_t kw, int64_t dh, int64_t dw,
+                          int64_t og, float* dx) {
+  typename Vec::Mask masks[NV];
+  for (int v = 0; v < NV; ++v) masks[v] = Vec::mask(valid - v * Vec::kWidth);
+  V xv[MR][NV], acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      xv[m][v] = Vec::load(x + m * x_step + v * Vec::kWidth, masks[v]);
+      acc[m][v] = Vec::zero();
+    }
   const V lo = Vec::set1(-1.0f), hi = Vec::set1(1.0f);
   for (int64_t i = 0; i < kh; ++i) {
     for (int64_t j = 0; j < kw; ++j) {
       const float* gs = gp + (kh - 1 - i) * dh * g_row + (kw - 1 - j) * dw * g_step;
       const float* ws = w + (i * kw + j) * w_tap;
       for (int64_t o = 0; o < og; ++o) {
-        const V wv = Vec::load(ws + o * w_row);
+        V wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = Vec::load(ws + o * w_row + v * Vec::kWidth);
 #pragma GCC unroll 16
         for (int m = 0; m < MR; ++m) {
-          const V d = Vec::min(Vec::max(Vec::sub(wv, xv[m]), lo), hi);
-          acc[m] = Vec::fmadd(Vec::set1(gs[m * g_step + o]), d, acc[m]);
+          const V gv = Vec::set1(gs[m * g_step + o]);
+          for (int v = 0; v < NV; ++v) {
+            const V d = Vec::min(Vec::max(Vec::sub(wv[v], xv[m][v]), lo), hi);
+            acc[m][v] = Vec::fmadd(gv, d, acc[m][v]);
+          }
         }
       }
     }
   }
-  for (int m = 0; m < MR; ++m) Vec::store(dx + m * x_step, acc[m], cmask);
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) Vec::store(dx + m * x_step + v * Vec::kWidth, acc[m][v], masks[v]);
 }
 
-void InputGradTileAnyMR(int mr, const float* x, int64_t x_step, typename Vec::Mask cmask,
-                        const float* gp, int64_t g_row, int64_t g_step, const float* w,
-                        int64_t w_tap, int64_t w_row, int64_t kh, int64_t kw, int64_t dh,
-                        int64_t dw, int64_t og, float* dx) {
-#define ADDERJAX_MR_CASE(R)                                                             \
-  case R:                                                                               \
-    InputGradTile<R>(x, x_step, cmask, gp, g_row, g_step, w, w_tap, w_row, kh, kw, dh, dw, \
-                     og, dx);                                                           \
+// Pixel tiles: 8 for one vector of channels, 6 for two (acc and inputs fill the registers).
+template <int NV>
+constexpr int kInputGradMR = NV == 1 ? 8 : 6;
+
+template <int NV>
+void InputGradTileAnyMR(int mr, const float* x, int64_t x_step, int64_t valid, const float* gp,
+                        int64_t g_row, int64_t g_step, const float* w, int64_t w_tap,
+                        int64_t w_row, int64_t kh, int64_t kw, int64_t dh, int64_t dw,
+                        int64_t og, float* dx) {
+#define ADDERJAX_MR_CASE(R)                                                                 \
+  case R:                                                                                   \
+    if constexpr (R <= kInputGradMR<NV>)                                                    \
+      InputGradTile<R, NV>(x, x_step, valid, gp, g_row, g_step, w, w_tap, w_row, kh, kw, dh, \
+                           dw, og, dx);                                                     \
     return;
   switch (mr) {
     ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
@@ -285,16 +299,26 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto row = [&](int64_t item) {
     const int64_t b = item / h, r = item % h;
     for (int64_t grp = 0; grp < groups; ++grp) {
-      for (int64_t c0 = 0; c0 < cg; c0 += Vec::kWidth) {
-        const auto cmask = Vec::mask(cg - c0);
+      for (int64_t c0 = 0; c0 < cg;) {
+        // Two vectors of channels per tile where at least two remain: one broadcast of G
+        // serves both.
+        const bool two = cg - c0 > Vec::kWidth;
+        const int64_t tile_c = two ? 2 * Vec::kWidth : Vec::kWidth;
+        const int64_t mr_max = two ? kInputGradMR<2> : kInputGradMR<1>;
+        const int64_t valid = std::min(tile_c, cg - c0);
         const float* wgrp = w_data + grp * kh * kw * og * cpad + c0;
-        for (int64_t x0 = 0; x0 < w; x0 += kMR) {
-          const int mr = int(std::min<int64_t>(kMR, w - x0));
+        for (int64_t x0 = 0; x0 < w; x0 += mr_max) {
+          const int mr = int(std::min<int64_t>(mr_max, w - x0));
           const int64_t at = ((b * h + r) * w + x0) * c + grp * cg + c0;
           const float* gs = g_data + ((b * hg + r) * wg + x0) * out_c + grp * og;
-          InputGradTileAnyMR(mr, x_data + at, c, cmask, gs, wg * out_c, out_c, wgrp,
-                             og * cpad, cpad, kh, kw, dh, dw, og, dx_data + at);
+          if (two)
+            InputGradTileAnyMR<2>(mr, x_data + at, c, valid, gs, wg * out_c, out_c, wgrp,
+                                  og * cpad, cpad, kh, kw, dh, dw, og, dx_data + at);
+          else
+            InputGradTileAnyMR<1>(mr, x_data + at, c, valid, gs, wg * out_c, out_c, wgrp,
+                                  og * cpad, cpad, kh, kw, dh, dw, og, dx_data + at);
         }
+        c0 += tile_c;
       }
     }
   };
