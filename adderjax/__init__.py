@@ -12,7 +12,10 @@ cheap:
 - `adderjax.models`: LeNet-5-BN, LeNet++, VGG-small and the ResNets as
   AdderNets, CNNs or BNNs.
 - `adderjax.profiling`: operation counts, energy and latency;
-  `adderjax.data`: input pipelines.
+  `adderjax.data`: input pipelines (downloads, the bundled MNIST).
+- `adderjax.analysis`: features, kernels, gradient norms and weight
+  statistics of a model; `adderjax.plotting`: their figures (matplotlib,
+  the ``plot`` extra).
 
 Example:
   >>> import adderjax
@@ -28,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 from adderjax._version import __version__
 
 if TYPE_CHECKING:
-  from adderjax import data, linen, models, nn, ops, optim, profiling
+  from adderjax import analysis, data, linen, models, nn, ops, optim, plotting, profiling
 
-__all__ = ["__version__", "data", "linen", "models", "nn", "ops", "optim", "profiling"]
+__all__ = ["__version__", "analysis", "data", "linen", "models", "nn", "ops", "optim", "plotting",
+           "profiling"]
 
 _SUBPACKAGES = frozenset(__all__) - {"__version__"}
 

@@ -317,7 +317,7 @@ Run = str | pathlib.Path | Sequence[Mapping[str, Any]]
 
 def learning_curves(runs: Run | Mapping[str, Run], *,
                     keys: Sequence[str] = ("train_loss", "eval_accuracy"),
-                    title: str | None = None) -> Figure:
+                    title: str | None = None, x_axis: str = "step") -> Figure:
   """Metrics by step of one or more runs: one panel per metric, one line per run.
 
   Example:
@@ -333,18 +333,23 @@ def learning_curves(runs: Run | Mapping[str, Run], *,
       names to either.
     keys: the metrics to plot.
     title: the figure's title.
+    x_axis: ``"step"``, or ``"epoch"`` (steps over the steps per epoch that
+      the trainer's ``epoch`` records give; evaluations marked with dots).
 
   Returns:
     The figure.
 
   Raises:
-    ValueError: if a run lacks one of ``keys`` (its metrics are listed), or
-      ``keys`` is empty.
+    ValueError: if a run lacks one of ``keys`` (its metrics are listed),
+      ``keys`` is empty, ``x_axis`` is neither choice, or ``"epoch"`` is asked
+      of a run with no ``epoch`` records.
   """
   runs = _named(runs, "run") if isinstance(runs, Mapping) else {"run": runs}
   keys = [keys] if isinstance(keys, str) else list(keys)
   if not keys:
     raise ValueError("keys must name at least one metric, got keys=[].")
+  if x_axis not in ("step", "epoch"):
+    raise ValueError(f"x_axis must be 'step' or 'epoch', got x_axis={x_axis!r}.")
   records = {name: analysis.read_metrics(run) if isinstance(run, (str, pathlib.Path)) else run
              for name, run in runs.items()}
   fig, axes = _panels(len(keys), width=4.5, height=3.2)
@@ -352,10 +357,13 @@ def learning_curves(runs: Run | Mapping[str, Run], *,
     for name, rows in records.items():
       try:
         steps, values = analysis.metric_history(rows, key)
+        if x_axis == "epoch":
+          epoch_steps, epochs = analysis.metric_history(rows, "epoch")
+          steps = steps * (epochs[-1] / epoch_steps[-1])
       except ValueError as e:
         raise ValueError(f"run {name!r}: {e}") from e
-      ax.plot(steps, values, label=name)
-    ax.set_xlabel("step")
+      ax.plot(steps, values, label=name, marker="o" if key.startswith("eval") else None)
+    ax.set_xlabel(x_axis)
     ax.set_title(key)
     if "loss" in key:
       ax.set_yscale("log")

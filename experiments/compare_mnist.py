@@ -47,7 +47,6 @@ from adderjax import data
 from adderjax.data import bundled
 from adderjax.profiling import count_ops
 from experiments.configs import common
-from experiments.metrics import read_metrics
 from experiments.train import make_model, train_and_evaluate
 
 DATA_CHOICES = ("auto", "full", "bundled", "digits")
@@ -154,44 +153,18 @@ def verdict(adder_accuracy: float, cnn_accuracy: float, num_test: int) -> str:
           "train longer (--epochs) to close the gap.")
 
 
-def learning_curves(workdir: pathlib.Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
-  """Per network, ``(epoch, value)`` of its training loss and test accuracy, from metrics.jsonl."""
-  curves = {}
-  for kind, label in _NETWORKS:
-    records = read_metrics(workdir / kind / "metrics.jsonl")
-    train = [r for r in records if "train_loss" in r]
-    steps_per_epoch = train[-1]["step"] / train[-1]["epoch"]
-    curves[label] = {
-        "train_loss": [(r["epoch"], r["train_loss"]) for r in train],
-        "eval_accuracy": [(r["step"] / steps_per_epoch, r["eval_accuracy"])
-                          for r in records if "eval_accuracy" in r],
-    }
-  return curves
-
-
 def plot_learning_curves(workdir: pathlib.Path, title: str) -> pathlib.Path:
   """Writes both networks' test accuracy and training loss against epochs to a PNG in ``workdir``.
 
   Raises:
     ImportError: If matplotlib (the ``plot`` extra) is not installed.
   """
-  import matplotlib  # The `plot` extra.
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-  figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(10, 4))
-  for label, series in learning_curves(workdir).items():
-    accuracy_axes.plot(*zip(*series["eval_accuracy"]), marker="o", label=label)
-    loss_axes.plot(*zip(*series["train_loss"]), label=label)
-  accuracy_axes.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
-  loss_axes.set(xlabel="epoch", ylabel="training loss", yscale="log", title="Training loss")
-  for axes in (accuracy_axes, loss_axes):
-    axes.grid(alpha=0.3)
-    axes.legend()
-  figure.suptitle(textwrap.fill(title, 100), fontsize=10)
-  figure.tight_layout()
+  from adderjax import plotting  # Needs matplotlib: the `plot` extra.
+  runs = {label: workdir / kind for kind, label in _NETWORKS}
+  figure = plotting.learning_curves(runs, keys=("eval_accuracy", "train_loss"),
+                                    title=textwrap.fill(title, 100), x_axis="epoch")
   path = workdir / "learning_curves.png"
   figure.savefig(path, dpi=100)
-  plt.close(figure)
   return path
 
 
