@@ -13,6 +13,8 @@ cheap:
   AdderNets, CNNs or BNNs.
 - `adderjax.profiling`: operation counts, energy and latency;
   `adderjax.data`: input pipelines.
+- `adderjax.quant`: post-training quantization of the adder layers to integers;
+  `adderjax.export`: a trained model's inference function as a `jax.export` file.
 
 Example:
   >>> import adderjax
@@ -28,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 from adderjax._version import __version__
 
 if TYPE_CHECKING:
-  from adderjax import data, linen, models, nn, ops, optim, profiling
+  from adderjax import data, export, linen, models, nn, ops, optim, profiling, quant
 
-__all__ = ["__version__", "data", "linen", "models", "nn", "ops", "optim", "profiling"]
+__all__ = ["__version__", "data", "export", "linen", "models", "nn", "ops", "optim", "profiling",
+           "quant"]
 
 _SUBPACKAGES = frozenset(__all__) - {"__version__"}
 
