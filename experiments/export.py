@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--bits", type=int, default=None, help="Quantize to this many bits first.")
   parser.add_argument("--method", default="nie2022", choices=quant.METHODS)
   parser.add_argument("--groups", type=int, default=4)
+  parser.add_argument("--keep_float", nargs="*", default=[],
+                      help="Adder layers to leave in float, by path (e.g. conv1 fc3).")
   parser.add_argument("--calibration_batches", type=int, default=10,
                       help="Training batches for BatchNorm statistics (and calibration).")
   parser.add_argument("--platforms", nargs="+", default=list(export.PLATFORMS))
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     model = float_reference(run, batches)
   else:
     model, _ = quant.quantize(run.model, batches, bits=args.bits, groups=args.groups,
-                              method=args.method)
+                              method=args.method, keep_float=args.keep_float)
     metadata["quantization"] = {"bits": args.bits, "method": args.method, "groups": args.groups}
   spec = data.DATASETS[run.config.dataset]
   written = export.save(model, args.output, input_shape=run.input_shape, mean=spec.mean,

@@ -8,7 +8,8 @@ training batches (which also re-estimate the BatchNorm statistics), then the
 accuracy on the run's evaluation split, next to the float model's (its
 BatchNorm statistics recomputed on the same batches, as the trainer evaluates
 it). Prints a table (``--report`` adds each layer's scales and clipping) and
-writes the rows to ``W/quantization.json``.
+writes the rows to ``W/quantization.json`` (``W/quantization_float_conv1...json``
+with ``--keep_float conv1 ...``, which leaves those adder layers in float).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                       "for a table).")
   parser.add_argument("--method", nargs="+", default=["nie2022"], choices=quant.METHODS)
   parser.add_argument("--groups", type=int, default=4, help="Scale groups per layer (nie2022).")
+  parser.add_argument("--keep_float", nargs="*", default=[],
+                      help="Adder layers to leave in float, by path (e.g. conv1 fc3).")
   parser.add_argument("--calibration_batches", type=int, default=10,
                       help="Training batches for calibration and BatchNorm statistics.")
   parser.add_argument("--step", type=int, default=None, help="Checkpoint (default: newest).")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     for bits in args.bits:
       start = time.perf_counter()
       qmodel, report = quant.quantize(run.model, batches, bits=bits, groups=args.groups,
-                                      method=method)
+                                      method=method, keep_float=args.keep_float)
       acc = accuracy(run, qmodel)
       seconds = time.perf_counter() - start
       rows.append({"method": method, "bits": bits, "groups": args.groups if method == "nie2022"
@@ -59,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             f"float), {seconds:.1f} s", flush=True)
       if args.report:
         print(report.format(), flush=True)
-  path = run.workdir / "quantization.json"
+  suffix = "".join(f"_float_{name.replace('/', '-')}" for name in args.keep_float)
+  path = run.workdir / f"quantization{suffix}.json"
   path.write_text(json.dumps({"workdir": str(run.workdir), "step": run.step,
-                              "calibration_batches": args.calibration_batches, "rows": rows},
+                              "calibration_batches": args.calibration_batches,
+                              "keep_float": args.keep_float, "rows": rows},
                              indent=2))
   print(f"Wrote {path}")
   return 0

@@ -8,12 +8,14 @@ re-estimates the BatchNorm statistics.
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> from adderjax import models, quant
-  >>> model = models.lenet5_bn(kind="adder", rngs=nnx.Rngs(0))
-  >>> qmodel, report = quant.quantize(model, [jnp.ones((2, 28, 28, 1))], bits=6)
-  >>> [r.path for r in report.layers]
-  ['conv1', 'conv2', 'fc1', 'fc2', 'fc3']
+  >>> from adderjax import quant
+  >>> x, w, s = jnp.array([0.0, 0.5, 1.0]), jnp.array([-1.0, 0.25, 1.0]), 1.0
+  >>> a_q, w_q = quant.quantize_activations(x, s, 4), quant.quantize_weights(w, s, 4)
+  >>> a_q.tolist(), w_q.tolist()
+  ([0, 8, 15], [-8, 2, 7])
+  >>> # |a_hat - w_hat| = step * |a_q - 2 w_q|, with step = s / (2^4 - 1) = 1/15
+  >>> jnp.abs(a_q - 2 * w_q).tolist(), round(float(quant.activation_step(s, 4)) * 15, 6)
+  ([16, 4, 1], 1.0)
 """
 
 from adderjax.quant.calibration import DEFAULT_PERCENTILE, RANGE_FLOOR, InputRange

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 import dataclasses
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -123,6 +123,7 @@ def quantize(
     groups: int = 4,
     method: Method = "nie2022",
     percentile: float = DEFAULT_PERCENTILE,
+    keep_float: Collection[str] = (),
     recompute_batch_norm: bool = True,
     apply: Callable[[nnx.Module, Any], Any] | None = None,
 ) -> Quantized:
@@ -159,8 +160,10 @@ def quantize(
   ResNets and VGG-small follow a ReLU) uses the unsigned quantizer.
 
   Other layers (the multiplicative stem and classifier of the ResNets and
-  VGG-small, BatchNorm) stay in floating point. The model passed in is not
-  changed.
+  VGG-small, BatchNorm), and the adder layers named in ``keep_float``, stay
+  in floating point (the released code of Nie et al. keeps the stem and the
+  classifier in float; LeNet-5-BN's are adder layers: ``keep_float=("conv1",
+  "fc3")`` does the same). The model passed in is not changed.
 
   Args:
     model: a trained model with adder layers.
@@ -171,6 +174,8 @@ def quantize(
     groups: the number of scale groups per layer (``"nie2022"``).
     method: ``"nie2022"`` or ``"shared_scale"``.
     percentile: the percentile of ``|x|`` taken per calibration batch.
+    keep_float: the paths of adder layers to leave in floating point, as
+      the report writes them (``"conv1"``, ``"layer1/0/conv2"``).
     recompute_batch_norm: re-estimate the BatchNorm statistics.
     apply: ``apply(model, batch)`` runs the model; defaults to ``model(batch)``.
 
@@ -180,20 +185,22 @@ def quantize(
 
   Raises:
     ValueError: for ``bits`` outside 2..16, a bad ``groups``, ``method`` or
-      ``percentile``, no calibration batch, a model without adder layers, or
-      a layer whose int32 sum could overflow.
+      ``percentile``, no calibration batch, a model without adder layers, a
+      ``keep_float`` path that is not an adder layer, or a layer whose int32
+      sum could overflow.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> from adderjax import models, quant
-    >>> model = models.lenet5_bn(kind="adder", rngs=nnx.Rngs(0))
-    >>> batches = [jnp.linspace(-1, 1, 4 * 28 * 28).reshape(4, 28, 28, 1)]
-    >>> qmodel, report = quant.quantize(model, batches, bits=8)
-    >>> type(qmodel.conv2).__name__, report.layers[0].signed_inputs
-    ('QuantizedAdderConv', True)
-    >>> qmodel(batches[0]).shape
-    (4, 10)
+    >>> from adderjax import nn, quant
+    >>> model = nnx.Sequential(nn.AdderDense(4, 3, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nn.AdderDense(3, 2, rngs=nnx.Rngs(1)))
+    >>> batches = [jnp.linspace(-1.0, 1.0, 8 * 4).reshape(8, 4)]
+    >>> qmodel, report = quant.quantize(model, batches, bits=8, groups=2)
+    >>> [(r.path, r.signed_inputs, r.groups) for r in report.layers]
+    [('layers/0', True, 2), ('layers/2', False, 2)]
+    >>> type(qmodel.layers[0]).__name__, qmodel(batches[0]).shape
+    ('QuantizedAdderDense', (8, 2))
   """
   bits = check_bits(bits)
   groups = positive_int(groups, "groups")
@@ -208,6 +215,14 @@ def quantize(
   if not found:
     raise ValueError(f"model ({type(model).__name__}) has no adder layer (adderjax.nn.AdderConv "
                      "or AdderDense) to quantize.")
+  keep = {keep_float} if isinstance(keep_float, str) else set(keep_float)
+  unknown = keep - {_path_name(path) for path, _ in found}
+  if unknown:
+    raise ValueError(f"keep_float names {sorted(unknown)}, which are not adder layers of the "
+                     f"model; its adder layers are {[_path_name(p) for p, _ in found]}.")
+  found = [(path, layer) for path, layer in found if _path_name(path) not in keep]
+  if not found:
+    raise ValueError(f"keep_float={sorted(keep)} leaves no adder layer to quantize.")
   paths = [path for path, _ in found]
   ranges, _ = observe_inputs(quantized, paths, batches, percentile=percentile, apply=apply)
 

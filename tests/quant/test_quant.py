@@ -257,6 +257,10 @@ def test_resnet_block_with_adder_shortcut_is_quantized():
   assert [r.signed_inputs for r in report.layers] == [False, False, False]
   assert isinstance(qblock.downsample.conv, QuantizedAdderConv)
   assert qblock(x).shape == (2, 3, 3, 4)
+  qblock, report = quant.quantize(block, [x], bits=8, groups=1, keep_float=["downsample/conv"],
+                                  recompute_batch_norm=False)
+  assert [r.path for r in report.layers] == ["conv1", "conv2"]
+  assert isinstance(qblock.downsample.conv, AdderConv)
 
 
 def test_bad_arguments_are_named():
@@ -268,6 +272,10 @@ def test_bad_arguments_are_named():
     quant.quantize(model, batches, groups=0)
   with pytest.raises(ValueError, match="method"):
     quant.quantize(model, batches, method="qssf")
+  with pytest.raises(ValueError, match=r"keep_float names \['conv9'\].*'convs/0'"):
+    quant.quantize(model, batches, keep_float=("conv9",))
+  with pytest.raises(ValueError, match="leaves no adder layer"):
+    quant.quantize(model, batches, keep_float=("conv1", "convs/0", "fc"))
   with pytest.raises(ValueError, match="calibration_batches is empty"):
     quant.quantize(model, [])
   cnn = nnx.eval_shape(lambda: models.lenet5_bn(kind="conv", rngs=nnx.Rngs(0)))
