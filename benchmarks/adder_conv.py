@@ -5,7 +5,9 @@ process, the forward pass and the forward+backward pass (the VJP with respect
 to both input and kernel) of
 
 - ``conv``: `jax.lax.conv_general_dilated`, the multiplicative layer;
-- ``adder``: `adderjax.ops.adder_conv` (default implementation);
+- ``adder``: `adderjax.ops.adder_conv` (default implementation: on a CPU the
+  native kernels of `adderjax.ops.cpu_native` where they build);
+- ``xla``: the same with ``implementation="xla"`` (the XLA loops);
 - ``official``: the official PyTorch code's formulation, unfold then
   broadcast and sum, written in JAX (`implementation="reference"`), run only
   where its broadcast fits in ``--official-max-gb``;
@@ -96,6 +98,7 @@ def bench_layer(layer, *, rounds: int, official_max_gb: float) -> dict:
   layers = {
       "conv": lambda x, w: conv(x, w, stride),
       "adder": lambda x, w: adder_conv(x, w, strides=stride),
+      "xla": lambda x, w: adder_conv(x, w, strides=stride, implementation="xla"),
       "official": lambda x, w: adder_conv(x, w, strides=stride, implementation="reference"),
   }
   broadcast_gb = b * ho * wo * 9 * cin * cout * 4 / 1e9
@@ -118,18 +121,19 @@ def _fmt(value, spec=".2f"):
 
 
 def print_table(rows: list[dict]) -> None:
-  header = ("layer", "B,H,W,Cin,Cout,s", "conv fwd ms", "adder fwd", "x conv", "official fwd",
-            "x conv", "conv f+b ms", "adder f+b", "x conv", "official f+b", "x conv",
-            "temp MB conv/adder/official (f+b)")
+  header = ("layer", "B,H,W,Cin,Cout,s", "conv fwd ms", "adder fwd", "x conv", "xla x conv",
+            "official fwd", "x conv", "conv f+b ms", "adder f+b", "x conv", "xla x conv",
+            "official f+b", "x conv", "temp MB conv/adder/official (f+b)")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
   for r in rows:
     fm, fr, bm, br, t = (r["fwd_ms"], r["fwd_ratio"], r["fwd_bwd_ms"], r["fwd_bwd_ratio"],
                          r["fwd_bwd_temp_mb"])
     cells = (r["layer"], ",".join(map(str, r["shape"])) + f",{r['stride']}",
-             _fmt(fm["conv"]), _fmt(fm["adder"]), _fmt(fr["adder"]), _fmt(fm.get("official")),
-             _fmt(fr.get("official"), ".0f"), _fmt(bm["conv"]), _fmt(bm["adder"]),
-             _fmt(br["adder"]), _fmt(bm.get("official")), _fmt(br.get("official"), ".0f"),
+             _fmt(fm["conv"]), _fmt(fm["adder"]), _fmt(fr["adder"]), _fmt(fr["xla"]),
+             _fmt(fm.get("official")), _fmt(fr.get("official"), ".0f"), _fmt(bm["conv"]),
+             _fmt(bm["adder"]), _fmt(br["adder"]), _fmt(br["xla"]), _fmt(bm.get("official")),
+             _fmt(br.get("official"), ".0f"),
              f"{t['conv']:.2f} / {t['adder']:.1f} / {t['official']:.0f}")
     print("| " + " | ".join(cells) + " |")
 

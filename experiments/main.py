@@ -3,16 +3,32 @@
     python -m experiments.main --config=experiments/configs/cifar10_resnet20.py:adder \
         --workdir=/tmp/cifar10_resnet20_adder [--config.batch_size=128 ...]
 
-Restarting the same command resumes from the newest checkpoint in the workdir.
+Restarting the same command resumes from the newest good checkpoint in the
+workdir. Exit status: 0 when the run completed; 75 (``EX_TEMPFAIL``) when it
+was preempted (``SIGTERM`` or ``SIGINT``) and saved the step it stopped at, so
+rerunning resumes; 1 with a one-line message for a bad config, data directory
+or workdir, a failed save, a diverged run or unusable checkpoints; 2 for an
+unknown config field.
 """
 
+import difflib
+import importlib.util
 import logging
-import signal
+import os
+import re
+import sys
 
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
+
+from adderjax.data import DataError
+from experiments import distributed
+from experiments.checkpoints import CheckpointError
+from experiments.guards import Diverged
+from experiments.preemption import PREEMPTED_EXIT_CODE, Preempted
+from experiments.workdir_lock import WorkdirLocked
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
@@ -20,27 +36,94 @@ config_flags.DEFINE_config_file("config", None, "A config file of experiments/co
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
+logger = logging.getLogger("experiments")
 
-def _raise_interrupt(signum, frame):
-  # Preemption sends SIGTERM: stop like Ctrl-C, which saves a checkpoint first.
-  raise KeyboardInterrupt(f"signal {signum}")
+# Errors whose message says all: shown as one line, without a traceback.
+RUN_ERRORS = (ValueError, DataError, WorkdirLocked, CheckpointError, Diverged)
+
+
+def _load_config(argv: list[str]) -> ConfigDict | None:
+  """The config ``--config=FILE[:ARG]`` names, loaded like config_flags does, or None."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path, _, variant = arg.removeprefix("--config=").partition(":")
+      try:
+        spec = importlib.util.spec_from_file_location("_config_file", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(variant) if variant else module.get_config()
+      except Exception:  # noqa: BLE001 (the flag parser reports a bad config file itself)
+        return None
+  return None
+
+
+def unknown_field_message(argv: list[str]) -> str | None:
+  """One line naming the first ``--config.FIELD`` override that is no field, with the closest names."""
+  config = _load_config(argv)
+  if config is None:
+    return None
+  for arg in argv[1:]:
+    match = re.match(r"--config\.([^=]+)", arg)
+    if not match:
+      continue
+    node, path = config, []
+    for part in match.group(1).split("."):
+      if not isinstance(node, ConfigDict):
+        break
+      if part not in node:
+        close = difflib.get_close_matches(part, list(node.keys()), n=3, cutoff=0.5)
+        hint = f"the closest valid names are {', '.join(close)}" if close else (
+            "see experiments/configs/common.py for the fields")
+        return f"Unknown config field config.{'.'.join([*path, part])} in {arg!r}; {hint}."
+      node = node[part]
+      path.append(part)
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error for an unknown config field."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):
+    message = unknown_field_message(argv)
+    if message is None:
+      raise
+    print(f"{argv[0]}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO.
-  logging.getLogger("experiments").setLevel(logging.INFO)
-  if FLAGS.config.distributed:
-    jax.distributed.initialize()
-  signal.signal(signal.SIGTERM, _raise_interrupt)
-  from experiments.train import (
-    train_and_evaluate,  # After initialize(): it touches devices.
-  )
+  logger.setLevel(logging.INFO)
+  try:
+    distributed.initialize(FLAGS.config)
+    from experiments.train import (
+      train_and_evaluate,  # After initialize(): it touches devices.
+    )
 
-  result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  logging.getLogger("experiments").info("Done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except Preempted as e:
+    logger.warning("%s", e)
+    sys.exit(PREEMPTED_EXIT_CODE)
+  except RUN_ERRORS as e:
+    logger.debug("Traceback of the error:", exc_info=True)
+    own = isinstance(e, (WorkdirLocked, CheckpointError, Diverged))  # Their messages say what.
+    logger.error("%s", e if own else f"{type(e).__name__}: {e}")
+    sys.exit(1)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    # A collective failed: another process died. JAX's exit would wait for it at the shutdown
+    # barrier and then abort; exit now instead.
+    logger.error("A collective of this %d-process run failed, so another process has most likely "
+                 "died (%s); rerun every process to resume from the last checkpoint.",
+                 jax.process_count(), str(e).splitlines()[0])
+    logging.shutdown()
+    os._exit(1)
+  logger.info("Done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -16,10 +16,16 @@ import numpy as np
 from adderjax.optim import ScaleByAdaptiveLrState
 
 
+def _json_number(value: Any) -> float | None:
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
 class MetricWriter:
   """Appends scalars to ``workdir/metrics.jsonl`` and to TensorBoard events in ``workdir/tensorboard``.
 
-  Only process 0 writes. The JSON-lines file is opened in append mode, so
+  Only process 0 writes. Every line is strict JSON: a NaN or infinite value
+  (a diverging run) is written as ``null``. The JSON-lines file is opened in append mode, so
   nothing an earlier (or interrupted) run logged is lost; after a resume, steps
   between the last checkpoint and the interruption appear twice and the later
   line is the one of the run that continued.
@@ -40,8 +46,8 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": int(step), "time": time.time()}
-    record.update({k: float(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
+    record.update({k: _json_number(v) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
     self._jsonl.flush()
     for name, value in scalars.items():
       self._tensorboard.add_scalar(name, float(value), global_step=int(step))

@@ -8,6 +8,12 @@ same updates. The workdir holds ``checkpoints/`` (orbax), ``metrics.jsonl``,
 checkpoint resumes from the newest one and, because the data order and the
 augmentation are functions of the seed and the step, ends with the same
 parameters as a run that was never stopped.
+
+What keeps a run safe lives in small modules: the workdir lock
+(:mod:`experiments.workdir_lock`), verified checkpoints with a fallback
+(:mod:`experiments.checkpoints`), the divergence guard
+(:mod:`experiments.guards`) and the synchronised stop on ``SIGTERM``/``SIGINT``
+(:mod:`experiments.preemption`).
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ from jax.sharding import PartitionSpec as P
 from adderjax import data, models, ops
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
 from adderjax.optim import addernet_sgd
-from experiments.checkpoints import Checkpoints
+from experiments.checkpoints import Checkpoints, SaveError, all_finite
+from experiments.guards import NONFINITE_ACTIONS, Diverged, DivergenceGuard
 from experiments.metrics import MetricWriter, ProgressBar, adaptive_lr_scales
+from experiments.preemption import Preempted, PreemptionWatch
+from experiments.workdir_lock import WorkdirLock
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +76,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _choice(config, "dtype", DTYPES)
   _choice(config, "schedule", SCHEDULES)
   _choice(config, "adder_lr", ADDER_LRS)
+  _choice(config, "on_nonfinite", NONFINITE_ACTIONS)
   for field in ("batch_size", "eval_batch_size", "learning_rate", "eta", "log_every_steps",
-                "checkpoint_every_steps", "keep_checkpoints", "adder_lr_multiplier"):
+                "checkpoint_every_steps", "keep_checkpoints", "adder_lr_multiplier",
+                "max_consecutive_skips"):
     _positive(config, field)
   for field in ("num_epochs", "num_train_steps", "warmup_epochs", "weight_decay",
                 "label_smoothing", "eval_every_steps", "bn_recompute_batches", "num_devices",
@@ -87,9 +98,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def make_mesh(num_devices: int) -> jax.sharding.Mesh:
   """A one-axis ``("data",)`` mesh over all devices, or the first ``num_devices`` local ones."""
   devices = jax.devices()
+  if len(jax.local_devices()) * jax.process_count() != len(devices):
+    raise ValueError(f"The {jax.process_count()} processes must have the same number of devices; "
+                     f"this one has {len(jax.local_devices())} of {len(devices)}.")
   if num_devices:
     if jax.process_count() > 1:
-      raise ValueError("config.num_devices must be 0 (all devices) in a multi-process run.")
+      raise ValueError(f"config.num_devices must be 0 (all devices) in a multi-process run, got "
+                       f"{num_devices}.")
     if num_devices > len(devices):
       raise ValueError(f"config.num_devices={num_devices} but only {len(devices)} devices exist.")
     devices = devices[:num_devices]
@@ -197,6 +212,7 @@ class Trainer:
     self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
 
   def _train_step(self, state: nnx.State, batch: dict[str, jax.Array]):
+    previous = jax.tree.map(lambda x: x, state)  # The arrays, before merge() shares them.
     model, optimizer = nnx.merge(self.graphdef, state)
 
     def loss_fn(model):
@@ -207,7 +223,11 @@ class Trainer:
 
     (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), {"loss": loss, "accuracy": accuracy}
+    new_state = nnx.state((model, optimizer))
+    finite = jnp.isfinite(loss) & all_finite(new_state)
+    if self.config.on_nonfinite == "skip":
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, previous)
+    return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite}
 
   def _eval_step(self, state: nnx.State, batch: dict[str, jax.Array]):
     model, _ = nnx.merge(self.graphdef, state)
@@ -269,6 +289,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Raises:
     ValueError: for a bad config field (named), and ``adderjax.data.DataError``
       for a missing or malformed dataset; both before anything is written.
+    experiments.workdir_lock.WorkdirLocked: if another live run holds ``workdir``.
+    experiments.checkpoints.CheckpointError: if the workdir has checkpoints and
+      none can be restored (nothing is moved); ``SaveError`` if a save failed
+      (the earlier checkpoints are kept).
+    experiments.guards.Diverged: if the loss or state became non-finite
+      (``config.on_nonfinite``); nothing non-finite is saved.
+    experiments.preemption.Preempted: after ``SIGTERM``/``SIGINT``, once the
+      step every process stopped at is saved.
   """
   check_config(config)
   train_source, eval_source = _load_sources(config)
@@ -279,7 +307,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       raise ValueError(f"config.{field}={size} must be divisible by the {mesh.size} devices.")
   steps_per_epoch = data.steps_per_epoch(len(train_source), batch_size)
   total_steps = config.num_train_steps or int(round(config.num_epochs * steps_per_epoch))
-  eval_every = config.eval_every_steps or steps_per_epoch
   loader = dict(image_size=config.image_size or None, num_threads=config.data_threads)
   # The loaders check their arguments when made: fail here, before the workdir is touched.
   data.train_batches(config.dataset, train_source, global_batch_size=batch_size,
@@ -287,14 +314,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   data.eval_batches(config.dataset, eval_source, global_batch_size=eval_batch_size, **loader)
 
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  with WorkdirLock(workdir, process_index=jax.process_index()):
+    return _train(config, workdir, mesh, train_source, eval_source, total_steps, steps_per_epoch,
+                  loader)
+
+
+def _save_after_error(checkpoints: Checkpoints, guard: DivergenceGuard, step: int, state: Any,
+                      error: BaseException, saved_step: int) -> None:
+  """Tries to keep the steps done before ``error``; logs what happened either way."""
+  reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+  try:
+    guard.check()
+    checkpoints.save(step, state)
+  except Diverged as e:
+    logger.error("Stopped by %s; step %d not saved: %s", reason, step, e)
+  except Exception as e:  # noqa: BLE001 (the state may have been donated to the failed step)
+    logger.error("Stopped by %s; could not save step %d (%s: %s); the last checkpoint is step "
+                 "%d.", reason, step, type(e).__name__, str(e).splitlines()[0], saved_step)
+  else:
+    logger.warning("Stopped by %s; saved the checkpoint of step %d.", reason, step)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
+           train_source: Any, eval_source: Any, total_steps: int, steps_per_epoch: int,
+           loader: dict[str, Any]) -> dict[str, float]:
+  """The body of :func:`train_and_evaluate`, run while this process holds the workdir."""
+  batch_size, eval_batch_size = config.batch_size, config.eval_batch_size
+  eval_every = config.eval_every_steps or steps_per_epoch
   if jax.process_index() == 0:
     _write_config(config, workdir)
   trainer = Trainer(config, mesh, total_steps, steps_per_epoch)
   checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
-  start_step = checkpoints.latest_step() or 0
+  try:
+    restored_step, trainer.state = checkpoints.restore_latest(trainer.state)
+  except BaseException:
+    checkpoints.close()
+    raise
+  start_step = restored_step or 0
   if start_step:
-    trainer.state = checkpoints.restore(start_step, trainer.state)
     logger.info("Resumed from the checkpoint of step %d in %s.", start_step, workdir)
   if start_step >= total_steps:
     logger.info("The checkpoint of step %d is already the last of %d steps.", start_step,
@@ -317,6 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   writer = MetricWriter(workdir)
   progress = ProgressBar(total_steps, start_step=start_step, enabled=config.progress_bar)
+  guard = DivergenceGuard(config.on_nonfinite, max_consecutive_skips=config.max_consecutive_skips)
+  preemption = PreemptionWatch(checkpoints.reached_preemption)
   result: dict[str, float] = {}
   step = start_step
   saved_step = start_step
@@ -325,48 +384,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   loop_start = interval_start
   eval_seconds = 0.0
   try:
-    while step < total_steps:
-      batch = trainer.to_global(next(train_batches))
-      trainer.state, metrics = trainer.train_step(trainer.state, batch)
-      step += 1
-      interval_metrics.append(metrics)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        means = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(interval_metrics))
-        now = time.perf_counter()
-        images_per_sec = len(interval_metrics) * batch_size / (now - interval_start)
-        _, optimizer = nnx.merge(trainer.graphdef, trainer.state)
-        scalars = {"train_loss": means["loss"], "train_accuracy": means["accuracy"],
-                   "learning_rate": float(trainer.schedule(step - 1)),
-                   "images_per_sec": images_per_sec,
-                   "epoch": step / steps_per_epoch}
-        scalars.update(adaptive_lr_scales(optimizer.opt_state))
-        writer.write(step, scalars)
-        progress.update(step, images_per_sec=images_per_sec, loss=means["loss"],
-                        acc=means["accuracy"])
-        result["train_loss"] = means["loss"]
-        interval_metrics = []
-        interval_start = time.perf_counter()
-      if step % eval_every == 0 or step == total_steps:
-        eval_start = time.perf_counter()
-        result.update(evaluate())
-        writer.write(step, {k: v for k, v in result.items() if k.startswith("eval_")})
-        logger.info("step %d: eval accuracy %.4f, loss %.4f over %d examples", step,
-                    result["eval_accuracy"], result["eval_loss"], result["eval_examples"])
-        eval_seconds += time.perf_counter() - eval_start
-        interval_start = time.perf_counter()
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        checkpoints.save(step, trainer.state)
-        saved_step = step
-        interval_start = time.perf_counter()
-  except BaseException:
-    # Keep what was done: the state after the last completed step is consistent.
-    if step > saved_step:
-      try:
-        checkpoints.save(step, trainer.state)
-        logger.warning("Interrupted; saved the checkpoint of step %d.", step)
-      except Exception:  # The state may have been donated to the failed step.
-        logger.exception("Interrupted; could not save step %d, the last checkpoint is %d.",
-                         step, saved_step)
+    with preemption:
+      while step < total_steps:
+        batch = trainer.to_global(next(train_batches))
+        trainer.state, metrics = trainer.train_step(trainer.state, batch)
+        step += 1
+        guard.record(step, metrics.pop("finite"))
+        interval_metrics.append(metrics)
+        if step % config.log_every_steps == 0 or step == total_steps:
+          guard.check()
+          means = jax.tree.map(lambda *m: float(np.mean(m)), *jax.device_get(interval_metrics))
+          now = time.perf_counter()
+          images_per_sec = len(interval_metrics) * batch_size / (now - interval_start)
+          _, optimizer = nnx.merge(trainer.graphdef, trainer.state)
+          scalars = {"train_loss": means["loss"], "train_accuracy": means["accuracy"],
+                     "learning_rate": float(trainer.schedule(step - 1)),
+                     "images_per_sec": images_per_sec,
+                     "epoch": step / steps_per_epoch}
+          if guard.skipped_steps:
+            scalars["skipped_steps"] = len(guard.skipped_steps)
+          scalars.update(adaptive_lr_scales(optimizer.opt_state))
+          writer.write(step, scalars)
+          progress.update(step, images_per_sec=images_per_sec, loss=means["loss"],
+                          acc=means["accuracy"])
+          result["train_loss"] = means["loss"]
+          interval_metrics = []
+          interval_start = time.perf_counter()
+        if step % eval_every == 0 or step == total_steps:
+          guard.check()
+          eval_start = time.perf_counter()
+          result.update(evaluate())
+          writer.write(step, {k: v for k, v in result.items() if k.startswith("eval_")})
+          logger.info("step %d: eval accuracy %.4f, loss %.4f over %d examples", step,
+                      result["eval_accuracy"], result["eval_loss"], result["eval_examples"])
+          eval_seconds += time.perf_counter() - eval_start
+          interval_start = time.perf_counter()
+        preempted = preemption.reached(step)
+        if preempted or step % config.checkpoint_every_steps == 0 or step == total_steps:
+          guard.check()  # Never save a non-finite state.
+          checkpoints.save(step, trainer.state)
+          saved_step = step
+          interval_start = time.perf_counter()
+        if preempted:
+          raise Preempted(step, str(workdir))
+  except (Preempted, Diverged, SaveError):
+    raise
+  except BaseException as e:
+    # Keep what was done: the state after the last completed step is consistent. Other
+    # processes of a multi-process run would not join the save, so only one process saves.
+    if step > saved_step and jax.process_count() == 1:
+      _save_after_error(checkpoints, guard, step, trainer.state, e, saved_step)
     raise
   finally:
     checkpoints.wait()

@@ -17,11 +17,16 @@ Example:
   >>> forward(model, jnp.zeros((1, 28, 28, 1))).shape
   (1, 10)
 
+For deployment, :func:`inference_function` turns a trained model into a
+compiled function of the input alone, without ``nnx.jit``'s per-call graph
+traversal (what dominates at batch 1).
+
 ``nnx.eval_shape(lambda: models.get("resnet50", rngs=nnx.Rngs(0)))`` builds a
 model abstractly, with shapes and no values: enough to count parameters or
 operations.
 """
 
+from adderjax.models.inference import inference_function
 from adderjax.models.layers import KINDS
 from adderjax.models.lenet import LeNet5BN, LeNetPP, lenet5_bn, lenet_pp
 from adderjax.models.registry import INPUT_SHAPES, MODELS, get, input_shape, names
@@ -51,6 +56,7 @@ __all__ = [
     "ResNet",
     "VGGSmall",
     "get",
+    "inference_function",
     "input_shape",
     "lenet5_bn",
     "lenet_pp",

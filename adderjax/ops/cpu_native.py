@@ -4,7 +4,9 @@ The forward pass and the full-precision input gradient at stride 1 run as C++
 micro-kernels (``csrc/adder_cpu.cc``): a tile of 8 output pixels by 16 or 32
 channels held in vector registers, the reduction streamed through it with
 implicit im2col, the max trick ``|a - b| = 2 max(a, b) - a - b`` in the
-forward, and the rows shared out over XLA's intra-op threads. The rest (the
+forward (the patch and filter sums it needs are taken in the kernel, in a fixed
+order, so an output does not depend on the batch it is in), and the rows shared
+out over XLA's intra-op threads. The rest (the
 weight gradient, which is a convolution's; the other gradient modes; strided
 input gradients; float64) uses :mod:`adderjax.ops.xla`.
 
@@ -191,18 +193,13 @@ def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
   ho, wo = spec.output_spatial(x.shape[1:3], (kh, kw))
   opad = _round_up(per_group, _vector_width())
   xp = jnp.pad(x, ((0, 0), *spec.padding, (0, 0)))
-  # Filters as (G, K, Opad), K in (row, column, channel) order; their sums per output channel.
+  # Filters as (G, K, Opad), K in (row, column, channel) order.
   wt = _pad_last(w.reshape(kh * kw * cg, groups, per_group).transpose(1, 0, 2), opad)
-  sf = wt.sum(axis=1)
-  # The sum of each patch, per group: channel sums, then a window sum over the taps.
-  channel_sums = xp.reshape(*xp.shape[:3], groups, cg).sum(-1)
   (sh, sw), (dh, dw) = spec.strides, spec.dilation
-  sx = lax.reduce_window(channel_sums, 0.0, lax.add, (1, kh, kw, 1), (1, sh, sw, 1), "VALID",
-                         window_dilation=(1, dh, dw, 1))
   call = jax.ffi.ffi_call(_FORWARD_TARGET, jax.ShapeDtypeStruct((x.shape[0], ho, wo, out),
                                                                  jnp.float32),
                           vmap_method="sequential")
-  return call(xp, wt, sx, sf, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh),
+  return call(xp, wt, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh),
               sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw), groups=np.int64(groups))
 
 

@@ -89,6 +89,10 @@ def conv_spec(x: Any, w: Any, *, strides: Any, padding: Any, rhs_dilation: Any,
   dilation = positive_pair(rhs_dilation, "rhs_dilation")
   groups = positive_int(feature_group_count, "feature_group_count")
   in_channels, out_channels = x.shape[3], w.shape[3]
+  if not in_channels:
+    raise ValueError(f"x must have at least one input channel, got shape {tuple(x.shape)}.")
+  if not out_channels:
+    raise ValueError(f"w must have at least one output channel, got shape {tuple(w.shape)}.")
   if in_channels % groups:
     raise ValueError(
         f"feature_group_count={groups} does not divide the input channels of x "

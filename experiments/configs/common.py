@@ -83,7 +83,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.bn_recompute_batches = 0  # Training batches to recompute BatchNorm statistics on before eval.
   config.num_devices = 0  # Local devices to use; 0: all of them.
-  config.distributed = False  # Call jax.distributed.initialize() (multi-host).
+  config.on_nonfinite = "stop"  # A non-finite loss or state: "stop" the run, or "skip" the step.
+  config.max_consecutive_skips = 10  # With "skip": stop after this many skipped steps in a row.
+  # Multi-host: jax.distributed.initialize() from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  # JAX_PROCESS_ID, or the cluster JAX detects (experiments/distributed.py).
+  config.distributed = False
+  config.initialization_timeout_seconds = 300  # For every process to connect.
+  config.heartbeat_timeout_seconds = 60  # A process silent this long ends the others.
+  config.shutdown_timeout_seconds = 60  # At exit, for the other processes to finish.
   config.progress_bar = True
   return config
 

@@ -197,7 +197,8 @@ def test_bad_data_dir_is_named_and_the_workdir_is_untouched(uninterrupted, tmp_p
     ("model", "resnet21"), ("kind", "float"), ("dataset", "svhn"), ("dtype", "float16"),
     ("batch_size", 0), ("learning_rate", -1.0), ("momentum", 1.0), ("adder_lr", "ilr"),
     ("schedule", "step"), ("grad_mode", "exact"), ("implementation", "cuda"),
-    ("image_size", 64),
+    ("image_size", 64), ("num_devices", 9), ("on_nonfinite", "ignore"),
+    ("max_consecutive_skips", 0),
 ])
 def test_bad_config_field_is_named_before_anything_is_written(tmp_path, field, value):
   config = smoke_config()

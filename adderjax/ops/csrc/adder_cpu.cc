@@ -8,8 +8,10 @@
 //
 // Forward, with the max trick |a - b| = 2 max(a, b) - a - b:
 //   Y[p, o] = -(2 sum_k max(X[p, k], F[k, o]) - SX[p] - SF[o])
-// where SX (sum of each patch) and SF (sum of each filter) come in as inputs:
-// one vmaxps and one vaddps per pair instead of a subtract, an abs and an add.
+// where SX (sum of each patch) and SF (sum of each filter) are summed here, in a
+// fixed order, so that a pixel's output does not depend on the batch or on how
+// XLA fuses the surrounding program: one vmaxps and one vaddps per pair instead
+// of a subtract, an abs and an add.
 //
 // Input gradient, full precision, stride 1 (gathered: no scatter):
 //   dX[y, x, c] = sum_{i, j, o} G[y + (kh-1-i) dh, x + (kw-1-j) dw, o]
@@ -19,8 +21,7 @@
 // Layouts (prepared by adderjax/ops/cpu_native.py):
 //   forward:    xp (B, Hp, Wp, C) padded input; wt (G, K, Opad) with
 //               K = kh*kw*Cg in (i, j, c) order and Opad a multiple of the
-//               vector width (zero columns); sx (B, Ho, Wo, G); sf (G, Opad);
-//               y (B, Ho, Wo, G*Og).
+//               vector width (zero columns); y (B, Ho, Wo, G*Og).
 //   input grad: x (B, H, W, C); gp (B, H + (kh-1) dh, W + (kw-1) dw, G*Og);
 //               wt (G, kh, kw, Og, Cpad), Cpad a multiple of the vector
 //               width (zero columns); dx (B, H, W, C).
@@ -59,6 +60,7 @@ struct Vec {
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(T a) { return _mm512_reduce_add_ps(a); }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
 struct Vec {
@@ -79,6 +81,11 @@ struct Vec {
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
   static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
   static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(T a) {
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+  }
 };
 #else
 #error "adderjax's native kernels need AVX2 and FMA, or AVX-512"
@@ -124,8 +131,8 @@ struct ForwardGeometry {
 // One tile: MR pixels x NV vectors of output channels.
 template <int MR, int NV>
 inline void ForwardTile(const float* x, int64_t x_step, const int64_t* offsets, int64_t k_size,
-                        const float* w, int64_t w_row, const float* sx, int64_t sx_step,
-                        const float* sf, float* y, int64_t y_step, int64_t valid) {
+                        const float* w, int64_t w_row, const float* sx, const float* sf,
+                        float* y, int64_t y_step, int64_t valid) {
   V acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = Vec::zero();
@@ -142,7 +149,7 @@ inline void ForwardTile(const float* x, int64_t x_step, const int64_t* offsets, 
   }
   const V two = Vec::set1(2.0f);
   for (int m = 0; m < MR; ++m) {
-    const V patch = Vec::set1(sx[m * sx_step]);
+    const V patch = Vec::set1(sx[m]);
     for (int v = 0; v < NV; ++v) {
       const int64_t left = valid - v * Vec::kWidth;
       if (left <= 0) break;
@@ -157,12 +164,10 @@ inline void ForwardTile(const float* x, int64_t x_step, const int64_t* offsets, 
 template <int NV>
 void ForwardTileAnyMR(int mr, const float* x, int64_t x_step, const int64_t* offsets,
                       int64_t k_size, const float* w, int64_t w_row, const float* sx,
-                      int64_t sx_step, const float* sf, float* y, int64_t y_step,
-                      int64_t valid) {
-#define ADDERJAX_MR_CASE(R)                                                             \
-  case R:                                                                               \
-    ForwardTile<R, NV>(x, x_step, offsets, k_size, w, w_row, sx, sx_step, sf, y, y_step, \
-                       valid);                                                          \
+                      const float* sf, float* y, int64_t y_step, int64_t valid) {
+#define ADDERJAX_MR_CASE(R)                                                                \
+  case R:                                                                                  \
+    ForwardTile<R, NV>(x, x_step, offsets, k_size, w, w_row, sx, sf, y, y_step, valid);    \
     return;
   switch (mr) {
     ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
@@ -172,7 +177,6 @@ void ForwardTileAnyMR(int mr, const float* x, int64_t x_step, const int64_t* off
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> wt,
-                       ffi::Buffer<ffi::F32> sx, ffi::Buffer<ffi::F32> sf,
                        ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh,
                        int64_t sw, int64_t dh, int64_t dw, int64_t groups) {
   const auto xd = xp.dimensions(), wd = wt.dimensions(), yd = y->dimensions();
@@ -189,28 +193,47 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buff
       for (int64_t c = 0; c < g.cg; ++c, ++k) offsets[k] = (i * dh * g.wp + j * dw) * g.c + c;
   const float* x_data = xp.typed_data();
   const float* w_data = wt.typed_data();
-  const float* sx_data = sx.typed_data();
-  const float* sf_data = sf.typed_data();
   float* y_data = y->typed_data();
+  // SF: each filter's sum, in k order.
+  std::vector<float> sf(groups * g.opad, 0.0f);
+  for (int64_t grp = 0; grp < groups; ++grp)
+    for (int64_t k = 0; k < k_size; ++k)
+      for (int64_t n = 0; n < g.opad; ++n)
+        sf[grp * g.opad + n] += w_data[(grp * k_size + k) * g.opad + n];
   const int64_t x_step = sw * g.c, out_c = groups * g.og;
   const int64_t tile_n = 2 * Vec::kWidth;
+  const auto tail = Vec::mask(g.cg % Vec::kWidth == 0 ? Vec::kWidth : g.cg % Vec::kWidth);
   auto row = [&](int64_t item) {
     const int64_t b = item / g.ho, r = item % g.ho;
+    std::vector<float> sx(g.wo);
     for (int64_t grp = 0; grp < groups; ++grp) {
+      const float* x_row = x_data + (b * g.hp + r * sh) * g.wp * g.c + grp * g.cg;
+      // SX: each patch's sum, taps in order, channels a vector at a time.
+      for (int64_t p = 0; p < g.wo; ++p) {
+        V acc = Vec::zero();
+        for (int64_t i = 0; i < kh; ++i)
+          for (int64_t j = 0; j < kw; ++j) {
+            const float* px = x_row + (i * dh * g.wp + p * sw + j * dw) * g.c;
+            int64_t c0 = 0;
+            for (; c0 + Vec::kWidth <= g.cg; c0 += Vec::kWidth)
+              acc = Vec::add(acc, Vec::load(px + c0));
+            if (c0 < g.cg) acc = Vec::add(acc, Vec::load(px + c0, tail));
+          }
+        sx[p] = Vec::sum(acc);
+      }
       for (int64_t n0 = 0; n0 < g.og; n0 += tile_n) {
         const int64_t valid = std::min(tile_n, g.og - n0);
         const float* w = w_data + grp * k_size * g.opad + n0;
-        const float* sf_ = sf_data + grp * g.opad + n0;
+        const float* sf_ = sf.data() + grp * g.opad + n0;
         for (int64_t c0 = 0; c0 < g.wo; c0 += kMR) {
           const int mr = int(std::min<int64_t>(kMR, g.wo - c0));
-          const float* x = x_data + ((b * g.hp + r * sh) * g.wp + c0 * sw) * g.c + grp * g.cg;
-          const float* sx_ = sx_data + ((b * g.ho + r) * g.wo + c0) * groups + grp;
+          const float* x = x_row + c0 * sw * g.c;
           float* y_ = y_data + ((b * g.ho + r) * g.wo + c0) * out_c + grp * g.og + n0;
           if (valid > Vec::kWidth)
-            ForwardTileAnyMR<2>(mr, x, x_step, offsets.data(), k_size, w, g.opad, sx_, groups,
+            ForwardTileAnyMR<2>(mr, x, x_step, offsets.data(), k_size, w, g.opad, sx.data() + c0,
                                 sf_, y_, out_c, valid);
           else
-            ForwardTileAnyMR<1>(mr, x, x_step, offsets.data(), k_size, w, g.opad, sx_, groups,
+            ForwardTileAnyMR<1>(mr, x, x_step, offsets.data(), k_size, w, g.opad, sx.data() + c0,
                                 sf_, y_, out_c, valid);
         }
       }
@@ -220,43 +243,57 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buff
   return ffi::Error::Success();
 }
 
-// One tile of the input gradient: MR pixels x one vector of input channels.
-template <int MR>
-inline void InputGradTile(const float* x, int64_t x_step, typename Vec::Mask cmask,
-                          const float* gp, int64_t g_row, int64_t g_step, const float* w,
-                          int64_t w_tap, int64_t w_row, int64_t kh, int64_t kw, int64_t dh,
-                          int64_t dw, int64_t og, float* dx) {
-  V xv[MR], acc[MR];
-  for (int m = 0; m < MR; ++m) {
-    xv[m] = Vec::load(x + m * x_step, cmask);
-    acc[m] = Vec::zero();
-  }
+// One tile of the input gradient: MR pixels x NV vectors of input channels.
+template <int MR, int NV>
+inline void InputGradTile(const float* x, int64_t x_step, int64_t valid, const float* gp,
+                          int64_t g_row, int64_t g_step, const float* w, int64_t w_tap,
+                          int64_t w_row, int64_t kh, int64_t kw, int64_t dh, int64_t dw,
+                          int64_t og, float* dx) {
+  typename Vec::Mask masks[NV];
+  for (int v = 0; v < NV; ++v) masks[v] = Vec::mask(valid - v * Vec::kWidth);
+  V xv[MR][NV], acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      xv[m][v] = Vec::load(x + m * x_step + v * Vec::kWidth, masks[v]);
+      acc[m][v] = Vec::zero();
+    }
   const V lo = Vec::set1(-1.0f), hi = Vec::set1(1.0f);
   for (int64_t i = 0; i < kh; ++i) {
     for (int64_t j = 0; j < kw; ++j) {
       const float* gs = gp + (kh - 1 - i) * dh * g_row + (kw - 1 - j) * dw * g_step;
       const float* ws = w + (i * kw + j) * w_tap;
       for (int64_t o = 0; o < og; ++o) {
-        const V wv = Vec::load(ws + o * w_row);
+        V wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = Vec::load(ws + o * w_row + v * Vec::kWidth);
 #pragma GCC unroll 16
         for (int m = 0; m < MR; ++m) {
-          const V d = Vec::min(Vec::max(Vec::sub(wv, xv[m]), lo), hi);
-          acc[m] = Vec::fmadd(Vec::set1(gs[m * g_step + o]), d, acc[m]);
+          const V gv = Vec::set1(gs[m * g_step + o]);
+          for (int v = 0; v < NV; ++v) {
+            const V d = Vec::min(Vec::max(Vec::sub(wv[v], xv[m][v]), lo), hi);
+            acc[m][v] = Vec::fmadd(gv, d, acc[m][v]);
+          }
         }
       }
     }
   }
-  for (int m = 0; m < MR; ++m) Vec::store(dx + m * x_step, acc[m], cmask);
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) Vec::store(dx + m * x_step + v * Vec::kWidth, acc[m][v], masks[v]);
 }
 
-void InputGradTileAnyMR(int mr, const float* x, int64_t x_step, typename Vec::Mask cmask,
-                        const float* gp, int64_t g_row, int64_t g_step, const float* w,
-                        int64_t w_tap, int64_t w_row, int64_t kh, int64_t kw, int64_t dh,
-                        int64_t dw, int64_t og, float* dx) {
-#define ADDERJAX_MR_CASE(R)                                                             \
-  case R:                                                                               \
-    InputGradTile<R>(x, x_step, cmask, gp, g_row, g_step, w, w_tap, w_row, kh, kw, dh, dw, \
-                     og, dx);                                                           \
+// Pixel tiles: 8 for one vector of channels, 6 for two (acc and inputs fill the registers).
+template <int NV>
+constexpr int kInputGradMR = NV == 1 ? 8 : 6;
+
+template <int NV>
+void InputGradTileAnyMR(int mr, const float* x, int64_t x_step, int64_t valid, const float* gp,
+                        int64_t g_row, int64_t g_step, const float* w, int64_t w_tap,
+                        int64_t w_row, int64_t kh, int64_t kw, int64_t dh, int64_t dw,
+                        int64_t og, float* dx) {
+#define ADDERJAX_MR_CASE(R)                                                                 \
+  case R:                                                                                   \
+    if constexpr (R <= kInputGradMR<NV>)                                                    \
+      InputGradTile<R, NV>(x, x_step, valid, gp, g_row, g_step, w, w_tap, w_row, kh, kw, dh, \
+                           dw, og, dx);                                                     \
     return;
   switch (mr) {
     ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
@@ -285,16 +322,26 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto row = [&](int64_t item) {
     const int64_t b = item / h, r = item % h;
     for (int64_t grp = 0; grp < groups; ++grp) {
-      for (int64_t c0 = 0; c0 < cg; c0 += Vec::kWidth) {
-        const auto cmask = Vec::mask(cg - c0);
+      for (int64_t c0 = 0; c0 < cg;) {
+        // Two vectors of channels per tile where at least two remain: one broadcast of G
+        // serves both.
+        const bool two = cg - c0 > Vec::kWidth;
+        const int64_t tile_c = two ? 2 * Vec::kWidth : Vec::kWidth;
+        const int64_t mr_max = two ? kInputGradMR<2> : kInputGradMR<1>;
+        const int64_t valid = std::min(tile_c, cg - c0);
         const float* wgrp = w_data + grp * kh * kw * og * cpad + c0;
-        for (int64_t x0 = 0; x0 < w; x0 += kMR) {
-          const int mr = int(std::min<int64_t>(kMR, w - x0));
+        for (int64_t x0 = 0; x0 < w; x0 += mr_max) {
+          const int mr = int(std::min<int64_t>(mr_max, w - x0));
           const int64_t at = ((b * h + r) * w + x0) * c + grp * cg + c0;
           const float* gs = g_data + ((b * hg + r) * wg + x0) * out_c + grp * og;
-          InputGradTileAnyMR(mr, x_data + at, c, cmask, gs, wg * out_c, out_c, wgrp,
-                             og * cpad, cpad, kh, kw, dh, dw, og, dx_data + at);
+          if (two)
+            InputGradTileAnyMR<2>(mr, x_data + at, c, valid, gs, wg * out_c, out_c, wgrp,
+                                  og * cpad, cpad, kh, kw, dh, dw, og, dx_data + at);
+          else
+            InputGradTileAnyMR<1>(mr, x_data + at, c, valid, gs, wg * out_c, out_c, wgrp,
+                                  og * cpad, cpad, kh, kw, dh, dw, og, dx_data + at);
         }
+        c0 += tile_c;
       }
     }
   };
@@ -307,8 +354,6 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderForward, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
