@@ -20,7 +20,7 @@ import numpy as np
 
 from adderjax import data
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
-from experiments.checkpoints import Checkpoints
+from experiments.checkpoints import CheckpointError, Checkpoints
 from experiments.train import _load_sources, make_model, make_optimizer, make_schedule
 
 __all__ = ["TrainedRun", "accuracy", "calibration_batches", "float_reference", "load_run"]
@@ -61,6 +61,8 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None) -> Trained
 
   Raises:
     FileNotFoundError: if the workdir has no ``config.json`` or no checkpoint.
+    experiments.checkpoints.CheckpointError: if the checkpoint's files do not
+      match their digest.
   """
   workdir = pathlib.Path(workdir)
   config_path = workdir / "config.json"
@@ -77,6 +79,11 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None) -> Trained
     step = checkpoints.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{workdir / 'checkpoints'} has no checkpoint.")
+    # Read only: a damaged checkpoint is reported, not moved aside as the trainer does.
+    problem = checkpoints.verify_files(step)
+    if problem:
+      raise CheckpointError(f"Checkpoint {step} in {workdir / 'checkpoints'} is damaged: "
+                            f"{problem}. Pass --step for another one.")
     state = checkpoints.restore(step, nnx.state((model, optimizer)))
   finally:
     checkpoints.close()

@@ -1,6 +1,7 @@
 """experiments.quantize and experiments.export on a tiny trained run."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from adderjax import export
 from experiments import export as export_cli
 from experiments import quantize as quantize_cli
 from experiments import train
+from experiments.checkpoints import DIGEST_FILE, CheckpointError
 from experiments.configs import smoke
 from experiments.trained import accuracy, load_run
 
@@ -55,3 +57,15 @@ def test_export_cli_file_matches_the_quantized_model(workdir, tmp_path, capsys):
 def test_missing_workdir_is_explained(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     load_run(tmp_path)
+
+
+def test_damaged_checkpoint_is_reported_not_moved(workdir, tmp_path):
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  step_dir = copy / "checkpoints" / "10"
+  victim = next(p for p in sorted(step_dir.rglob("*")) if p.is_file() and p.stat().st_size
+                and p.name != DIGEST_FILE)
+  victim.write_bytes(victim.read_bytes() + b"x")
+  with pytest.raises(CheckpointError, match="Checkpoint 10 .* is damaged"):
+    load_run(copy)
+  assert step_dir.is_dir()
