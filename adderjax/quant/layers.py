@@ -68,6 +68,7 @@ class _QuantizedAdder(nnx.Module):
     """``-sum |a_q - m w_q|`` of each output channel, int32, original channel order."""
     m = input_multiplier(self.signed_inputs)
     kernel = self.kernel[...].astype(jnp.int32) * m
+    x = x.astype(jnp.float32)  # half precision would round the codes
     sums, start = [], 0
     for g, size in enumerate(self.group_sizes):
       codes = quantize_activations(x, self.scales[g], self.bits, signed=self.signed_inputs)
