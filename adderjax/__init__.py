@@ -16,6 +16,8 @@ cheap:
 - `adderjax.analysis`: features, kernels, gradient norms and weight
   statistics of a model; `adderjax.plotting`: their figures (matplotlib,
   the ``plot`` extra).
+- `adderjax.quant`: post-training quantization of the adder layers to integers;
+  `adderjax.export`: a trained model's inference function as a `jax.export` file.
 
 Example:
   >>> import adderjax
@@ -31,10 +33,11 @@ from typing import TYPE_CHECKING, Any
 from adderjax._version import __version__
 
 if TYPE_CHECKING:
-  from adderjax import analysis, data, linen, models, nn, ops, optim, plotting, profiling
+  from adderjax import (analysis, data, export, linen, models, nn, ops, optim, plotting,
+                        profiling, quant)
 
-__all__ = ["__version__", "analysis", "data", "linen", "models", "nn", "ops", "optim", "plotting",
-           "profiling"]
+__all__ = ["__version__", "analysis", "data", "export", "linen", "models", "nn", "ops", "optim",
+           "plotting", "profiling", "quant"]
 
 _SUBPACKAGES = frozenset(__all__) - {"__version__"}
 

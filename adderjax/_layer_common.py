@@ -18,7 +18,7 @@ from adderjax.ops.dispatch import ImplementationLike, adder_conv, check_implemen
 from adderjax.ops.spec import GradMode, check_grad_mode
 
 __all__ = ["PADDING_MODES", "apply_adder_conv", "check_op_options", "default_bias_init",
-           "default_kernel_init"]
+           "default_kernel_init", "pad_input"]
 
 default_kernel_init = nnx.initializers.normal(stddev=1.0)
 """N(0, 1), the official code's initialization of adder kernels."""
@@ -33,6 +33,17 @@ def check_op_options(grad_mode: Any, implementation: Any) -> None:
   """A ValueError naming ``grad_mode`` or ``implementation`` if `adder_conv` rejects it."""
   check_grad_mode(grad_mode)
   check_implementation(implementation)
+
+
+def pad_input(x: jax.Array, kernel_hw: tuple[int, int], kernel_dilation: tuple[int, int],
+              padding: Padding2D) -> tuple[jax.Array, Padding2D]:
+  """``(x, padding)`` for the op: ``"CIRCULAR"`` and ``"REFLECT"`` pad ``x``
+  as `flax.nnx.Conv` does and become ``"VALID"``; other paddings pass through."""
+  if padding not in _PAD_MODES:
+    return x, padding
+  dilated = [(k - 1) * d + 1 for k, d in zip(kernel_hw, kernel_dilation)]
+  pads = [(0, 0)] * (x.ndim - 3) + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+  return jnp.pad(x, pads, mode=_PAD_MODES[padding]), "VALID"
 
 
 def apply_adder_conv(
@@ -55,11 +66,7 @@ def apply_adder_conv(
   """
   batch_shape = inputs.shape[:-3]
   x = jnp.reshape(inputs, (math.prod(batch_shape),) + inputs.shape[-3:])
-  if padding in _PAD_MODES:
-    dilated = [(k - 1) * d + 1 for k, d in zip(kernel.shape[:2], kernel_dilation)]
-    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
-    x = jnp.pad(x, pads, mode=_PAD_MODES[padding])
-    padding = "VALID"
+  x, padding = pad_input(x, kernel.shape[:2], kernel_dilation, padding)
   y = adder_conv(x, kernel, strides=strides, padding=padding, rhs_dilation=kernel_dilation,
                  feature_group_count=feature_group_count, grad_mode=grad_mode,
                  implementation=implementation)

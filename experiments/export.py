@@ -1,0 +1,62 @@
+"""Exports the model of a trainer workdir, float or quantized, as one `jax.export` file.
+
+    python -m experiments.export --workdir=W --output=model.jaxexport
+    python -m experiments.export --workdir=W --output=int8.jaxexport --bits=8 [--method --groups]
+
+The file holds the inference function (StableHLO for CPU and CUDA, any batch
+size, adder layers on the XLA implementation) with the input spec and the
+dataset's normalisation; ``adderjax.export`` says how to load it with JAX alone.
+With ``--bits``, the model is first quantized (`adderjax.quant.quantize`, on
+``--calibration_batches`` training batches). ``--check`` reloads the file and
+reports its accuracy on the run's evaluation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from adderjax import data, export, quant
+from experiments.trained import accuracy, calibration_batches, float_reference, load_run
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True, help="A trainer workdir (experiments.main).")
+  parser.add_argument("--output", required=True, help="The file to write.")
+  parser.add_argument("--bits", type=int, default=None, help="Quantize to this many bits first.")
+  parser.add_argument("--method", default="nie2022", choices=quant.METHODS)
+  parser.add_argument("--groups", type=int, default=4)
+  parser.add_argument("--keep_float", nargs="*", default=[],
+                      help="Adder layers to leave in float, by path (e.g. conv1 fc3).")
+  parser.add_argument("--calibration_batches", type=int, default=10,
+                      help="Training batches for BatchNorm statistics (and calibration).")
+  parser.add_argument("--platforms", nargs="+", default=list(export.PLATFORMS))
+  parser.add_argument("--step", type=int, default=None, help="Checkpoint (default: newest).")
+  parser.add_argument("--check", action="store_true",
+                      help="Reload the file and report its test accuracy.")
+  args = parser.parse_args(argv)
+
+  run = load_run(args.workdir, step=args.step)
+  batches = calibration_batches(run, args.calibration_batches)
+  metadata = {"model": run.config.model, "kind": run.config.kind,
+              "dataset": run.config.dataset, "step": run.step}
+  if args.bits is None:
+    model = float_reference(run, batches)
+  else:
+    model, _ = quant.quantize(run.model, batches, bits=args.bits, groups=args.groups,
+                              method=args.method, keep_float=args.keep_float)
+    metadata["quantization"] = {"bits": args.bits, "method": args.method, "groups": args.groups}
+  spec = data.DATASETS[run.config.dataset]
+  written = export.save(model, args.output, input_shape=run.input_shape, mean=spec.mean,
+                        std=spec.std, platforms=args.platforms, metadata=metadata)
+  print(f"Wrote {args.output}: input {written['input_shape']}, platforms "
+        f"{written['platforms']}, JAX {written['jax_version']}")
+  if args.check:
+    function, _ = export.load(args.output)
+    print(f"Reloaded: accuracy {accuracy(run, function):.2%} on the eval split")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,142 @@
+"""A trained model back from a trainer workdir, its data, and its test accuracy.
+
+Shared by the commands that take a finished run further: `experiments.quantize`
+and `experiments.export`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from adderjax import data
+from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
+from experiments.checkpoints import CheckpointError, Checkpoints
+from experiments.train import _load_sources, make_model, make_optimizer, make_schedule
+
+__all__ = ["TrainedRun", "accuracy", "calibration_batches", "float_reference", "load_run"]
+
+
+class TrainedRun:
+  """A run's config, model (restored, in eval mode), step and data sources.
+
+  Attributes:
+    workdir: the trainer workdir.
+    config: its ``config.json``.
+    model: the model at ``step``.
+    step: the checkpoint restored.
+    train_source, eval_source: the splits the run trained and evaluated on.
+  """
+
+  def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict,
+               model: nnx.Module, step: int):
+    self.workdir = workdir
+    self.config = config
+    self.model = model
+    self.step = step
+    self.train_source, self.eval_source = _load_sources(config)
+
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    if self.config.dataset == "imagenet2012" and self.config.image_size:
+      return (self.config.image_size, self.config.image_size, 3)
+    return data.DATASETS[self.config.dataset].image_shape
+
+
+def load_run(workdir: str | pathlib.Path, *, step: int | None = None) -> TrainedRun:
+  """Restores the model of a `experiments.train.train_and_evaluate` workdir.
+
+  Args:
+    workdir: the run's directory, with ``config.json`` and ``checkpoints/``.
+    step: the checkpoint to restore; None for the newest.
+
+  Raises:
+    FileNotFoundError: if the workdir has no ``config.json`` or no checkpoint.
+    experiments.checkpoints.CheckpointError: if the checkpoint's files do not
+      match their digest.
+  """
+  workdir = pathlib.Path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"{config_path} is missing: --workdir must be a trainer workdir "
+                            "(python -m experiments.main --workdir=...).")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  model = make_model(config, rngs=nnx.Rngs(config.seed))
+  # The checkpoint holds (model, optimizer): restore into the same structure.
+  optimizer = nnx.Optimizer(model, make_optimizer(config, make_schedule(config, 1, 1)),
+                            wrt=nnx.Param)
+  checkpoints = Checkpoints(workdir / "checkpoints")
+  try:
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{workdir / 'checkpoints'} has no checkpoint.")
+    # Read only: a damaged checkpoint is reported, not moved aside as the trainer does.
+    problem = checkpoints.verify_files(step)
+    if problem:
+      raise CheckpointError(f"Checkpoint {step} in {workdir / 'checkpoints'} is damaged: "
+                            f"{problem}. Pass --step for another one.")
+    state = checkpoints.restore(step, nnx.state((model, optimizer)))
+  finally:
+    checkpoints.close()
+  nnx.update((model, optimizer), state)
+  model.eval()
+  return TrainedRun(workdir, config, model, step)
+
+
+def calibration_batches(run: TrainedRun, num_batches: int) -> list[jax.Array]:
+  """``num_batches`` training batches (shuffled, with the training augmentation) of images.
+
+  From another seed than training's, as the trainer's BatchNorm recomputation.
+  """
+  config = run.config
+  batches = data.train_batches(config.dataset, run.train_source,
+                               global_batch_size=config.batch_size, seed=config.seed + 1,
+                               augment=config.augment, image_size=config.image_size or None)
+  return [jnp.asarray(b["image"]) for b in itertools.islice(batches, num_batches)]
+
+
+def _logits(outputs: Any) -> jax.Array:
+  return outputs[-1] if isinstance(outputs, tuple) else outputs
+
+
+@nnx.jit
+def _forward(model: nnx.Module, images: jax.Array) -> Any:
+  return model(images)
+
+
+def accuracy(run: TrainedRun, model: nnx.Module | Callable[[jax.Array], Any]) -> float:
+  """The accuracy on the run's evaluation split (every example once).
+
+  Args:
+    run: the run, whose split and batch size are used.
+    model: an NNX model (run jitted), or any function from images to logits
+      (e.g. a loaded `adderjax.export` file).
+  """
+  config = run.config
+  predict = (lambda x: _forward(model, x)) if isinstance(model, nnx.Module) else model
+  correct = count = 0
+  for batch in data.eval_batches(config.dataset, run.eval_source,
+                                 global_batch_size=config.eval_batch_size,
+                                 image_size=config.image_size or None):
+    logits = np.asarray(_logits(predict(jnp.asarray(batch["image"]))))
+    hits = (np.argmax(logits, -1) == batch["label"]) & batch["mask"]
+    correct, count = correct + int(hits.sum()), count + int(batch["mask"].sum())
+  return correct / max(count, 1)
+
+
+def float_reference(run: TrainedRun, batches: list[jax.Array]) -> nnx.Module:
+  """A copy of the float model with its BatchNorm statistics recomputed on ``batches``,
+  as the trainer evaluates it and as `adderjax.quant.quantize` treats the quantized one."""
+  model = nnx.clone(run.model)
+  recompute_batch_norm_stats(model, batches)
+  model.eval()
+  return model

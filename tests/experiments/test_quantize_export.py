@@ -1,0 +1,71 @@
+"""experiments.quantize and experiments.export on a tiny trained run."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from adderjax import export
+from experiments import export as export_cli
+from experiments import quantize as quantize_cli
+from experiments import train
+from experiments.checkpoints import DIGEST_FILE, CheckpointError
+from experiments.configs import smoke
+from experiments.trained import accuracy, load_run
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """Ten steps of LeNet-5-BN on 320 bundled MNIST images, evaluated on 128."""
+  config = smoke.get_config()
+  config.update(progress_bar=False, bn_recompute_batches=0, data_source="bundled",
+                train_split="test[:320]", eval_split="test[320:448]", num_train_steps=10,
+                eval_every_steps=10, checkpoint_every_steps=10)
+  path = tmp_path_factory.mktemp("run")
+  train.train_and_evaluate(config, path)
+  return path
+
+
+def test_quantize_cli_writes_a_row_per_setting(workdir, capsys):
+  # One group: the same code path with less to compile (4 groups: tests/quant).
+  assert quantize_cli.main(["--workdir", str(workdir), "--bits", "8", "--groups", "1",
+                            "--calibration_batches", "2", "--report"]) == 0
+  out = capsys.readouterr().out
+  assert "float accuracy" in out and "conv1" in out
+  rows = json.loads((workdir / "quantization.json").read_text())["rows"]
+  assert [(r["method"], r["bits"]) for r in rows] == [("float", 32), ("nie2022", 8)]
+  assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+  assert [layer["path"] for layer in rows[1]["layers"]] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+
+
+def test_export_cli_file_matches_the_quantized_model(workdir, tmp_path, capsys):
+  output = tmp_path / "int8.jaxexport"
+  assert export_cli.main(["--workdir", str(workdir), "--output", str(output), "--bits", "8",
+                          "--groups", "1", "--calibration_batches", "2", "--platforms", "cpu",
+                          "--check"]) == 0
+  out = capsys.readouterr().out
+  function, spec = export.load(output)
+  assert spec["metadata"]["quantization"]["bits"] == 8
+  assert spec["preprocessing"]["mean"] == [0.1307]
+  run = load_run(workdir)
+  reloaded = accuracy(run, function)
+  assert f"Reloaded: accuracy {reloaded:.2%}" in out
+  assert np.isfinite(reloaded)
+
+
+def test_missing_workdir_is_explained(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    load_run(tmp_path)
+
+
+def test_damaged_checkpoint_is_reported_not_moved(workdir, tmp_path):
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  step_dir = copy / "checkpoints" / "10"
+  victim = next(p for p in sorted(step_dir.rglob("*")) if p.is_file() and p.stat().st_size
+                and p.name != DIGEST_FILE)
+  victim.write_bytes(victim.read_bytes() + b"x")
+  with pytest.raises(CheckpointError, match="Checkpoint 10 .* is damaged"):
+    load_run(copy)
+  assert step_dir.is_dir()
