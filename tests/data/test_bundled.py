@@ -12,6 +12,14 @@ from adderjax.data import bundled
 from tests.data.test_local_files import MNIST_DIR
 
 
+def test_the_bundled_files_are_those_in_shared():
+  if not MNIST_DIR.is_dir():
+    pytest.skip(f"{MNIST_DIR} is not here")
+  folder = importlib.resources.files("adderjax.data") / "bundled"
+  for name in bundled.BUNDLED_MNIST_FILES:
+    assert (folder / name).read_bytes() == (MNIST_DIR / name).read_bytes()
+
+
 def test_the_package_ships_the_official_files():
   folder = importlib.resources.files("adderjax.data") / "bundled"
   assert bundled.BUNDLED_MNIST_FILES == {
@@ -29,7 +37,8 @@ def test_bundled_images_are_the_mnist_test_set():
   assert images.sum() == 264_923_200 and images.mean() == pytest.approx(33.7912245)
   assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
   # Decoded independently: a 16-byte header, then the pixels row-major.
-  raw = gzip.decompress((MNIST_DIR / "t10k-images-idx3-ubyte.gz").read_bytes())
+  folder = importlib.resources.files("adderjax.data") / "bundled"
+  raw = gzip.decompress((folder / "t10k-images-idx3-ubyte.gz").read_bytes())
   np.testing.assert_array_equal(images.ravel(), np.frombuffer(raw, np.uint8, offset=16))
   assert not images.flags.writeable and not labels.flags.writeable
 

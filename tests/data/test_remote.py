@@ -235,10 +235,11 @@ def test_bad_arguments_are_named(cache, kwargs, message):
     data.download(**kwargs)
 
 
-def test_published_checksums_match_the_bundled_and_shared_files():
-  from tests.data.test_local_files import MNIST_DIR
+def test_published_checksums_match_the_bundled_files():
+  import importlib.resources
+  folder = importlib.resources.files("adderjax.data") / "bundled"
   for file in remote.REMOTES["mnist"].files["test"]:
-    content = (MNIST_DIR / file.name).read_bytes()
+    content = (folder / file.name).read_bytes()
     assert md5(content) == file.md5 and len(content) == file.size
 
 
