@@ -48,6 +48,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import IO
 
+from adderjax._paths import user_cache_dir
 from adderjax.data.local_files import DataError
 
 try:
@@ -147,10 +148,7 @@ REMOTES: dict[str, Remote] = {
 
 def data_home() -> pathlib.Path:
   """The directory downloads go to: ``$ADDERJAX_DATA_DIR``, else the user's cache (XDG)."""
-  if os.environ.get(ENV_DATA_DIR):
-    return pathlib.Path(os.environ[ENV_DATA_DIR]).expanduser()
-  cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-  return pathlib.Path(cache).expanduser() / "adderjax"
+  return user_cache_dir(ENV_DATA_DIR)
 
 
 def dataset_dir(dataset: str) -> pathlib.Path:

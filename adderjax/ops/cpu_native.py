@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from adderjax._paths import user_cache_dir
 from adderjax.ops import sharding, xla
 from adderjax.ops.spec import ConvSpec
 
@@ -60,14 +61,10 @@ _INPUT_GRAD_TARGET = "adderjax_adder_input_grad"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes",
           "-Wno-return-type")
 _BUILD_TIMEOUT_S = 300
-_OFF = ("0", "false", "no", "off")
 
 
-def _cache_root() -> pathlib.Path:
-  if os.environ.get(ENV_CACHE_DIR):
-    return pathlib.Path(os.environ[ENV_CACHE_DIR]).expanduser()
-  cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-  return pathlib.Path(cache).expanduser() / "adderjax"
+def _disabled() -> bool:
+  return os.environ.get(ENV_DISABLE, "1").lower() in ("0", "false", "no", "off")
 
 
 def _compiler() -> list[str] | None:
@@ -117,7 +114,7 @@ def build_and_open(cache_root: pathlib.Path | None = None) -> tuple[ctypes.CDLL 
   Args:
     cache_root: Where the ``native/`` cache lives (default: see the module docstring).
   """
-  if os.environ.get(ENV_DISABLE, "1").lower() in _OFF:
+  if _disabled():
     return None, f"{ENV_DISABLE}={os.environ[ENV_DISABLE]} turns them off"
   if platform.machine().lower() not in ("x86_64", "amd64"):
     return None, f"they are written for x86-64 (AVX2 or AVX-512), this is {platform.machine()}"
@@ -125,7 +122,7 @@ def build_and_open(cache_root: pathlib.Path | None = None) -> tuple[ctypes.CDLL 
   if compiler is None:
     return None, f"no C++ compiler was found ($CXX={os.environ.get('CXX', '')!r}, or c++)"
   try:
-    root = _cache_root() if cache_root is None else pathlib.Path(cache_root)
+    root = user_cache_dir(ENV_CACHE_DIR) if cache_root is None else pathlib.Path(cache_root)
     target = root / "native" / _build_key(compiler) / "libadderjax_cpu.so"
     if not target.exists():
       _build(compiler, target)
@@ -152,7 +149,7 @@ def available() -> bool:
   once, saying why, and returns False.
   """
   library, reason = _load()
-  if library is None and os.environ.get(ENV_DISABLE, "1").lower() not in _OFF:
+  if library is None and not _disabled():
     _warn_once(reason)
   return library is not None
 
@@ -182,10 +179,6 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def _pad_last(a: jax.Array, size: int) -> jax.Array:
-  return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, size - a.shape[-1])])
-
-
 def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
   """The native forward: ``-sum |Xpad - F|`` as ``(B, Ho, Wo, O)`` (float32)."""
   kh, kw, cg, out = w.shape
@@ -194,7 +187,7 @@ def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
   opad = _round_up(per_group, _vector_width())
   xp = jnp.pad(x, ((0, 0), *spec.padding, (0, 0)))
   # Filters as (G, K, Opad), K in (row, column, channel) order.
-  wt = _pad_last(w.reshape(kh * kw * cg, groups, per_group).transpose(1, 0, 2), opad)
+  wt = xla._pad_axis(w.reshape(kh * kw * cg, groups, per_group).transpose(1, 0, 2), -1, opad)
   (sh, sw), (dh, dw) = spec.strides, spec.dilation
   call = jax.ffi.ffi_call(_FORWARD_TARGET, jax.ShapeDtypeStruct((x.shape[0], ho, wo, out),
                                                                  jnp.float32),
@@ -218,7 +211,8 @@ def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
                 (low_w, wd + (kw - 1) * dw - wo - low_w, 0), (0, 0, 0)))
   cpad = _round_up(cg, _vector_width())
   # Filters as (G, kh, kw, Og, Cpad): one output channel's filter is a row over the channels.
-  wt = _pad_last(w.reshape(kh, kw, cg, groups, per_group).transpose(3, 0, 1, 4, 2), cpad)
+  wt = w.reshape(kh, kw, cg, groups, per_group).transpose(3, 0, 1, 4, 2)
+  wt = xla._pad_axis(wt, -1, cpad)
   call = jax.ffi.ffi_call(_INPUT_GRAD_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
                           vmap_method="sequential")
   return call(x, gp, wt, dh=np.int64(dh), dw=np.int64(dw), groups=np.int64(groups))
