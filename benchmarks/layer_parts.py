@@ -2,8 +2,9 @@
 
 For ResNet-20's stride-1 3x3 shapes (batch 64): forward, input gradient and
 weight gradient of `lax.conv_general_dilated` and of the native CPU adder
-kernels (`adderjax.ops.cpu_native`; the weight gradient is XLA's convolution
-gradient for both), each jitted alone, medians of ``--calls`` calls.
+kernels (`adderjax.ops.cpu_native`), and the adder weight gradient as XLA's
+convolution gradient (what the native path used before it had its own), each
+jitted alone, medians of ``--calls`` calls.
 
     python benchmarks/layer_parts.py
 """
@@ -47,8 +48,9 @@ def main() -> None:
     return lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  print("| H=W, C | conv fwd | conv dx | conv dw | adder fwd | adder dx | adder dw |")
-  print("|---|---|---|---|---|---|---|")
+  print("| H=W, C | conv fwd | conv dx | conv dw | adder fwd | adder dx | adder dw "
+        "| adder dw (XLA conv) |")
+  print("|---|---|---|---|---|---|---|---|")
   for size, channels in SHAPES:
     x = jnp.asarray(rng.normal(size=(64, size, size, channels)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, channels, channels)), jnp.float32)
@@ -61,8 +63,10 @@ def main() -> None:
         "adder fwd": (jax.jit(lambda x, w, spec=spec: cpu_native.forward(x, w, spec)), (x, w)),
         "adder dx": (jax.jit(lambda x, w, g, spec=spec: cpu_native.input_grad_full_precision(x, w, g, spec)),
                      (x, w, g)),
-        "adder dw": (jax.jit(lambda x, w, g, spec=spec: xla.weight_grad(x, w, g, spec, "full_precision")),
-                     (x, w, g)),
+        "adder dw": (jax.jit(lambda x, w, g, spec=spec:
+                             cpu_native.weight_grad_full_precision(x, w, g, spec)), (x, w, g)),
+        "adder dw xla": (jax.jit(lambda x, w, g, spec=spec:
+                                 xla.weight_grad(x, w, g, spec, "full_precision")), (x, w, g)),
     }
     cells = [f"{median_ms(fn, *a, calls=args.calls):.2f} ms" for fn, a in parts.values()]
     print(f"| {size}, {channels} | " + " | ".join(cells) + " |")

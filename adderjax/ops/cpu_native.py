@@ -1,14 +1,16 @@
 """Native CPU kernels for the adder convolution: XLA FFI handlers built on first use.
 
-The forward pass and the full-precision input gradient at stride 1 run as C++
-micro-kernels (``csrc/adder_cpu.cc``): a tile of 8 output pixels by 16 or 32
-channels held in vector registers, the reduction streamed through it with
-implicit im2col, the max trick ``|a - b| = 2 max(a, b) - a - b`` in the
-forward (the patch and filter sums it needs are taken in the kernel, in a fixed
-order, so an output does not depend on the batch it is in), and the rows shared
-out over XLA's intra-op threads. The rest (the
-weight gradient, which is a convolution's; the other gradient modes; strided
-input gradients; float64) uses :mod:`adderjax.ops.xla`.
+The forward pass, the full-precision input gradient at stride 1 and the
+full-precision weight gradient run as C++ micro-kernels (``csrc/adder_cpu.cc``):
+a tile of outputs held in vector registers (8 output pixels by 16 or 32
+channels; for the weight gradient, 8 output channels by three vectors of
+input channels), the reduction streamed through it with implicit im2col, the
+max trick ``|a - b| = 2 max(a, b) - a - b`` in the forward (the patch and
+filter sums it needs are taken in the kernel, in a fixed order, so an output
+does not depend on the batch it is in), and the work shared out over XLA's
+intra-op threads. The rest (the ``"sign"`` and ``"unclipped"`` input
+gradients, the ``"sign"`` weight gradient, strided input gradients, float64)
+uses :mod:`adderjax.ops.xla`.
 
 The handlers are compiled the first time they are needed with the system's
 C++ compiler (``$CXX``, else ``c++``) for this CPU (``-O3 -march=native``,
@@ -58,6 +60,7 @@ ENV_DISABLE = "ADDERJAX_NATIVE"
 ENV_CACHE_DIR = "ADDERJAX_CACHE_DIR"
 _FORWARD_TARGET = "adderjax_adder_forward"
 _INPUT_GRAD_TARGET = "adderjax_adder_input_grad"
+_WEIGHT_GRAD_TARGET = "adderjax_adder_weight_grad"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes",
           "-Wno-return-type")
 _BUILD_TIMEOUT_S = 300
@@ -137,7 +140,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
   library, reason = build_and_open()
   if library is not None:
     for name, symbol in ((_FORWARD_TARGET, library.AdderjaxAdderForward),
-                         (_INPUT_GRAD_TARGET, library.AdderjaxAdderInputGrad)):
+                         (_INPUT_GRAD_TARGET, library.AdderjaxAdderInputGrad),
+                         (_WEIGHT_GRAD_TARGET, library.AdderjaxAdderWeightGrad)):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
   return library, reason
 
@@ -218,6 +222,28 @@ def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
   return call(x, gp, wt, dh=np.int64(dh), dw=np.int64(dw), groups=np.int64(groups))
 
 
+def _filters_by_output_channel(w: jax.Array, groups: int, cpad: int) -> jax.Array:
+  """Filters as ``(G, kh, kw, Og, Cpad)``: one output channel's filter a row over the channels."""
+  kh, kw, cg, out = w.shape
+  wt = w.reshape(kh, kw, cg, groups, out // groups).transpose(3, 0, 1, 4, 2)
+  return xla._pad_axis(wt, -1, cpad)
+
+
+def weight_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
+                               spec: ConvSpec) -> jax.Array:
+  """The native ``sum g * (Xpad - F)`` over the batch and the output pixels: ``w``'s shape."""
+  kh, kw, cg, out = w.shape
+  groups = spec.groups
+  xp = jnp.pad(x, ((0, 0), *spec.padding, (0, 0)))
+  wt = _filters_by_output_channel(w, groups, _round_up(cg, _vector_width()))
+  (sh, sw), (dh, dw) = spec.strides, spec.dilation
+  call = jax.ffi.ffi_call(_WEIGHT_GRAD_TARGET, jax.ShapeDtypeStruct(wt.shape, jnp.float32),
+                          vmap_method="sequential")
+  dwt = call(xp, g, wt, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
+             groups=np.int64(groups))
+  return dwt[..., :cg].transpose(1, 2, 4, 0, 3).reshape(kh, kw, cg, out)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Kernel:
   """A native kernel bound to a layer's geometry: hashable, for `sharding.per_batch_shard`."""
@@ -226,9 +252,9 @@ class _Kernel:
   spec: ConvSpec
 
   def __call__(self, *operands: jax.Array) -> jax.Array:
-    if self.kind == "forward":
-      return forward(*operands, self.spec)
-    return input_grad_full_precision(*operands, self.spec)
+    kernels = {"forward": forward, "input_grad": input_grad_full_precision,
+               "weight_grad": weight_grad_full_precision}
+    return kernels[self.kind](*operands, self.spec)
 
 
 class NativeCpuAdderConv:
@@ -253,4 +279,6 @@ class NativeCpuAdderConv:
 
   def weight_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
                   grad_mode: str) -> jax.Array:
+    if x.dtype == jnp.float32 and grad_mode != "sign":
+      return sharding.per_batch_shard(_Kernel("weight_grad", spec), "weight_grad", x, w, g)
     return xla.weight_grad(x, w, g, spec, grad_mode)

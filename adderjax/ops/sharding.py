@@ -14,7 +14,10 @@ there. :func:`per_batch_shard` keeps the batch split instead:
   batched itself). On one device both lower to the plain kernel.
 
 A kernel is a hashable callable (so its partitioned wrapper is built once)
-of ``(x, w)`` (``kind="forward"``) or ``(x, w, g)`` (``kind="input_grad"``).
+of ``(x, w)`` (``kind="forward"``) or ``(x, w, g)`` (``kind="input_grad"`` and
+``kind="weight_grad"``). A weight gradient sums over the batch: each device
+sums its shard and a ``psum`` over the batch's mesh axes adds the shards up,
+the result replicated.
 """
 
 from __future__ import annotations
@@ -30,16 +33,21 @@ from jax.sharding import AxisType, NamedSharding
 
 __all__ = ["KernelName", "explicit_batch_axes", "per_batch_shard"]
 
-KernelName = Literal["forward", "input_grad"]
+KernelName = Literal["forward", "input_grad", "weight_grad"]
 
 # Which operands carry the batch.
-_BATCHED = {"forward": (True, False), "input_grad": (True, False, True)}
+_BATCHED = {"forward": (True, False), "input_grad": (True, False, True),
+            "weight_grad": (True, False, True)}
 # Shardy rules: only the batch factor "b" may stay sharded.
 _SHARDING_RULES = {
     "forward": ("b h w c, i j k o -> b y z n", ("h", "w", "c", "i", "j", "k", "o", "y", "z", "n")),
     "input_grad": ("b h w c, i j k o, b y z n -> b h w c",
                    ("h", "w", "c", "i", "j", "k", "o", "y", "z", "n")),
+    "weight_grad": ("b h w c, i j k o, b y z n -> i j k o",
+                    ("h", "w", "c", "i", "j", "k", "o", "y", "z", "n")),
 }
+# Kernels whose result sums over the batch: each shard's partial sum, then a psum.
+_SUMMED_OVER_BATCH = ("weight_grad",)
 
 
 def explicit_batch_axes(x: jax.Array):
@@ -60,11 +68,13 @@ def per_batch_shard(kernel: Callable[..., jax.Array], kind: KernelName,
 
   Args:
     kernel: A hashable callable of the operands.
-    kind: ``"forward"`` (operands ``x, w``) or ``"input_grad"`` (``x, w, g``).
+    kind: ``"forward"`` (operands ``x, w``), ``"input_grad"`` or ``"weight_grad"``
+      (``x, w, g``).
     *operands: The kernel's operands, the batch leading ``x`` (and ``g``).
 
   Returns:
-    The kernel's result, batch-sharded as ``x``.
+    The kernel's result: batch-sharded as ``x``, or (a weight gradient)
+    summed over the whole batch and replicated.
   """
   explicit = explicit_batch_axes(operands[0])
   if explicit is not None:
@@ -73,10 +83,19 @@ def per_batch_shard(kernel: Callable[..., jax.Array], kind: KernelName,
       return kernel(*operands)
     batched = jax.P(axes)
     in_specs = tuple(batched if b else jax.P() for b in _BATCHED[kind])
+    summed = kind in _SUMMED_OVER_BATCH
     # check_vma=False: custom calls' outputs carry no varying-axes annotation.
-    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=batched,
+    return jax.shard_map(_summed(kernel, axes) if summed else kernel, mesh=mesh,
+                         in_specs=in_specs, out_specs=jax.P() if summed else batched,
                          check_vma=False)(*operands)
   return _auto_partitioned(kernel, kind)(*operands)
+
+
+def _summed(kernel: Callable[..., jax.Array], axes) -> Callable[..., jax.Array]:
+  """``kernel`` on a shard, then summed over the mesh ``axes`` the batch is split along."""
+  if axes is None:
+    return kernel
+  return lambda *operands: jax.lax.psum(kernel(*operands), axes)
 
 
 @functools.cache
@@ -85,26 +104,31 @@ def _auto_partitioned(kernel: Callable[..., jax.Array], kind: KernelName) -> Cal
     return kernel(*operands)
 
   batched_args = _BATCHED[kind]
+  summed = kind in _SUMMED_OVER_BATCH
 
-  def batch_sharding(mesh, arg_shapes):
+  def batch_axes(arg_shapes):
     x_spec = getattr(arg_shapes[0].sharding, "spec", None)
-    axes = x_spec[0] if x_spec else None
-    return NamedSharding(mesh, jax.P(axes)), NamedSharding(mesh, jax.P())
+    return x_spec[0] if x_spec else None
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    batched, replicated = batch_sharding(mesh, arg_shapes)
-    return mesh, fn, batched, tuple(batched if b else replicated for b in batched_args)
+    axes = batch_axes(arg_shapes)
+    batched, replicated = NamedSharding(mesh, jax.P(axes)), NamedSharding(mesh, jax.P())
+    operands = tuple(batched if b else replicated for b in batched_args)
+    if summed:
+      return mesh, _summed(fn, axes), replicated, operands
+    return mesh, fn, batched, operands
 
   def infer_sharding_from_operands(mesh, arg_shapes, result_shape):
     del result_shape
-    return batch_sharding(mesh, arg_shapes)[0]
+    return NamedSharding(mesh, jax.P() if summed else jax.P(batch_axes(arg_shapes)))
 
   partitioned = custom_partitioning(fn)
   rule, replicated_factors = _SHARDING_RULES[kind]
   partitioned.def_partition(partition=partition,
                             infer_sharding_from_operands=infer_sharding_from_operands,
-                            sharding_rule=rule, need_replication_factors=replicated_factors)
+                            sharding_rule=rule, need_replication_factors=replicated_factors,
+                            reduction_factors=("b",) if summed else ())
 
   @custom_batching.custom_vmap
   def call(*operands):

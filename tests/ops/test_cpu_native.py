@@ -23,12 +23,16 @@ class TestCpuNative(AdderConvTestBase):
   implementation = "cpu"
 
   def test_the_native_kernels_run(self):
-    """Forward and stride-1 input gradient are the custom calls, not the XLA loops."""
+    """Forward, stride-1 input gradient and weight gradient are custom calls, not XLA's."""
     x = jnp.ones((2, 6, 6, 5), jnp.float32)
     w = jnp.ones((3, 3, 5, 7), jnp.float32)
     grad = jax.value_and_grad(lambda x, w: self.conv(x, w).sum(), (0, 1))
     text = jax.jit(grad).lower(x, w).as_text()
-    assert "adderjax_adder_forward" in text and "adderjax_adder_input_grad" in text
+    for target in ("forward", "input_grad", "weight_grad"):
+      assert f"adderjax_adder_{target}" in text
+    assert "convolution" not in text
+    sign = jax.grad(lambda w: self.conv(x, w, grad_mode="sign").sum())
+    assert "adderjax_adder_weight_grad" not in jax.jit(sign).lower(w).as_text()
     strided = jax.value_and_grad(lambda x: self.conv(x, w, strides=2).sum())
     strided = jax.jit(strided).lower(x).as_text()
     assert "adderjax_adder_forward" in strided and "adderjax_adder_input_grad" not in strided
@@ -52,6 +56,24 @@ class TestCpuNative(AdderConvTestBase):
     dx = jax.jit(lambda x, w, g: cpu_native.input_grad_full_precision(x, w, g, spec))(x, w, g)
     want = xla.input_grad(x, w, g, spec, "full_precision")
     np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    dw = jax.jit(lambda x, w, g: cpu_native.weight_grad_full_precision(x, w, g, spec))(x, w, g)
+    want = xla.weight_grad(x, w, g, spec, "full_precision")
+    np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+  @pytest.mark.parametrize("batch", [1, 3, 64])
+  def test_weight_grad_sums_the_batch_in_any_number_of_chunks(self, batch):
+    """Small layers split the batch across threads; every split adds up to the float64 sum."""
+    rng = np.random.default_rng(batch)
+    x = rng.normal(size=(batch, 4, 5, 3))
+    w = rng.normal(size=(3, 3, 3, 2))
+    spec = conv_spec(x, w, strides=1, padding="SAME", rhs_dilation=1, feature_group_count=1)
+    g = rng.normal(size=(batch, 4, 5, 2))
+    with jax.enable_x64(True):
+      want = np.asarray(xla.weight_grad(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g), spec,
+                                        "full_precision"))
+    f32 = [jnp.asarray(a, jnp.float32) for a in (x, w, g)]
+    dw = jax.jit(lambda x, w, g: cpu_native.weight_grad_full_precision(x, w, g, spec))(*f32)
+    np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
   @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
   def test_batch_sharded_over_8_devices_equals_one_device(self, axis_type):
@@ -69,9 +91,11 @@ class TestCpuNative(AdderConvTestBase):
     sharded = step(x_sharded, jax.device_put(w, replicated))
     for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-    # Each device runs its own shard: the compiled forward gathers nothing.
-    forward = jax.jit(self.conv).lower(x_sharded, jax.device_put(w, replicated)).compile()
-    assert "all-gather" not in forward.as_text()
+    # Each device runs its own shard: the compiled step gathers nothing, and the weight
+    # gradient's shards are summed by one all-reduce.
+    grad = jax.jit(jax.grad(loss, (0, 1)))
+    text = grad.lower(x_sharded, jax.device_put(w, replicated)).compile().as_text()
+    assert "all-gather" not in text and "all-reduce" in text
 
 
 def test_float64_uses_the_xla_loops():

@@ -1,10 +1,13 @@
 // Native CPU kernels of the adder convolution, as XLA FFI handlers.
 //
-// Both are written like an SGEMM micro-kernel: a tile of MR output pixels
-// (consecutive along a row) by one or two vectors of channels is held in
+// All are written like an SGEMM micro-kernel: a tile of outputs is held in
 // vector registers while the reduction streams through it, reading the input
 // in place (implicit im2col: per reduction element, one offset into the
-// padded input). The layers' rows are shared out over XLA's intra-op threads.
+// padded input). The forward and the input gradient tile MR pixels
+// (consecutive along a row) by one or two vectors of channels and share the
+// rows out over XLA's intra-op threads; the weight gradient tiles output
+// channels by (filter column, channel vector) pairs, reduces over the pixels,
+// and shares out the tiles (and, for small layers, chunks of the batch).
 //
 // Forward, with the max trick |a - b| = 2 max(a, b) - a - b:
 //   Y[p, o] = -(2 sum_k max(X[p, k], F[k, o]) - SX[p] - SF[o])
@@ -18,6 +21,10 @@
 //                 * clip(F[i, j, c, o] - X[y, x, c], -1, 1)
 // on G padded by the caller so that every index is valid (zeros outside).
 //
+// Weight gradient, full precision (any stride and dilation):
+//   dW[i, j, c, o] = sum_{b, y, x} G[y, x, o] * (Xp[y sh + i dh, x sw + j dw, c] - F[i, j, c, o])
+// as sum G Xp (fused multiply-adds) less F sum G, summed an image at a time.
+//
 // Layouts (prepared by adderjax/ops/cpu_native.py):
 //   forward:    xp (B, Hp, Wp, C) padded input; wt (G, K, Opad) with
 //               K = kh*kw*Cg in (i, j, c) order and Opad a multiple of the
@@ -25,6 +32,8 @@
 //   input grad: x (B, H, W, C); gp (B, H + (kh-1) dh, W + (kw-1) dw, G*Og);
 //               wt (G, kh, kw, Og, Cpad), Cpad a multiple of the vector
 //               width (zero columns); dx (B, H, W, C).
+//   weight grad: xp (B, Hp, Wp, C) padded input; g (B, Ho, Wo, G*Og); wt and
+//               dwt (G, kh, kw, Og, Cpad).
 
 #include <immintrin.h>
 
@@ -47,11 +56,13 @@ struct Vec {
   using T = __m512;
   using Mask = __mmask16;
   static constexpr int kWidth = 16;
+  static constexpr int kRegisters = 32;
   static T zero() { return _mm512_setzero_ps(); }
   static T set1(float a) { return _mm512_set1_ps(a); }
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static T load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
   static void store(float* p, T v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static Mask mask(int64_t n) {
     return n >= kWidth ? Mask(0xFFFF) : Mask((1u << n) - 1u);
   }
@@ -67,11 +78,13 @@ struct Vec {
   using T = __m256;
   using Mask = __m256i;
   static constexpr int kWidth = 8;
+  static constexpr int kRegisters = 16;
   static T zero() { return _mm256_setzero_ps(); }
   static T set1(float a) { return _mm256_set1_ps(a); }
   static T load(const float* p) { return _mm256_loadu_ps(p); }
   static T load(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
   static void store(float* p, T v, Mask m) { _mm256_maskstore_ps(p, m, v); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static Mask mask(int64_t n) {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(n, kWidth))), lanes);
@@ -349,6 +362,154 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Weight gradient, full precision: dW = sum G (Xp - F) = sum G Xp - F sum G.
+// A tile of MR output channels (G broadcast) by NV column vectors (each a
+// filter column j and a vector of input channels, Xp read in place) is held in
+// registers over one image's pixels and one filter row i, then added to the
+// sums in memory: one broadcast serves NV fused multiply-adds.
+constexpr int kWeightGradMR = Vec::kRegisters == 32 ? 8 : 4;
+constexpr int kWeightGradNV = 3;
+
+struct WeightGradColumns {
+  int count = 0;
+  int64_t x_offset[kWeightGradNV];  // Into Xp, from the pixel's top-left tap.
+  int64_t s_offset[kWeightGradNV];  // Into the sums, from (i, o) = (0, o0).
+  typename Vec::Mask mask[kWeightGradNV];
+};
+
+template <int MR, int NV>
+inline void WeightGradTile(const float* x, int64_t x_row, int64_t x_col, const float* g,
+                           int64_t g_row, int64_t g_col, int64_t ho, int64_t wo,
+                           const WeightGradColumns& cols, float* s, int64_t s_o) {
+  V acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = Vec::zero();
+  for (int64_t y = 0; y < ho; ++y) {
+    const float* xr = x + y * x_row;
+    const float* gr = g + y * g_row;
+    for (int64_t p = 0; p < wo; ++p) {
+      const float* xs = xr + p * x_col;
+      const float* gs = gr + p * g_col;
+      V xv[NV];
+      for (int v = 0; v < NV; ++v) xv[v] = Vec::load(xs + cols.x_offset[v], cols.mask[v]);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const V gv = Vec::set1(gs[m]);
+        for (int v = 0; v < NV; ++v) acc[m][v] = Vec::fmadd(gv, xv[v], acc[m][v]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      float* t = s + cols.s_offset[v] + m * s_o;
+      Vec::store(t, Vec::add(Vec::load(t), acc[m][v]));
+    }
+}
+
+template <int NV>
+void WeightGradTileAnyMR(int mr, const float* x, int64_t x_row, int64_t x_col, const float* g,
+                         int64_t g_row, int64_t g_col, int64_t ho, int64_t wo,
+                         const WeightGradColumns& cols, float* s, int64_t s_o) {
+#define ADDERJAX_MR_CASE(R)                                                                 \
+  case R:                                                                                   \
+    if constexpr (R <= kWeightGradMR)                                                       \
+      WeightGradTile<R, NV>(x, x_row, x_col, g, g_row, g_col, ho, wo, cols, s, s_o);        \
+    return;
+  switch (mr) {
+    ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
+    ADDERJAX_MR_CASE(5) ADDERJAX_MR_CASE(6) ADDERJAX_MR_CASE(7) ADDERJAX_MR_CASE(8)
+  }
+#undef ADDERJAX_MR_CASE
+}
+
+ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
+                          ffi::Buffer<ffi::F32> gb, ffi::Buffer<ffi::F32> wt,
+                          ffi::ResultBuffer<ffi::F32> dwt, int64_t sh, int64_t sw, int64_t dh,
+                          int64_t dw, int64_t groups) {
+  const auto xd = xp.dimensions(), gd = gb.dimensions(), wd = wt.dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 5)
+    return ffi::Error::InvalidArgument("adderjax_adder_weight_grad: bad ranks");
+  const int64_t batch = xd[0], hp = xd[1], wp = xd[2], c = xd[3], cg = c / groups;
+  const int64_t ho = gd[1], wo = gd[2], out_c = gd[3];
+  const int64_t kh = wd[1], kw = wd[2], og = wd[3], cpad = wd[4];
+  if (wd[0] != groups || out_c != groups * og || cpad % Vec::kWidth || gd[0] != batch ||
+      (ho - 1) * sh + (kh - 1) * dh >= hp || (wo - 1) * sw + (kw - 1) * dw >= wp)
+    return ffi::Error::InvalidArgument("adderjax_adder_weight_grad: bad operand layout");
+  const float* x_data = xp.typed_data();
+  const float* g_data = gb.typed_data();
+  const float* w_data = wt.typed_data();
+  float* out = dwt->typed_data();
+  const int64_t size = groups * kh * kw * og * cpad;
+  // The (column, channel vector) pairs of a filter row, NV to a tile.
+  std::vector<WeightGradColumns> column_groups;
+  for (int64_t j = 0; j < kw; ++j)
+    for (int64_t c0 = 0; c0 < cg; c0 += Vec::kWidth) {
+      if (column_groups.empty() || column_groups.back().count == kWeightGradNV)
+        column_groups.emplace_back();
+      WeightGradColumns& cols = column_groups.back();
+      cols.x_offset[cols.count] = j * dw * c + c0;
+      cols.s_offset[cols.count] = j * og * cpad + c0;
+      cols.mask[cols.count] = Vec::mask(cg - c0);
+      ++cols.count;
+    }
+  const int64_t o_tiles = (og + kWeightGradMR - 1) / kWeightGradMR;
+  const int64_t tiles = groups * o_tiles * int64_t(column_groups.size());
+  // Split the batch into chunks (summed in a fixed order at the end) only where the
+  // tiles alone cannot keep every thread busy.
+  const int64_t chunks = std::clamp<int64_t>((4 * (pool.num_threads() + 1) + tiles - 1) / tiles,
+                                             1, batch);
+  std::vector<float> partial((chunks - 1) * size);
+  std::vector<float> sum_g(chunks * out_c, 0.0f);
+  auto sums = [&](int64_t chunk) { return chunk == 0 ? out : partial.data() + (chunk - 1) * size; };
+  auto item = [&](int64_t it) {
+    const int64_t chunk = it / tiles, t = it % tiles;
+    const int64_t grp = t / (o_tiles * column_groups.size());
+    const int64_t o0 = (t / column_groups.size()) % o_tiles * kWeightGradMR;
+    const WeightGradColumns& cols = column_groups[t % column_groups.size()];
+    const int mr = int(std::min<int64_t>(kWeightGradMR, og - o0));
+    float* s = sums(chunk) + (grp * kh * kw * og + o0) * cpad;
+    for (int64_t i = 0; i < kh; ++i)
+      for (int v = 0; v < cols.count; ++v)
+        for (int m = 0; m < mr; ++m)
+          std::fill_n(s + i * kw * og * cpad + cols.s_offset[v] + m * cpad, Vec::kWidth, 0.0f);
+    const bool first_columns = &cols == &column_groups[0];
+    static constexpr decltype(&WeightGradTileAnyMR<1>) kTiles[kWeightGradNV] = {
+        WeightGradTileAnyMR<1>, WeightGradTileAnyMR<2>, WeightGradTileAnyMR<3>};
+    const auto tile = kTiles[cols.count - 1];
+    const int64_t b0 = batch * chunk / chunks, b1 = batch * (chunk + 1) / chunks;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* g = g_data + b * ho * wo * out_c + grp * og + o0;
+      for (int64_t i = 0; i < kh; ++i) {
+        const float* x = x_data + (b * hp + i * dh) * wp * c + grp * cg;
+        tile(mr, x, sh * wp * c, sw * c, g, wo * out_c, out_c, ho, wo, cols,
+             s + i * kw * og * cpad, cpad);
+      }
+      if (first_columns) {  // This tile's share of sum G, an image at a time.
+        V acc = Vec::zero();
+        const auto mask = Vec::mask(mr);
+        for (int64_t p = 0; p < ho * wo; ++p) acc = Vec::add(acc, Vec::load(g + p * out_c, mask));
+        float* sg = sum_g.data() + chunk * out_c + grp * og + o0;
+        Vec::store(sg, Vec::add(Vec::load(sg, mask), acc), mask);
+      }
+    }
+  };
+  ParallelFor(pool, chunks * tiles, item);
+  // dW = sum G Xp - F sum G, the chunks added in order.
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    const float* p = sums(chunk);
+    for (int64_t n = 0; n < size; ++n) out[n] += p[n];
+    for (int64_t o = 0; o < out_c; ++o) sum_g[o] += sum_g[chunk * out_c + o];
+  }
+  for (int64_t grp = 0; grp < groups; ++grp)
+    for (int64_t tap = 0; tap < kh * kw; ++tap)
+      for (int64_t o = 0; o < og; ++o) {
+        const int64_t at = ((grp * kh * kw + tap) * og + o) * cpad;
+        const float total = sum_g[grp * og + o];
+        for (int64_t k = 0; k < cpad; ++k) out[at + k] -= w_data[at + k] * total;
+      }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderForward, ForwardImpl,
@@ -372,6 +533,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderInputGrad, InputGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("groups"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderWeightGrad, WeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
                                   .Attr<int64_t>("groups"));
