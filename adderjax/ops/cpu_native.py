@@ -189,15 +189,16 @@ def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
   groups, per_group = spec.groups, out // spec.groups
   ho, wo = spec.output_spatial(x.shape[1:3], (kh, kw))
   opad = _round_up(per_group, _vector_width())
-  xp = jnp.pad(x, ((0, 0), *spec.padding, (0, 0)))
   # Filters as (G, K, Opad), K in (row, column, channel) order.
   wt = xla._pad_axis(w.reshape(kh * kw * cg, groups, per_group).transpose(1, 0, 2), -1, opad)
-  (sh, sw), (dh, dw) = spec.strides, spec.dilation
+  (sh, sw), (dh, dw), ((top, _), (left, _)) = spec.strides, spec.dilation, spec.padding
   call = jax.ffi.ffi_call(_FORWARD_TARGET, jax.ShapeDtypeStruct((x.shape[0], ho, wo, out),
                                                                  jnp.float32),
                           vmap_method="sequential")
-  return call(xp, wt, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh),
-              sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw), groups=np.int64(groups))
+  # The kernel reads the zero padding in place of the rows and columns outside x.
+  return call(x, wt, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw),
+              dh=np.int64(dh), dw=np.int64(dw), top=np.int64(top), left=np.int64(left),
+              groups=np.int64(groups))
 
 
 def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
@@ -234,13 +235,12 @@ def weight_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
   """The native ``sum g * (Xpad - F)`` over the batch and the output pixels: ``w``'s shape."""
   kh, kw, cg, out = w.shape
   groups = spec.groups
-  xp = jnp.pad(x, ((0, 0), *spec.padding, (0, 0)))
   wt = _filters_by_output_channel(w, groups, _round_up(cg, _vector_width()))
-  (sh, sw), (dh, dw) = spec.strides, spec.dilation
+  (sh, sw), (dh, dw), ((top, _), (left, _)) = spec.strides, spec.dilation, spec.padding
   call = jax.ffi.ffi_call(_WEIGHT_GRAD_TARGET, jax.ShapeDtypeStruct(wt.shape, jnp.float32),
                           vmap_method="sequential")
-  dwt = call(xp, g, wt, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
-             groups=np.int64(groups))
+  dwt = call(x, g, wt, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
+             top=np.int64(top), left=np.int64(left), groups=np.int64(groups))
   return dwt[..., :cg].transpose(1, 2, 4, 0, 3).reshape(kh, kw, cg, out)
 
 

@@ -138,8 +138,31 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, const Fn& fn) {
 }
 
 struct ForwardGeometry {
-  int64_t hp, wp, c, ho, wo, groups, cg, og, opad, kh, kw, sh, sw, dh, dw;
+  int64_t h, w, wp, c, ho, wo, groups, cg, og, opad, kh, kw, sh, sw, dh, dw;
 };
+
+// Floor and ceiling of a / b for b > 0 and any a.
+inline int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t CeilDiv(int64_t a, int64_t b) { return -FloorDiv(-a, b); }
+
+// Copies the input rows row0 + i*dh (i < rows) of image x (h, w, c) into rows
+// (rows, wp, c), column q holding input column q - left: zeros outside the
+// input, so the kernels read the zero padding without XLA writing it out.
+void CopyPaddedRows(const float* x, int64_t h, int64_t w, int64_t c, int64_t row0, int64_t dh,
+                    int64_t rows, int64_t left, int64_t wp, float* out) {
+  const int64_t q0 = std::clamp<int64_t>(left, 0, wp), q1 = std::clamp<int64_t>(left + w, q0, wp);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* o = out + i * wp * c;
+    const int64_t r = row0 + i * dh;
+    if (r < 0 || r >= h) {
+      std::fill_n(o, wp * c, 0.0f);
+      continue;
+    }
+    std::fill_n(o, q0 * c, 0.0f);
+    std::copy_n(x + (r * w + q0 - left) * c, (q1 - q0) * c, o + q0 * c);
+    std::fill_n(o + q1 * c, (wp - q1) * c, 0.0f);
+  }
+}
 
 // One tile: MR pixels x NV vectors of output channels.
 template <int MR, int NV>
@@ -189,13 +212,16 @@ void ForwardTileAnyMR(int mr, const float* x, int64_t x_step, const int64_t* off
 #undef ADDERJAX_MR_CASE
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> wt,
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> wt,
                        ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh,
-                       int64_t sw, int64_t dh, int64_t dw, int64_t groups) {
-  const auto xd = xp.dimensions(), wd = wt.dimensions(), yd = y->dimensions();
+                       int64_t sw, int64_t dh, int64_t dw, int64_t top, int64_t left,
+                       int64_t groups) {
+  const auto xd = xb.dimensions(), wd = wt.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 3 || yd.size() != 4)
     return ffi::Error::InvalidArgument("adderjax_adder_forward: bad ranks");
-  ForwardGeometry g{xd[1], xd[2], xd[3], yd[1], yd[2], groups, xd[3] / groups,
+  // Each row's patches read kh padded input rows of wp columns, copied per row.
+  const int64_t wp = (yd[2] - 1) * sw + (kw - 1) * dw + 1;
+  ForwardGeometry g{xd[1], xd[2], wp, xd[3], yd[1], yd[2], groups, xd[3] / groups,
                     yd[3] / groups, wd[2], kh, kw, sh, sw, dh, dw};
   const int64_t batch = xd[0], k_size = wd[1];
   if (k_size != kh * kw * g.cg || wd[0] != groups || g.opad % Vec::kWidth)
@@ -203,8 +229,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buff
   std::vector<int64_t> offsets(k_size);
   for (int64_t i = 0, k = 0; i < kh; ++i)
     for (int64_t j = 0; j < kw; ++j)
-      for (int64_t c = 0; c < g.cg; ++c, ++k) offsets[k] = (i * dh * g.wp + j * dw) * g.c + c;
-  const float* x_data = xp.typed_data();
+      for (int64_t c = 0; c < g.cg; ++c, ++k) offsets[k] = (i * g.wp + j * dw) * g.c + c;
+  const float* x_data = xb.typed_data();
   const float* w_data = wt.typed_data();
   float* y_data = y->typed_data();
   // SF: each filter's sum, in k order.
@@ -219,14 +245,18 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buff
   auto row = [&](int64_t item) {
     const int64_t b = item / g.ho, r = item % g.ho;
     std::vector<float> sx(g.wo);
+    thread_local std::vector<float> rows;
+    rows.resize(kh * g.wp * g.c);
+    CopyPaddedRows(x_data + b * g.h * g.w * g.c, g.h, g.w, g.c, r * sh - top, dh, kh, left, g.wp,
+                   rows.data());
     for (int64_t grp = 0; grp < groups; ++grp) {
-      const float* x_row = x_data + (b * g.hp + r * sh) * g.wp * g.c + grp * g.cg;
+      const float* x_row = rows.data() + grp * g.cg;
       // SX: each patch's sum, taps in order, channels a vector at a time.
       for (int64_t p = 0; p < g.wo; ++p) {
         V acc = Vec::zero();
         for (int64_t i = 0; i < kh; ++i)
           for (int64_t j = 0; j < kw; ++j) {
-            const float* px = x_row + (i * dh * g.wp + p * sw + j * dw) * g.c;
+            const float* px = x_row + (i * g.wp + p * sw + j * dw) * g.c;
             int64_t c0 = 0;
             for (; c0 + Vec::kWidth <= g.cg; c0 += Vec::kWidth)
               acc = Vec::add(acc, Vec::load(px + c0));
@@ -372,32 +402,56 @@ constexpr int kWeightGradNV = 3;
 
 struct WeightGradColumns {
   int count = 0;
-  int64_t x_offset[kWeightGradNV];  // Into Xp, from the pixel's top-left tap.
+  int64_t column[kWeightGradNV];    // j * dw: the filter column's offset in input columns.
+  int64_t channel[kWeightGradNV];   // The vector's first channel.
   int64_t s_offset[kWeightGradNV];  // Into the sums, from (i, o) = (0, o0).
   typename Vec::Mask mask[kWeightGradNV];
 };
 
+// The input rows (or columns) an output row (column) y reads at offset `tap`:
+// y * stride + tap - pad. Returns the outputs [lo, hi) whose reads all fall in
+// [0, size) for the offsets first..last.
+inline std::pair<int64_t, int64_t> InsideRange(int64_t size, int64_t stride, int64_t pad,
+                                               int64_t first, int64_t last, int64_t outputs) {
+  const int64_t lo = std::clamp<int64_t>(CeilDiv(pad - first, stride), 0, outputs);
+  return {lo, std::clamp<int64_t>(CeilDiv(size + pad - last, stride), lo, outputs)};
+}
+
+// Sums G Xp over output rows [y0, y1) of one image for filter row i (x points at
+// the input row y * sh + i*dh - top for y = 0, which may lie outside the image).
+// Pixels [p0, p1) read only inside columns; the others read zeros outside.
 template <int MR, int NV>
-inline void WeightGradTile(const float* x, int64_t x_row, int64_t x_col, const float* g,
-                           int64_t g_row, int64_t g_col, int64_t ho, int64_t wo,
+inline void WeightGradTile(const float* x, int64_t x_row, int64_t w, int64_t c, int64_t sw,
+                           int64_t left, int64_t y0, int64_t y1, int64_t p0, int64_t p1,
+                           int64_t wo, const float* g, int64_t g_row, int64_t g_col,
                            const WeightGradColumns& cols, float* s, int64_t s_o) {
   V acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = Vec::zero();
-  for (int64_t y = 0; y < ho; ++y) {
+  auto pixel = [&](const float* xr, const float* gr, int64_t p, auto edge) {
+    const int64_t col = p * sw - left;
+    V xv[NV];
+    for (int v = 0; v < NV; ++v) {
+      const int64_t at = col + cols.column[v];
+      if constexpr (decltype(edge)::value)
+        xv[v] = at >= 0 && at < w ? Vec::load(xr + at * c + cols.channel[v], cols.mask[v])
+                                  : Vec::zero();
+      else
+        xv[v] = Vec::load(xr + at * c + cols.channel[v], cols.mask[v]);
+    }
+    const float* gs = gr + p * g_col;
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const V gv = Vec::set1(gs[m]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = Vec::fmadd(gv, xv[v], acc[m][v]);
+    }
+  };
+  for (int64_t y = y0; y < y1; ++y) {
     const float* xr = x + y * x_row;
     const float* gr = g + y * g_row;
-    for (int64_t p = 0; p < wo; ++p) {
-      const float* xs = xr + p * x_col;
-      const float* gs = gr + p * g_col;
-      V xv[NV];
-      for (int v = 0; v < NV; ++v) xv[v] = Vec::load(xs + cols.x_offset[v], cols.mask[v]);
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-        const V gv = Vec::set1(gs[m]);
-        for (int v = 0; v < NV; ++v) acc[m][v] = Vec::fmadd(gv, xv[v], acc[m][v]);
-      }
-    }
+    for (int64_t p = 0; p < p0; ++p) pixel(xr, gr, p, std::true_type());
+    for (int64_t p = p0; p < p1; ++p) pixel(xr, gr, p, std::false_type());
+    for (int64_t p = p1; p < wo; ++p) pixel(xr, gr, p, std::true_type());
   }
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) {
@@ -407,13 +461,15 @@ inline void WeightGradTile(const float* x, int64_t x_row, int64_t x_col, const f
 }
 
 template <int NV>
-void WeightGradTileAnyMR(int mr, const float* x, int64_t x_row, int64_t x_col, const float* g,
-                         int64_t g_row, int64_t g_col, int64_t ho, int64_t wo,
+void WeightGradTileAnyMR(int mr, const float* x, int64_t x_row, int64_t w, int64_t c,
+                         int64_t sw, int64_t left, int64_t y0, int64_t y1, int64_t p0,
+                         int64_t p1, int64_t wo, const float* g, int64_t g_row, int64_t g_col,
                          const WeightGradColumns& cols, float* s, int64_t s_o) {
-#define ADDERJAX_MR_CASE(R)                                                                 \
-  case R:                                                                                   \
-    if constexpr (R <= kWeightGradMR)                                                       \
-      WeightGradTile<R, NV>(x, x_row, x_col, g, g_row, g_col, ho, wo, cols, s, s_o);        \
+#define ADDERJAX_MR_CASE(R)                                                                  \
+  case R:                                                                                    \
+    if constexpr (R <= kWeightGradMR)                                                        \
+      WeightGradTile<R, NV>(x, x_row, w, c, sw, left, y0, y1, p0, p1, wo, g, g_row, g_col,   \
+                            cols, s, s_o);                                                   \
     return;
   switch (mr) {
     ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
@@ -422,20 +478,19 @@ void WeightGradTileAnyMR(int mr, const float* x, int64_t x_row, int64_t x_col, c
 #undef ADDERJAX_MR_CASE
 }
 
-ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
+ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
                           ffi::Buffer<ffi::F32> gb, ffi::Buffer<ffi::F32> wt,
                           ffi::ResultBuffer<ffi::F32> dwt, int64_t sh, int64_t sw, int64_t dh,
-                          int64_t dw, int64_t groups) {
-  const auto xd = xp.dimensions(), gd = gb.dimensions(), wd = wt.dimensions();
+                          int64_t dw, int64_t top, int64_t left, int64_t groups) {
+  const auto xd = xb.dimensions(), gd = gb.dimensions(), wd = wt.dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 5)
     return ffi::Error::InvalidArgument("adderjax_adder_weight_grad: bad ranks");
-  const int64_t batch = xd[0], hp = xd[1], wp = xd[2], c = xd[3], cg = c / groups;
+  const int64_t batch = xd[0], h = xd[1], w = xd[2], c = xd[3], cg = c / groups;
   const int64_t ho = gd[1], wo = gd[2], out_c = gd[3];
   const int64_t kh = wd[1], kw = wd[2], og = wd[3], cpad = wd[4];
-  if (wd[0] != groups || out_c != groups * og || cpad % Vec::kWidth || gd[0] != batch ||
-      (ho - 1) * sh + (kh - 1) * dh >= hp || (wo - 1) * sw + (kw - 1) * dw >= wp)
+  if (wd[0] != groups || out_c != groups * og || cpad % Vec::kWidth || gd[0] != batch)
     return ffi::Error::InvalidArgument("adderjax_adder_weight_grad: bad operand layout");
-  const float* x_data = xp.typed_data();
+  const float* x_data = xb.typed_data();
   const float* g_data = gb.typed_data();
   const float* w_data = wt.typed_data();
   float* out = dwt->typed_data();
@@ -447,7 +502,8 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
       if (column_groups.empty() || column_groups.back().count == kWeightGradNV)
         column_groups.emplace_back();
       WeightGradColumns& cols = column_groups.back();
-      cols.x_offset[cols.count] = j * dw * c + c0;
+      cols.column[cols.count] = j * dw;
+      cols.channel[cols.count] = c0;
       cols.s_offset[cols.count] = j * og * cpad + c0;
       cols.mask[cols.count] = Vec::mask(cg - c0);
       ++cols.count;
@@ -477,11 +533,15 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
         WeightGradTileAnyMR<1>, WeightGradTileAnyMR<2>, WeightGradTileAnyMR<3>};
     const auto tile = kTiles[cols.count - 1];
     const int64_t b0 = batch * chunk / chunks, b1 = batch * (chunk + 1) / chunks;
+    // Output columns whose reads all fall inside the input, for this tile's columns.
+    const auto [p0, p1] = InsideRange(w, sw, left, cols.column[0], cols.column[cols.count - 1], wo);
     for (int64_t b = b0; b < b1; ++b) {
       const float* g = g_data + b * ho * wo * out_c + grp * og + o0;
       for (int64_t i = 0; i < kh; ++i) {
-        const float* x = x_data + (b * hp + i * dh) * wp * c + grp * cg;
-        tile(mr, x, sh * wp * c, sw * c, g, wo * out_c, out_c, ho, wo, cols,
+        const auto [y0, y1] = InsideRange(h, sh, top, i * dh, i * dh, ho);
+        // Row y reads input row y * sh + i*dh - top; rows outside read zeros and add nothing.
+        const float* x = x_data + b * h * w * c + (i * dh - top) * w * c + grp * cg;
+        tile(mr, x, sh * w * c, w, c, sw, left, y0, y1, p0, p1, wo, g, wo * out_c, out_c, cols,
              s + i * kw * og * cpad, cpad);
       }
       if (first_columns) {  // This tile's share of sum G, an image at a time.
@@ -524,6 +584,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderForward, ForwardImpl,
                                   .Attr<int64_t>("sw")
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("top")
+                                  .Attr<int64_t>("left")
                                   .Attr<int64_t>("groups"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderInputGrad, InputGradImpl,
@@ -548,6 +610,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderWeightGrad, WeightGradImpl,
                                   .Attr<int64_t>("sw")
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("top")
+                                  .Attr<int64_t>("left")
                                   .Attr<int64_t>("groups"));
 
 extern "C" int AdderjaxVectorWidth() { return Vec::kWidth; }
