@@ -1,16 +1,17 @@
 """Native CPU kernels for the adder convolution: XLA FFI handlers built on first use.
 
-The forward pass, the full-precision input gradient at stride 1 and the
-full-precision weight gradient run as C++ micro-kernels (``csrc/adder_cpu.cc``):
-a tile of outputs held in vector registers (8 output pixels by 16 or 32
-channels; for the weight gradient, 8 output channels by three vectors of
-input channels), the reduction streamed through it with implicit im2col, the
-max trick ``|a - b| = 2 max(a, b) - a - b`` in the forward (the patch and
-filter sums it needs are taken in the kernel, in a fixed order, so an output
-does not depend on the batch it is in), and the work shared out over XLA's
-intra-op threads. The rest (the ``"sign"`` and ``"unclipped"`` input
-gradients, the ``"sign"`` weight gradient, strided input gradients, float64)
-uses :mod:`adderjax.ops.xla`.
+The forward pass, the full-precision input gradient (at any stride: each input
+row's pixels split into column phases that feed through the same taps, a
+gather, no scatter) and the full-precision weight gradient run as C++
+micro-kernels (``csrc/adder_cpu.cc``): a tile of outputs held in vector
+registers (8 output pixels by 16 or 32 channels; for the weight gradient, 8
+output channels by three vectors of input channels), the reduction streamed
+through it with implicit im2col and the zero padding read in place, the max
+trick ``|a - b| = 2 max(a, b) - a - b`` in the forward (the patch and filter
+sums it needs are taken in the kernel, in a fixed order, so an output does not
+depend on the batch it is in), and the work shared out over XLA's intra-op
+threads. The rest (the ``"sign"`` and ``"unclipped"`` input gradients, the
+``"sign"`` weight gradient, float64) uses :mod:`adderjax.ops.xla`.
 
 The handlers are compiled the first time they are needed with the system's
 C++ compiler (``$CXX``, else ``c++``) for this CPU (``-O3 -march=native``,
@@ -203,24 +204,28 @@ def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
 
 def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
                               spec: ConvSpec) -> jax.Array:
-  """The native ``sum g * HardTanh(F - Xpad)`` at stride 1: ``(B, H, W, C)`` (float32)."""
-  b, h, wd, c = x.shape
+  """The native ``sum g * HardTanh(F - Xpad)``, any stride: ``(B, H, W, C)`` (float32)."""
+  wd = x.shape[2]
   kh, kw, cg, out = w.shape
   groups, per_group = spec.groups, out // spec.groups
-  (dh, dw), ((top, _), (left, _)) = spec.dilation, spec.padding
-  ho, wo = g.shape[1:3]
-  # g padded (or cropped) so that row y + (kh-1-i)*dh of it is output row y + top - i*dh.
-  low_h, low_w = (kh - 1) * dh - top, (kw - 1) * dw - left
+  (sh, sw), (dh, dw), ((top, _), (left, _)) = spec.strides, spec.dilation, spec.padding
+  wo = g.shape[2]
+  # Input column x feeds output column (x + left - j*dw) / sw, which lies in
+  # [-g_left, columns): g gets g_left zero columns before and is padded (or
+  # cropped) to `columns` after, so each column the kernel reads exists.
+  g_left = max(0, -((left - (kw - 1) * dw) // sw))
+  columns = (wd - 1 + left) // sw + 1
   gp = lax.pad(g, jnp.zeros((), g.dtype),
-               ((0, 0, 0), (low_h, h + (kh - 1) * dh - ho - low_h, 0),
-                (low_w, wd + (kw - 1) * dw - wo - low_w, 0), (0, 0, 0)))
+               ((0, 0, 0), (0, 0, 0), (g_left, columns - wo, 0), (0, 0, 0)))
   cpad = _round_up(cg, _vector_width())
   # Filters as (G, kh, kw, Og, Cpad): one output channel's filter is a row over the channels.
   wt = w.reshape(kh, kw, cg, groups, per_group).transpose(3, 0, 1, 4, 2)
   wt = xla._pad_axis(wt, -1, cpad)
   call = jax.ffi.ffi_call(_INPUT_GRAD_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
                           vmap_method="sequential")
-  return call(x, gp, wt, dh=np.int64(dh), dw=np.int64(dw), groups=np.int64(groups))
+  return call(x, gp, wt, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
+              top=np.int64(top), left=np.int64(left), g_left=np.int64(g_left),
+              groups=np.int64(groups))
 
 
 def _filters_by_output_channel(w: jax.Array, groups: int, cpad: int) -> jax.Array:
@@ -273,7 +278,7 @@ class NativeCpuAdderConv:
 
   def input_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
                  grad_mode: str) -> jax.Array:
-    if x.dtype == jnp.float32 and grad_mode == "full_precision" and spec.strides == (1, 1):
+    if x.dtype == jnp.float32 and grad_mode == "full_precision":
       return sharding.per_batch_shard(_Kernel("input_grad", spec), "input_grad", x, w, g)
     return xla.input_grad(x, w, g, spec, grad_mode)
 

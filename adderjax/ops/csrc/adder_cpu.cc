@@ -3,7 +3,7 @@
 // All are written like an SGEMM micro-kernel: a tile of outputs is held in
 // vector registers while the reduction streams through it, reading the input
 // in place (implicit im2col: per reduction element, one offset into the
-// padded input). The forward and the input gradient tile MR pixels
+// input; the zero padding is read in place, never written out by XLA). The forward and the input gradient tile MR pixels
 // (consecutive along a row) by one or two vectors of channels and share the
 // rows out over XLA's intra-op threads; the weight gradient tiles output
 // channels by (filter column, channel vector) pairs, reduces over the pixels,
@@ -16,24 +16,30 @@
 // XLA fuses the surrounding program: one vmaxps and one vaddps per pair instead
 // of a subtract, an abs and an add.
 //
-// Input gradient, full precision, stride 1 (gathered: no scatter):
-//   dX[y, x, c] = sum_{i, j, o} G[y + (kh-1-i) dh, x + (kw-1-j) dw, o]
-//                 * clip(F[i, j, c, o] - X[y, x, c], -1, 1)
-// on G padded by the caller so that every index is valid (zeros outside).
+// Input gradient, full precision, any stride (gathered: no scatter, no atomics):
+//   dX[y, x, c] = sum_{i, j, o} G[oy, ox, o] * clip(F[i, j, c, o] - X[y, x, c], -1, 1)
+//   oy = (y + top - i dh) / sh,  ox = (x + left - j dw) / sw
+// over the taps where both divisions are exact and (oy, ox) is an output. A row y
+// keeps the taps i whose oy is one; its pixels are split into sw column phases
+// x = px + sw n, which share the taps j and read consecutive columns of G, so a
+// tile of a phase is a GEMM-like tile over its list of taps. G's columns are
+// padded by the caller so that every column a phase reads exists (zeros outside).
+// At stride 1 there is one phase with every tap j.
 //
 // Weight gradient, full precision (any stride and dilation):
 //   dW[i, j, c, o] = sum_{b, y, x} G[y, x, o] * (Xp[y sh + i dh, x sw + j dw, c] - F[i, j, c, o])
+// (Xp: the input with its zero padding)
 // as sum G Xp (fused multiply-adds) less F sum G, summed an image at a time.
 //
 // Layouts (prepared by adderjax/ops/cpu_native.py):
-//   forward:    xp (B, Hp, Wp, C) padded input; wt (G, K, Opad) with
+//   forward:    x (B, H, W, C); wt (G, K, Opad) with
 //               K = kh*kw*Cg in (i, j, c) order and Opad a multiple of the
 //               vector width (zero columns); y (B, Ho, Wo, G*Og).
-//   input grad: x (B, H, W, C); gp (B, H + (kh-1) dh, W + (kw-1) dw, G*Og);
-//               wt (G, kh, kw, Og, Cpad), Cpad a multiple of the vector
-//               width (zero columns); dx (B, H, W, C).
-//   weight grad: xp (B, Hp, Wp, C) padded input; g (B, Ho, Wo, G*Og); wt and
-//               dwt (G, kh, kw, Og, Cpad).
+//   input grad: x (B, H, W, C); gp (B, Ho, g_left + (W - 1 + left) / sw + 1, G*Og),
+//               G with g_left zero columns before its first (cropped or
+//               padded with zeros after its last); wt (G, kh, kw, Og, Cpad),
+//               Cpad a multiple of the vector width (zero columns); dx (B, H, W, C).
+//   weight grad: x (B, H, W, C); g (B, Ho, Wo, G*Og); wt and dwt (G, kh, kw, Og, Cpad).
 
 #include <immintrin.h>
 
@@ -286,12 +292,19 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
   return ffi::Error::Success();
 }
 
-// One tile of the input gradient: MR pixels x NV vectors of input channels.
+// An input-gradient tap as offsets from a tile's base: into the filters (tap (i, j)) and into
+// G (the output row and column its first pixel feeds).
+struct InputGradTap {
+  int64_t w, g;
+};
+
+// One tile of the input gradient: MR pixels x NV vectors of input channels, summed over the
+// taps the tile's pixels feed through (the same for all of them; pixel m's output is
+// g_step further along G than pixel m-1's).
 template <int MR, int NV>
-inline void InputGradTile(const float* x, int64_t x_step, int64_t valid, const float* gp,
-                          int64_t g_row, int64_t g_step, const float* w, int64_t w_tap,
-                          int64_t w_row, int64_t kh, int64_t kw, int64_t dh, int64_t dw,
-                          int64_t og, float* dx) {
+inline void InputGradTile(const float* x, int64_t x_step, int64_t valid, const float* g,
+                          int64_t g_step, const float* w, int64_t w_row,
+                          const InputGradTap* taps, int64_t n_taps, int64_t og, float* dx) {
   typename Vec::Mask masks[NV];
   for (int v = 0; v < NV; ++v) masks[v] = Vec::mask(valid - v * Vec::kWidth);
   V xv[MR][NV], acc[MR][NV];
@@ -301,20 +314,18 @@ inline void InputGradTile(const float* x, int64_t x_step, int64_t valid, const f
       acc[m][v] = Vec::zero();
     }
   const V lo = Vec::set1(-1.0f), hi = Vec::set1(1.0f);
-  for (int64_t i = 0; i < kh; ++i) {
-    for (int64_t j = 0; j < kw; ++j) {
-      const float* gs = gp + (kh - 1 - i) * dh * g_row + (kw - 1 - j) * dw * g_step;
-      const float* ws = w + (i * kw + j) * w_tap;
-      for (int64_t o = 0; o < og; ++o) {
-        V wv[NV];
-        for (int v = 0; v < NV; ++v) wv[v] = Vec::load(ws + o * w_row + v * Vec::kWidth);
+  for (int64_t t = 0; t < n_taps; ++t) {
+    const float* gs = g + taps[t].g;
+    const float* ws = w + taps[t].w;
+    for (int64_t o = 0; o < og; ++o) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Vec::load(ws + o * w_row + v * Vec::kWidth);
 #pragma GCC unroll 16
-        for (int m = 0; m < MR; ++m) {
-          const V gv = Vec::set1(gs[m * g_step + o]);
-          for (int v = 0; v < NV; ++v) {
-            const V d = Vec::min(Vec::max(Vec::sub(wv[v], xv[m][v]), lo), hi);
-            acc[m][v] = Vec::fmadd(gv, d, acc[m][v]);
-          }
+      for (int m = 0; m < MR; ++m) {
+        const V gv = Vec::set1(gs[m * g_step + o]);
+        for (int v = 0; v < NV; ++v) {
+          const V d = Vec::min(Vec::max(Vec::sub(wv[v], xv[m][v]), lo), hi);
+          acc[m][v] = Vec::fmadd(gv, d, acc[m][v]);
         }
       }
     }
@@ -328,15 +339,13 @@ template <int NV>
 constexpr int kInputGradMR = NV == 1 ? 8 : 6;
 
 template <int NV>
-void InputGradTileAnyMR(int mr, const float* x, int64_t x_step, int64_t valid, const float* gp,
-                        int64_t g_row, int64_t g_step, const float* w, int64_t w_tap,
-                        int64_t w_row, int64_t kh, int64_t kw, int64_t dh, int64_t dw,
-                        int64_t og, float* dx) {
+void InputGradTileAnyMR(int mr, const float* x, int64_t x_step, int64_t valid, const float* g,
+                        int64_t g_step, const float* w, int64_t w_row, const InputGradTap* taps,
+                        int64_t n_taps, int64_t og, float* dx) {
 #define ADDERJAX_MR_CASE(R)                                                                 \
   case R:                                                                                   \
     if constexpr (R <= kInputGradMR<NV>)                                                    \
-      InputGradTile<R, NV>(x, x_step, valid, gp, g_row, g_step, w, w_tap, w_row, kh, kw, dh, \
-                           dw, og, dx);                                                     \
+      InputGradTile<R, NV>(x, x_step, valid, g, g_step, w, w_row, taps, n_taps, og, dx);    \
     return;
   switch (mr) {
     ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
@@ -347,44 +356,75 @@ void InputGradTileAnyMR(int mr, const float* x, int64_t x_step, int64_t valid, c
 
 ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> gp, ffi::Buffer<ffi::F32> wt,
-                         ffi::ResultBuffer<ffi::F32> dx, int64_t dh, int64_t dw,
+                         ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t dh,
+                         int64_t dw, int64_t top, int64_t left, int64_t g_left,
                          int64_t groups) {
   const auto xd = x.dimensions(), gd = gp.dimensions(), wd = wt.dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 5)
     return ffi::Error::InvalidArgument("adderjax_adder_input_grad: bad ranks");
   const int64_t batch = xd[0], h = xd[1], w = xd[2], c = xd[3];
   const int64_t kh = wd[1], kw = wd[2], og = wd[3], cpad = wd[4], cg = c / groups;
-  const int64_t hg = gd[1], wg = gd[2], out_c = gd[3];
-  if (wd[0] != groups || out_c != groups * og || cpad % Vec::kWidth ||
-      hg != h + (kh - 1) * dh || wg != w + (kw - 1) * dw)
+  const int64_t ho = gd[1], wg = gd[2], out_c = gd[3];
+  if (sh < 1 || sw < 1 || gd[0] != batch || wd[0] != groups || out_c != groups * og ||
+      cpad % Vec::kWidth || cpad < cg)
     return ffi::Error::InvalidArgument("adderjax_adder_input_grad: bad operand layout");
+  // Column phases: the pixels x = px + sw n (n = 0, 1, ...) all feed through the same taps j,
+  // those with sw | px + left - j dw, pixel n to output column n + q, q = (px + left - j dw) / sw,
+  // which is column n + q + g_left of G (zeros outside the output).
+  const int64_t phases = std::min(sw, w);
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> column_taps(phases);  // (j, q + g_left)
+  for (int64_t px = 0; px < phases; ++px) {
+    const int64_t last = (w - 1 - px) / sw;
+    for (int64_t j = 0; j < kw; ++j) {
+      const int64_t a = px + left - j * dw;
+      if (a % sw) continue;
+      const int64_t column = a / sw + g_left;
+      if (column < 0 || column + last >= wg)
+        return ffi::Error::InvalidArgument("adderjax_adder_input_grad: G is not padded enough");
+      column_taps[px].emplace_back(j, column);
+    }
+  }
   const float* x_data = x.typed_data();
   const float* g_data = gp.typed_data();
   const float* w_data = wt.typed_data();
   float* dx_data = dx->typed_data();
   auto row = [&](int64_t item) {
     const int64_t b = item / h, r = item % h;
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      for (int64_t c0 = 0; c0 < cg;) {
-        // Two vectors of channels per tile where at least two remain: one broadcast of G
-        // serves both.
-        const bool two = cg - c0 > Vec::kWidth;
-        const int64_t tile_c = two ? 2 * Vec::kWidth : Vec::kWidth;
-        const int64_t mr_max = two ? kInputGradMR<2> : kInputGradMR<1>;
-        const int64_t valid = std::min(tile_c, cg - c0);
-        const float* wgrp = w_data + grp * kh * kw * og * cpad + c0;
-        for (int64_t x0 = 0; x0 < w; x0 += mr_max) {
-          const int mr = int(std::min<int64_t>(mr_max, w - x0));
-          const int64_t at = ((b * h + r) * w + x0) * c + grp * cg + c0;
-          const float* gs = g_data + ((b * hg + r) * wg + x0) * out_c + grp * og;
-          if (two)
-            InputGradTileAnyMR<2>(mr, x_data + at, c, valid, gs, wg * out_c, out_c, wgrp,
-                                  og * cpad, cpad, kh, kw, dh, dw, og, dx_data + at);
-          else
-            InputGradTileAnyMR<1>(mr, x_data + at, c, valid, gs, wg * out_c, out_c, wgrp,
-                                  og * cpad, cpad, kh, kw, dh, dw, og, dx_data + at);
+    std::vector<InputGradTap> taps;
+    taps.reserve(kh * kw);
+    for (int64_t px = 0; px < phases; ++px) {
+      // Row r feeds output row (r + top - i dh) / sh through tap i where that is exact and an
+      // output row.
+      taps.clear();
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t a = r + top - i * dh;
+        if (a < 0 || a % sh || a / sh >= ho) continue;
+        for (const auto& [j, column] : column_taps[px])
+          taps.push_back({(i * kw + j) * og * cpad, ((b * ho + a / sh) * wg + column) * out_c});
+      }
+      const int64_t n_taps = int64_t(taps.size()), pixels = (w - 1 - px) / sw + 1;
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        for (int64_t c0 = 0; c0 < cg;) {
+          // Two vectors of channels per tile where at least two remain: one broadcast of G
+          // serves both.
+          const bool two = cg - c0 > Vec::kWidth;
+          const int64_t tile_c = two ? 2 * Vec::kWidth : Vec::kWidth;
+          const int64_t mr_max = two ? kInputGradMR<2> : kInputGradMR<1>;
+          const int64_t valid = std::min(tile_c, cg - c0);
+          const float* wgrp = w_data + grp * kh * kw * og * cpad + c0;
+          for (int64_t n0 = 0; n0 < pixels; n0 += mr_max) {
+            const int mr = int(std::min<int64_t>(mr_max, pixels - n0));
+            const int64_t at = ((b * h + r) * w + px + sw * n0) * c + grp * cg + c0;
+            const float* gs = g_data + n0 * out_c + grp * og;
+            if (two)
+              InputGradTileAnyMR<2>(mr, x_data + at, sw * c, valid, gs, out_c, wgrp, cpad,
+                                    taps.data(), n_taps, og, dx_data + at);
+            else
+              InputGradTileAnyMR<1>(mr, x_data + at, sw * c, valid, gs, out_c, wgrp, cpad,
+                                    taps.data(), n_taps, og, dx_data + at);
+          }
+          c0 += tile_c;
         }
-        c0 += tile_c;
       }
     }
   };
@@ -595,8 +635,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderInputGrad, InputGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("top")
+                                  .Attr<int64_t>("left")
+                                  .Attr<int64_t>("g_left")
                                   .Attr<int64_t>("groups"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderWeightGrad, WeightGradImpl,
