@@ -466,34 +466,38 @@ inline void WeightGradTile(const float* x, int64_t x_row, int64_t w, int64_t c, 
                            int64_t wo, const float* g, int64_t g_row, int64_t g_col,
                            const WeightGradColumns& cols, float* s, int64_t s_o) {
   V acc[MR][NV];
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = Vec::zero();
-  auto pixel = [&](const float* xr, const float* gr, int64_t p, auto edge) {
-    const int64_t col = p * sw - left;
-    V xv[NV];
-    for (int v = 0; v < NV; ++v) {
-      const int64_t at = col + cols.column[v];
-      if constexpr (decltype(edge)::value)
-        xv[v] = at >= 0 && at < w ? Vec::load(xr + at * c + cols.channel[v], cols.mask[v])
-                                  : Vec::zero();
-      else
-        xv[v] = Vec::load(xr + at * c + cols.channel[v], cols.mask[v]);
-    }
-    const float* gs = gr + p * g_col;
 #pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      const V gv = Vec::set1(gs[m]);
-      for (int v = 0; v < NV; ++v) acc[m][v] = Vec::fmadd(gv, xv[v], acc[m][v]);
-    }
-  };
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = Vec::zero();
+  int64_t offset[NV];
+  for (int v = 0; v < NV; ++v) offset[v] = cols.column[v] * c + cols.channel[v];
   for (int64_t y = y0; y < y1; ++y) {
     const float* xr = x + y * x_row;
-    const float* gr = g + y * g_row;
-    for (int64_t p = 0; p < p0; ++p) pixel(xr, gr, p, std::true_type());
-    for (int64_t p = p0; p < p1; ++p) pixel(xr, gr, p, std::false_type());
-    for (int64_t p = p1; p < wo; ++p) pixel(xr, gr, p, std::true_type());
+    const float* gs = g + y * g_row;
+    for (int64_t p = 0; p < wo; ++p, gs += g_col) {
+      const int64_t col = p * sw - left;
+      const float* xs = xr + col * c;
+      const bool inside = p >= p0 && p < p1;
+      V xv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        // Columns outside the input read zeros: an empty mask, at an address inside.
+        const int64_t at = col + cols.column[v];
+        const bool read = inside || (at >= 0 && at < w);
+        xv[v] = Vec::load(read ? xs + offset[v] : xr, read ? cols.mask[v] : Vec::mask(0));
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const V gv = Vec::set1(gs[m]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[m][v] = Vec::fmadd(gv, xv[v], acc[m][v]);
+      }
+    }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       float* t = s + cols.s_offset[v] + m * s_o;
       Vec::store(t, Vec::add(Vec::load(t), acc[m][v]));
