@@ -74,6 +74,15 @@ struct Vec {
   }
   static T max(T a, T b) { return _mm512_max_ps(a, b); }
   static T min(T a, T b) { return _mm512_min_ps(a, b); }
+  // clip(a, -1, 1) with `one` = set1(1): the smaller magnitude of a and 1, a's sign
+  // (AVX-512 DQ's vrangeps: one instruction where min(max(a, -1), 1) takes two).
+#if defined(__AVX512DQ__)
+  static T clip_unit(T a, T one) { return _mm512_range_ps(a, one, 0b0010); }
+#else
+  static T clip_unit(T a, T one) {
+    return _mm512_min_ps(_mm512_max_ps(a, _mm512_sub_ps(_mm512_setzero_ps(), one)), one);
+  }
+#endif
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
@@ -97,6 +106,9 @@ struct Vec {
   }
   static T max(T a, T b) { return _mm256_max_ps(a, b); }
   static T min(T a, T b) { return _mm256_min_ps(a, b); }
+  static T clip_unit(T a, T one) {
+    return _mm256_min_ps(_mm256_max_ps(a, _mm256_sub_ps(_mm256_setzero_ps(), one)), one);
+  }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
   static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
   static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
@@ -313,7 +325,7 @@ inline void InputGradTile(const float* x, int64_t x_step, int64_t valid, const f
       xv[m][v] = Vec::load(x + m * x_step + v * Vec::kWidth, masks[v]);
       acc[m][v] = Vec::zero();
     }
-  const V lo = Vec::set1(-1.0f), hi = Vec::set1(1.0f);
+  const V hi = Vec::set1(1.0f);
   for (int64_t t = 0; t < n_taps; ++t) {
     const float* gs = g + taps[t].g;
     const float* ws = w + taps[t].w;
@@ -324,7 +336,7 @@ inline void InputGradTile(const float* x, int64_t x_step, int64_t valid, const f
       for (int m = 0; m < MR; ++m) {
         const V gv = Vec::set1(gs[m * g_step + o]);
         for (int v = 0; v < NV; ++v) {
-          const V d = Vec::min(Vec::max(Vec::sub(wv[v], xv[m][v]), lo), hi);
+          const V d = Vec::clip_unit(Vec::sub(wv[v], xv[m][v]), hi);
           acc[m][v] = Vec::fmadd(gv, d, acc[m][v]);
         }
       }
