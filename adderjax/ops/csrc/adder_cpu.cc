@@ -230,6 +230,114 @@ void ForwardTileAnyMR(int mr, const float* x, int64_t x_step, const int64_t* off
 #undef ADDERJAX_MR_CASE
 }
 
+// The forward with the pixels in the lanes, for layers with at most one vector of
+// output channels per group, where the tile above would spend a broadcast of the
+// input on a single max and add: a tile of MR output channels (the filter
+// broadcast) by NP vectors of consecutive pixels of a stride-1 row, read from the
+// image transposed to (row, channel, column). Each output is still summed in k order.
+constexpr int kPixelMR = 8;
+constexpr int kPixelNP = 2;
+constexpr bool kPixelLanes = Vec::kRegisters == 32;
+
+template <int MR>
+inline void ForwardPixelTile(const float* xt, const int64_t* offsets, int64_t k_size,
+                             const float* w, int64_t w_row, const float* sx, const float* sf,
+                             float* y, int64_t y_step, int64_t pixels) {
+  V acc[MR][kPixelNP];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < kPixelNP; ++v) acc[m][v] = Vec::zero();
+  for (int64_t k = 0; k < k_size; ++k) {
+    const float* xk = xt + offsets[k];
+    const float* wk = w + k * w_row;
+    V xv[kPixelNP];
+#pragma GCC unroll 2
+    for (int v = 0; v < kPixelNP; ++v) xv[v] = Vec::load(xk + v * Vec::kWidth);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const V wv = Vec::set1(wk[m]);
+#pragma GCC unroll 2
+      for (int v = 0; v < kPixelNP; ++v) acc[m][v] = Vec::add(acc[m][v], Vec::max(xv[v], wv));
+    }
+  }
+  const V two = Vec::set1(2.0f);
+  float out[kPixelNP * Vec::kWidth];
+  for (int m = 0; m < MR; ++m) {
+    const V filter = Vec::set1(sf[m]);
+    for (int v = 0; v < kPixelNP; ++v) {
+      const V patch = Vec::load(sx + v * Vec::kWidth);
+      Vec::store(out + v * Vec::kWidth,
+                 Vec::sub(Vec::add(patch, filter), Vec::fmadd(two, acc[m][v], Vec::zero())));
+    }
+    for (int64_t p = 0; p < pixels; ++p) y[p * y_step + m] = out[p];
+  }
+}
+
+void ForwardPixelTileAnyMR(int mr, const float* xt, const int64_t* offsets, int64_t k_size,
+                           const float* w, int64_t w_row, const float* sx, const float* sf,
+                           float* y, int64_t y_step, int64_t pixels) {
+#define ADDERJAX_MR_CASE(R)                                                                 \
+  case R:                                                                                   \
+    ForwardPixelTile<R>(xt, offsets, k_size, w, w_row, sx, sf, y, y_step, pixels);          \
+    return;
+  switch (mr) {
+    ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
+    ADDERJAX_MR_CASE(5) ADDERJAX_MR_CASE(6) ADDERJAX_MR_CASE(7) ADDERJAX_MR_CASE(8)
+  }
+#undef ADDERJAX_MR_CASE
+}
+
+// An image at a time: the padded image transposed once to (row, channel, column),
+// then each output row's tiles, and SX summed a vector of pixels at a time.
+void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* w_data,
+                       const float* sf, float* y_data, const ForwardGeometry& g, int64_t batch,
+                       int64_t top, int64_t left) {
+  constexpr int64_t kTile = kPixelNP * Vec::kWidth;
+  const int64_t hp = (g.ho - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+  const int64_t row_len = g.wp + kTile;  // Slack: a tile's loads may run past the row.
+  const int64_t k_size = g.kh * g.kw * g.cg, out_c = g.groups * g.og;
+  std::vector<int64_t> offsets(k_size);
+  for (int64_t i = 0, k = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j)
+      for (int64_t c = 0; c < g.cg; ++c, ++k)
+        offsets[k] = (i * g.dh * g.c + c) * row_len + j * g.dw;
+  auto image = [&](int64_t b) {
+    thread_local std::vector<float> t;
+    t.assign(hp * g.c * row_len, 0.0f);
+    const float* x = x_data + b * g.h * g.w * g.c;
+    for (int64_t r = 0; r < hp; ++r) {
+      const int64_t iy = r - top;
+      if (iy < 0 || iy >= g.h) continue;
+      for (int64_t q = std::max<int64_t>(0, left); q < std::min(g.wp, g.w + left); ++q) {
+        const float* px = x + (iy * g.w + q - left) * g.c;
+        for (int64_t c = 0; c < g.c; ++c) t[(r * g.c + c) * row_len + q] = px[c];
+      }
+    }
+    alignas(64) float sx[kTile];
+    for (int64_t r = 0; r < g.ho; ++r)
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        const float* xt = t.data() + (r * g.sh * g.c + grp * g.cg) * row_len;
+        for (int64_t p0 = 0; p0 < g.wo; p0 += kTile) {
+          for (int v = 0; v < kPixelNP; ++v) {
+            V acc = Vec::zero();
+            for (int64_t k = 0; k < k_size; ++k)
+              acc = Vec::add(acc, Vec::load(xt + offsets[k] + p0 + v * Vec::kWidth));
+            Vec::store(sx + v * Vec::kWidth, acc);
+          }
+          const int64_t pixels = std::min(kTile, g.wo - p0);
+          for (int64_t n0 = 0; n0 < g.og; n0 += kPixelMR)
+            ForwardPixelTileAnyMR(int(std::min<int64_t>(kPixelMR, g.og - n0)), xt + p0,
+                                  offsets.data(), k_size, w_data + grp * k_size * g.opad + n0,
+                                  g.opad, sx, sf + grp * g.opad + n0,
+                                  y_data + ((b * g.ho + r) * g.wo + p0) * out_c + grp * g.og + n0,
+                                  out_c, pixels);
+        }
+      }
+  };
+  ParallelFor(pool, batch, image);
+}
+
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> wt,
                        ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh,
                        int64_t sw, int64_t dh, int64_t dw, int64_t top, int64_t left,
@@ -300,6 +408,10 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
       }
     }
   };
+  if (kPixelLanes && sw == 1 && g.og <= Vec::kWidth && g.wo >= kPixelNP * Vec::kWidth) {
+    ForwardPixelLanes(pool, x_data, w_data, sf.data(), y_data, g, batch, top, left);
+    return ffi::Error::Success();
+  }
   ParallelFor(pool, batch * g.ho, row);
   return ffi::Error::Success();
 }
