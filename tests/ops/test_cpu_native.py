@@ -60,17 +60,20 @@ class TestCpuNative(AdderConvTestBase):
     want = xla.weight_grad(x, w, g, spec, "full_precision")
     np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
-  @pytest.mark.parametrize("width, out_channels, strides, dilation, groups, padding", [
-      (32, 16, 1, 1, 1, "SAME"),             # ResNet-20's first stage
-      (37, 13, (2, 1), 1, 1, "SAME"),        # pixel and channel tails, strided rows
-      (40, 10, 1, 2, 2, ((2, 0), (1, 3))),   # dilation, groups, asymmetric padding
-      (35, 5, 1, 1, 1, "VALID"),
+  @pytest.mark.parametrize("batch, width, out_channels, strides, dilation, groups, padding", [
+      (9, 32, 16, 1, 1, 1, "SAME"),             # ResNet-20's first stage, an image per item
+      (1, 37, 13, (2, 1), 1, 1, "SAME"),        # pixel and channel tails, strided rows
+      (2, 40, 10, 1, 2, 2, ((2, 0), (1, 3))),   # dilation, groups, asymmetric padding
+      (2, 35, 5, 1, 1, 1, "VALID"),
   ])
-  def test_forward_with_pixels_in_the_lanes(self, width, out_channels, strides, dilation,
+  def test_forward_with_pixels_in_the_lanes(self, batch, width, out_channels, strides, dilation,
                                             groups, padding):
-    """Rows of 32+ outputs and at most a vector of output channels per group take that tile."""
+    """Rows of 32+ outputs and at most a vector of output channels per group take that tile.
+
+    Small batches split each image's rows across the threads.
+    """
     rng = np.random.default_rng(width)
-    x = jnp.asarray(rng.normal(size=(2, 6, width, 6)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(batch, 6, width, 6)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, 6 // groups, out_channels * groups)), jnp.float32)
     spec = conv_spec(x, w, strides=strides, padding=padding, rhs_dilation=dilation,
                      feature_group_count=groups)

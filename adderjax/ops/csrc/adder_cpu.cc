@@ -288,8 +288,9 @@ void ForwardPixelTileAnyMR(int mr, const float* xt, const int64_t* offsets, int6
 #undef ADDERJAX_MR_CASE
 }
 
-// An image at a time: the padded image transposed once to (row, channel, column),
-// then each output row's tiles, and SX summed a vector of pixels at a time.
+// An image (or, for small batches, a chunk of its rows) at a time: the padded input
+// rows transposed once to (row, channel, column), then each output row's tiles, and
+// SX summed a vector of pixels at a time.
 void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* w_data,
                        const float* sf, float* y_data, const ForwardGeometry& g, int64_t batch,
                        int64_t top, int64_t left) {
@@ -302,12 +303,19 @@ void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* 
     for (int64_t j = 0; j < g.kw; ++j)
       for (int64_t c = 0; c < g.cg; ++c, ++k)
         offsets[k] = (i * g.dh * g.c + c) * row_len + j * g.dw;
-  auto image = [&](int64_t b) {
+  // Row chunks of an image where the batch is too small to keep the threads busy.
+  const int64_t chunks = std::clamp<int64_t>(
+      (2 * (pool.num_threads() + 1) + batch - 1) / batch, 1, g.ho);
+  auto item = [&](int64_t it) {
+    const int64_t b = it / chunks, chunk = it % chunks;
+    const int64_t r0 = g.ho * chunk / chunks, r1 = g.ho * (chunk + 1) / chunks;
+    // Padded input rows [r0 sh, (r1 - 1) sh + (kh - 1) dh] transposed.
+    const int64_t first = r0 * g.sh, rows = (r1 - 1 - r0) * g.sh + (g.kh - 1) * g.dh + 1;
     thread_local std::vector<float> t;
-    t.assign(hp * g.c * row_len, 0.0f);
+    t.assign(rows * g.c * row_len, 0.0f);
     const float* x = x_data + b * g.h * g.w * g.c;
-    for (int64_t r = 0; r < hp; ++r) {
-      const int64_t iy = r - top;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t iy = first + r - top;
       if (iy < 0 || iy >= g.h) continue;
       for (int64_t q = std::max<int64_t>(0, left); q < std::min(g.wp, g.w + left); ++q) {
         const float* px = x + (iy * g.w + q - left) * g.c;
@@ -315,9 +323,9 @@ void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* 
       }
     }
     alignas(64) float sx[kTile];
-    for (int64_t r = 0; r < g.ho; ++r)
+    for (int64_t r = r0; r < r1; ++r)
       for (int64_t grp = 0; grp < g.groups; ++grp) {
-        const float* xt = t.data() + (r * g.sh * g.c + grp * g.cg) * row_len;
+        const float* xt = t.data() + ((r - r0) * g.sh * g.c + grp * g.cg) * row_len;
         for (int64_t p0 = 0; p0 < g.wo; p0 += kTile) {
           for (int v = 0; v < kPixelNP; ++v) {
             V acc = Vec::zero();
@@ -335,7 +343,7 @@ void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* 
         }
       }
   };
-  ParallelFor(pool, batch, image);
+  ParallelFor(pool, batch * chunks, item);
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> wt,
