@@ -4,7 +4,9 @@ For ResNet-20's stride-1 3x3 shapes (batch 64): forward, input gradient and
 weight gradient of `lax.conv_general_dilated` and of the native CPU adder
 kernels (`adderjax.ops.cpu_native`), and the adder weight gradient as XLA's
 convolution gradient (what the native path used before it had its own), each
-jitted alone, medians of ``--calls`` calls.
+jitted alone; the parts take turns round by round (``--rounds``), each timed
+over ``--calls`` calls, and the table gives the median over rounds of each
+round's median.
 
     python benchmarks/layer_parts.py
 """
@@ -26,8 +28,7 @@ SHAPES = ((32, 16), (16, 32), (8, 64))  # (height = width, channels) at batch 64
 
 
 def median_ms(fn, *args, calls: int) -> float:
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
   times = []
   for _ in range(calls):
     start = time.perf_counter()
@@ -38,7 +39,8 @@ def median_ms(fn, *args, calls: int) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--calls", type=int, default=15)
+  parser.add_argument("--calls", type=int, default=5)
+  parser.add_argument("--rounds", type=int, default=7)
   args = parser.parse_args()
   if not cpu_native.available():
     raise SystemExit(f"the native kernels are not available: {cpu_native.unavailable_reason()}")
@@ -68,7 +70,11 @@ def main() -> None:
         "adder dw xla": (jax.jit(lambda x, w, g, spec=spec:
                                  xla.weight_grad(x, w, g, spec, "full_precision")), (x, w, g)),
     }
-    cells = [f"{median_ms(fn, *a, calls=args.calls):.2f} ms" for fn, a in parts.values()]
+    for fn, a in parts.values():  # compile and warm up
+      jax.block_until_ready(fn(*a))
+    rounds = [[median_ms(fn, *a, calls=args.calls) for fn, a in parts.values()]
+              for _ in range(args.rounds)]
+    cells = [f"{ms:.2f} ms" for ms in np.median(rounds, axis=0)]
     print(f"| {size}, {channels} | " + " | ".join(cells) + " |")
 
 
