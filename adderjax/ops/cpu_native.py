@@ -206,8 +206,7 @@ def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
                               spec: ConvSpec) -> jax.Array:
   """The native ``sum g * HardTanh(F - Xpad)``, any stride: ``(B, H, W, C)`` (float32)."""
   wd = x.shape[2]
-  kh, kw, cg, out = w.shape
-  groups, per_group = spec.groups, out // spec.groups
+  kh, kw, cg, _ = w.shape
   (sh, sw), (dh, dw), ((top, _), (left, _)) = spec.strides, spec.dilation, spec.padding
   wo = g.shape[2]
   # Input column x feeds output column (x + left - j*dw) / sw, which lies in
@@ -217,15 +216,12 @@ def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
   columns = (wd - 1 + left) // sw + 1
   gp = lax.pad(g, jnp.zeros((), g.dtype),
                ((0, 0, 0), (0, 0, 0), (g_left, columns - wo, 0), (0, 0, 0)))
-  cpad = _round_up(cg, _vector_width())
-  # Filters as (G, kh, kw, Og, Cpad): one output channel's filter is a row over the channels.
-  wt = w.reshape(kh, kw, cg, groups, per_group).transpose(3, 0, 1, 4, 2)
-  wt = xla._pad_axis(wt, -1, cpad)
+  wt = _filters_by_output_channel(w, spec.groups, _round_up(cg, _vector_width()))
   call = jax.ffi.ffi_call(_INPUT_GRAD_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
                           vmap_method="sequential")
   return call(x, gp, wt, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
               top=np.int64(top), left=np.int64(left), g_left=np.int64(g_left),
-              groups=np.int64(groups))
+              groups=np.int64(spec.groups))
 
 
 def _filters_by_output_channel(w: jax.Array, groups: int, cpad: int) -> jax.Array:
@@ -249,6 +245,10 @@ def weight_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
   return dwt[..., :cg].transpose(1, 2, 4, 0, 3).reshape(kh, kw, cg, out)
 
 
+_KERNELS = {"forward": forward, "input_grad": input_grad_full_precision,
+            "weight_grad": weight_grad_full_precision}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Kernel:
   """A native kernel bound to a layer's geometry: hashable, for `sharding.per_batch_shard`."""
@@ -257,9 +257,7 @@ class _Kernel:
   spec: ConvSpec
 
   def __call__(self, *operands: jax.Array) -> jax.Array:
-    kernels = {"forward": forward, "input_grad": input_grad_full_precision,
-               "weight_grad": weight_grad_full_precision}
-    return kernels[self.kind](*operands, self.spec)
+    return _KERNELS[self.kind](*operands, self.spec)
 
 
 class NativeCpuAdderConv:
