@@ -155,6 +155,14 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, const Fn& fn) {
   state->cv.wait(lock, [&] { return state->done.load() == total; });
 }
 
+// How many chunks to split each of `items` work items into so that there are about
+// `per_thread` items for each thread (the caller's included), between 1 and `most`.
+inline int64_t ChunksToFill(ffi::ThreadPool& pool, int64_t items, int64_t per_thread,
+                            int64_t most) {
+  const int64_t wanted = per_thread * (pool.num_threads() + 1);
+  return std::clamp<int64_t>((wanted + items - 1) / items, 1, most);
+}
+
 struct ForwardGeometry {
   int64_t h, w, wp, c, ho, wo, groups, cg, og, opad, kh, kw, sh, sw, dh, dw;
 };
@@ -295,7 +303,6 @@ void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* 
                        const float* sf, float* y_data, const ForwardGeometry& g, int64_t batch,
                        int64_t top, int64_t left) {
   constexpr int64_t kTile = kPixelNP * Vec::kWidth;
-  const int64_t hp = (g.ho - 1) * g.sh + (g.kh - 1) * g.dh + 1;
   const int64_t row_len = g.wp + kTile;  // Slack: a tile's loads may run past the row.
   const int64_t k_size = g.kh * g.kw * g.cg, out_c = g.groups * g.og;
   std::vector<int64_t> offsets(k_size);
@@ -304,8 +311,7 @@ void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* 
       for (int64_t c = 0; c < g.cg; ++c, ++k)
         offsets[k] = (i * g.dh * g.c + c) * row_len + j * g.dw;
   // Row chunks of an image where the batch is too small to keep the threads busy.
-  const int64_t chunks = std::clamp<int64_t>(
-      (2 * (pool.num_threads() + 1) + batch - 1) / batch, 1, g.ho);
+  const int64_t chunks = ChunksToFill(pool, batch, 2, g.ho);
   auto item = [&](int64_t it) {
     const int64_t b = it / chunks, chunk = it % chunks;
     const int64_t r0 = g.ho * chunk / chunks, r1 = g.ho * (chunk + 1) / chunks;
@@ -360,10 +366,6 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
   const int64_t batch = xd[0], k_size = wd[1];
   if (k_size != kh * kw * g.cg || wd[0] != groups || g.opad % Vec::kWidth)
     return ffi::Error::InvalidArgument("adderjax_adder_forward: bad filter layout");
-  std::vector<int64_t> offsets(k_size);
-  for (int64_t i = 0, k = 0; i < kh; ++i)
-    for (int64_t j = 0; j < kw; ++j)
-      for (int64_t c = 0; c < g.cg; ++c, ++k) offsets[k] = (i * g.wp + j * dw) * g.c + c;
   const float* x_data = xb.typed_data();
   const float* w_data = wt.typed_data();
   float* y_data = y->typed_data();
@@ -373,6 +375,14 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
     for (int64_t k = 0; k < k_size; ++k)
       for (int64_t n = 0; n < g.opad; ++n)
         sf[grp * g.opad + n] += w_data[(grp * k_size + k) * g.opad + n];
+  if (kPixelLanes && sw == 1 && g.og <= Vec::kWidth && g.wo >= kPixelNP * Vec::kWidth) {
+    ForwardPixelLanes(pool, x_data, w_data, sf.data(), y_data, g, batch, top, left);
+    return ffi::Error::Success();
+  }
+  std::vector<int64_t> offsets(k_size);
+  for (int64_t i = 0, k = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j)
+      for (int64_t c = 0; c < g.cg; ++c, ++k) offsets[k] = (i * g.wp + j * dw) * g.c + c;
   const int64_t x_step = sw * g.c, out_c = groups * g.og;
   const int64_t tile_n = 2 * Vec::kWidth;
   const auto tail = Vec::mask(g.cg % Vec::kWidth == 0 ? Vec::kWidth : g.cg % Vec::kWidth);
@@ -416,10 +426,6 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
       }
     }
   };
-  if (kPixelLanes && sw == 1 && g.og <= Vec::kWidth && g.wo >= kPixelNP * Vec::kWidth) {
-    ForwardPixelLanes(pool, x_data, w_data, sf.data(), y_data, g, batch, top, left);
-    return ffi::Error::Success();
-  }
   ParallelFor(pool, batch * g.ho, row);
   return ffi::Error::Success();
 }
@@ -688,8 +694,7 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
   const int64_t tiles = groups * o_tiles * int64_t(column_groups.size());
   // Split the batch into chunks (summed in a fixed order at the end) only where the
   // tiles alone cannot keep every thread busy.
-  const int64_t chunks = std::clamp<int64_t>((4 * (pool.num_threads() + 1) + tiles - 1) / tiles,
-                                             1, batch);
+  const int64_t chunks = ChunksToFill(pool, tiles, 4, batch);
   std::vector<float> partial((chunks - 1) * size);
   std::vector<float> sum_g(chunks * out_c, 0.0f);
   auto sums = [&](int64_t chunk) { return chunk == 0 ? out : partial.data() + (chunk - 1) * size; };
