@@ -18,7 +18,7 @@ from adderjax.ops.dispatch import ImplementationLike, adder_conv, check_implemen
 from adderjax.ops.spec import GradMode, check_grad_mode
 
 __all__ = ["PADDING_MODES", "apply_adder_conv", "check_op_options", "default_bias_init",
-           "default_kernel_init", "pad_input"]
+           "default_kernel_init", "keep_full_precision", "pad_input"]
 
 default_kernel_init = nnx.initializers.normal(stddev=1.0)
 """N(0, 1), the official code's initialization of adder kernels."""
@@ -33,6 +33,21 @@ def check_op_options(grad_mode: Any, implementation: Any) -> None:
   """A ValueError naming ``grad_mode`` or ``implementation`` if `adder_conv` rejects it."""
   check_grad_mode(grad_mode)
   check_implementation(implementation)
+
+
+def keep_full_precision(param: jax.Array | None,
+                        promoted: jax.Array | None) -> jax.Array | None:
+  """``param`` in the promoted dtype, but never below float32.
+
+  The layers promote their inputs to the compute dtype as Flax does, but an
+  adder kernel (and the bias added to the output) enters the sum at float32 or
+  more: a trained kernel's output offset ``-sum |w|`` reaches the thousands,
+  and rounding the kernel to bfloat16 moves it by more than the signal
+  (README, "Mixed precision").
+  """
+  if param is None:
+    return None
+  return param.astype(jnp.promote_types(promoted.dtype, jnp.float32))
 
 
 def pad_input(x: jax.Array, kernel_hw: tuple[int, int], kernel_dilation: tuple[int, int],

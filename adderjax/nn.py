@@ -29,6 +29,7 @@ from adderjax._layer_common import (
     PADDING_MODES,
     apply_adder_conv,
     check_op_options,
+    keep_full_precision,
     default_bias_init,
     default_kernel_init,
 )
@@ -36,7 +37,8 @@ from adderjax.ops import adder_dense, sign_ste
 from adderjax.ops.dispatch import ImplementationLike
 from adderjax.ops.spec import GradMode
 
-__all__ = ["AdderConv", "AdderDense", "AdderKernel", "BinaryConv", "BinaryDense"]
+__all__ = ["AdderConv", "AdderDense", "AdderKernel", "BinaryConv", "BinaryDense",
+           "float32_statistics"]
 
 binary_default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -194,8 +196,11 @@ class AdderConv(nnx.Module):
     if inputs.ndim < 3 or inputs.shape[-1] != self.in_features:
       raise ValueError(f"inputs must have shape (*batch, height, width, {self.in_features}) for "
                        f"in_features={self.in_features}, got shape {tuple(inputs.shape)}.")
-    bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    param_bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], param_bias),
+                                              dtype=self.dtype)
+    kernel = keep_full_precision(self.kernel[...], kernel)
+    bias = keep_full_precision(param_bias, bias)
     return apply_adder_conv(
         inputs, kernel, bias, strides=self.strides, padding=self.padding,
         kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count,
@@ -294,8 +299,11 @@ class AdderDense(nnx.Module):
     Returns:
       ``(..., out_features)``.
     """
-    bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    param_bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], param_bias),
+                                              dtype=self.dtype)
+    kernel = keep_full_precision(self.kernel[...], kernel)
+    bias = keep_full_precision(param_bias, bias)
     y = adder_dense(inputs, kernel, grad_mode=self.grad_mode, implementation=self.implementation)
     return y if bias is None else y + bias
 
@@ -309,6 +317,45 @@ def _binary_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any,
 def _binary_dot_general(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
   """`jax.lax.dot_general` of the binarised input and kernel: BinaryDense's hook."""
   return jax.lax.dot_general(sign_ste(lhs), sign_ste(rhs), *args, **kwargs)
+
+
+def float32_statistics(args: tuple[Any, ...], /, *, dtype: Dtype | None = None,
+                       inexact: bool = True) -> tuple[Any, ...]:
+  """A ``promote_dtype`` for :class:`flax.nnx.BatchNorm` after adder layers: normalise in float32.
+
+  Flax's BatchNorm casts its input and its running mean and variance to
+  ``dtype`` before it normalises. After an adder layer that loses the signal
+  in half precision: the input is an offset near ``-sum |w|`` (in a trained
+  network up to thousands) plus a spread of a few units, and bfloat16's
+  spacing at 2,000 is 16. With this hook the normalisation runs in float32
+  (or the promoted dtype if wider) and only its result, of order one, is cast
+  to ``dtype``. The models of :mod:`adderjax.models` use it for every
+  BatchNorm.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from adderjax.nn import AdderConv, float32_statistics
+    >>> rngs = nnx.Rngs(0)
+    >>> layer = AdderConv(3, 8, 3, dtype=jnp.bfloat16, rngs=rngs)
+    >>> bn = nnx.BatchNorm(8, momentum=0.9, dtype=jnp.bfloat16,
+    ...                    promote_dtype=float32_statistics, rngs=rngs)
+    >>> y = layer(jnp.ones((2, 8, 8, 3), jnp.bfloat16))
+    >>> y.dtype, bn(y).dtype
+    (dtype('float32'), dtype(bfloat16))
+
+  Args:
+    args: the input, running mean and variance, scale and bias (None entries
+      pass through).
+    dtype: the layer's ``dtype``; None infers it from the arrays.
+    inexact: as in :func:`flax.nnx.nn.dtypes.promote_dtype`.
+
+  Returns:
+    The arrays, all in ``promote_types(dtype, float32)``.
+  """
+  wide = jnp.promote_types(dtypes.canonicalize_dtype(*args, dtype=dtype, inexact=inexact),
+                           jnp.float32)
+  return tuple(None if a is None else jnp.asarray(a, wide) for a in args)
 
 
 class BinaryConv(nnx.Conv):

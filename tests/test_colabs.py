@@ -32,9 +32,10 @@ def _errors(notebook):
           if output.get("output_type") == "error"]
 
 
-def test_the_four_notebooks_are_there():
+def test_the_five_notebooks_are_there():
   assert [p.name for p in NOTEBOOKS] == ["costs_and_speed.ipynb", "multi_device.ipynb",
-                                         "paper_figures.ipynb", "quickstart.ipynb"]
+                                         "paper_figures.ipynb", "pretrained.ipynb",
+                                         "quickstart.ipynb"]
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name != SCRIPT_NOTEBOOK],

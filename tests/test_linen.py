@@ -87,7 +87,12 @@ def test_conv_batch_dims_bias_and_dtype():
   np.testing.assert_allclose(y.reshape(4, 5, 5, 3), want, rtol=1e-6)
   np.testing.assert_array_equal(layer.apply(params, x[0, 0]), y[0, 0])
   bf16 = AdderConv(3, 3, use_bias=True, dtype=jnp.bfloat16)
-  assert bf16.apply(params, x[0]).dtype == jnp.bfloat16
+  # The input is rounded to the compute dtype; the kernel and the output stay float32.
+  got = bf16.apply(params, x[0])
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(
+      got, adder_conv(x[0].reshape(2, 5, 5, 2).astype(jnp.bfloat16),
+                      params["params"]["adder_kernel"]).reshape(got.shape) + 1.0)
 
 
 def test_dense_matches_numpy_and_op():
@@ -98,7 +103,9 @@ def test_dense_matches_numpy_and_op():
   got = layer.apply(params, jnp.asarray(x))
   np.testing.assert_allclose(got, -np.abs(x[:, :, None] - w[None]).sum(1), rtol=1e-6)
   np.testing.assert_array_equal(got, adder_dense(jnp.asarray(x), jnp.asarray(w)))
-  assert AdderDense(2, dtype=jnp.bfloat16).apply(params, x).dtype == jnp.bfloat16
+  got = AdderDense(2, dtype=jnp.bfloat16).apply(params, x)
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(got, adder_dense(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w)))
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 from adderjax.nn import AdderConv
 from adderjax.nn import AdderDense
 from adderjax.nn import AdderKernel
+from adderjax.nn import float32_statistics
 from adderjax.ops import adder_conv
 from adderjax.ops import adder_dense
 from adderjax.optim import addernet_sgd
@@ -138,14 +139,22 @@ def test_conv_feature_groups_kernel_shape():
 
 def test_conv_dtypes():
   x = _normal((1, 5, 5, 2))
-  bf16 = _conv(2, 3, 3, dtype=jnp.bfloat16, use_bias=True)
+  bf16 = _conv(2, 3, 3, dtype=jnp.bfloat16, use_bias=True, bias_init=nnx.initializers.ones)
   assert bf16.kernel.dtype == jnp.float32
-  assert bf16(x).dtype == jnp.bfloat16
+  # The input is rounded to the compute dtype, the kernel and the output are not.
+  y = bf16(x)
+  assert y.dtype == jnp.float32
+  kernel = bf16.kernel[...] * 1000.0
+  bf16.kernel[...] = kernel
+  want = adder_conv(x.astype(jnp.bfloat16), kernel) + 1.0
+  np.testing.assert_array_equal(bf16(x), want)
+  assert not np.array_equal(want, adder_conv(x.astype(jnp.bfloat16),
+                                             kernel.astype(jnp.bfloat16)) + 1.0)
   half_params = _conv(2, 3, 3, param_dtype=jnp.bfloat16, use_bias=True)
   assert half_params.kernel.dtype == jnp.bfloat16
   assert half_params.bias.dtype == jnp.bfloat16
   assert half_params(x).dtype == jnp.float32
-  assert half_params(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+  assert half_params(x.astype(jnp.bfloat16)).dtype == jnp.float32
 
 
 def test_conv_input_with_wrong_channels_raises():
@@ -178,7 +187,9 @@ def test_dense_shapes_bias_and_dtypes():
   assert y.shape == (2, 5, 3)
   np.testing.assert_allclose(y, adder_dense(x, layer.kernel[...]) + 1.0, rtol=1e-6)
   assert layer(x[0, 0]).shape == (3,)
-  assert _dense(4, 3, dtype=jnp.bfloat16)(x).dtype == jnp.bfloat16
+  bf16 = _dense(4, 3, dtype=jnp.bfloat16)
+  assert bf16(x).dtype == jnp.float32
+  np.testing.assert_array_equal(bf16(x), adder_dense(x.astype(jnp.bfloat16), bf16.kernel[...]))
   half = _dense(4, 3, param_dtype=jnp.bfloat16)
   assert half.kernel.dtype == jnp.bfloat16
   assert half(x).dtype == jnp.float32
@@ -341,3 +352,29 @@ def test_tiny_adder_net_learns_and_needs_batchnorm_momentum_0_9(momentum):
   else:
     # The running means still lag far behind the distances' large mean.
     assert eval_accuracy < 0.5
+
+
+# Mixed precision: BatchNorm after an adder layer
+
+
+@pytest.mark.parametrize("use_running_average", [False, True])
+def test_float32_statistics_keeps_the_signal_on_a_large_offset(use_running_average):
+  # A trained adder layer's output: an offset near -sum|w| (here -2,000) and a
+  # spread of a few units, which bfloat16 (spacing 16 at 2,000) rounds away.
+  rng = np.random.default_rng(0)
+  y = jnp.asarray(-2000.0 + 2.0 * rng.normal(size=(64, 4)), jnp.float32)
+
+  def normalise(**options):
+    bn = nnx.BatchNorm(4, momentum=0.9, use_running_average=use_running_average,
+                       rngs=nnx.Rngs(0), **options)
+    bn.mean[...] = jnp.full((4,), -2000.0)
+    bn.var[...] = jnp.full((4,), 4.0)
+    return bn(y), bn
+
+  want, _ = normalise()
+  got, bn = normalise(dtype=jnp.bfloat16, promote_dtype=float32_statistics)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=2e-2)
+  assert bn.mean.dtype == jnp.float32
+  plain, _ = normalise(dtype=jnp.bfloat16)  # Flax's own promotion: the signal is gone.
+  assert np.abs(np.asarray(plain, np.float32) - want).max() > 0.5

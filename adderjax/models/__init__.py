@@ -17,6 +17,11 @@ Example:
   >>> forward(model, jnp.zeros((1, 28, 28, 1))).shape
   (1, 10)
 
+:func:`from_torch` converts a PyTorch checkpoint of the official AdderNet
+code (read without PyTorch by :mod:`adderjax.models.torch_checkpoint`), and
+:func:`pretrained` returns the official ResNet-20 for CIFAR-10 shipped in the
+package, whose input normalisation :data:`PRETRAINED` records.
+
 For deployment, :func:`inference_function` turns a trained model into a
 compiled function of the input alone, without ``nnx.jit``'s per-call graph
 traversal (what dominates at batch 1).
@@ -26,9 +31,11 @@ model abstractly, with shapes and no values: enough to count parameters or
 operations.
 """
 
+from adderjax.models.convert import TORCH_MODELS, from_torch
 from adderjax.models.inference import inference_function
 from adderjax.models.layers import KINDS
 from adderjax.models.lenet import LeNet5BN, LeNetPP, lenet5_bn, lenet_pp
+from adderjax.models.pretrained_models import PRETRAINED, PretrainedModel, pretrained, pretrained_names
 from adderjax.models.registry import INPUT_SHAPES, MODELS, get, input_shape, names
 from adderjax.models.resnet import (
     BasicBlock,
@@ -48,19 +55,25 @@ __all__ = [
     "INPUT_SHAPES",
     "KINDS",
     "MODELS",
+    "PRETRAINED",
+    "TORCH_MODELS",
     "BasicBlock",
     "Bottleneck",
     "CifarResNet",
     "LeNet5BN",
     "LeNetPP",
+    "PretrainedModel",
     "ResNet",
     "VGGSmall",
+    "from_torch",
     "get",
     "inference_function",
     "input_shape",
     "lenet5_bn",
     "lenet_pp",
     "names",
+    "pretrained",
+    "pretrained_names",
     "resnet18",
     "resnet20",
     "resnet32",

@@ -25,7 +25,7 @@ from flax.typing import Dtype, PaddingLike
 import jax
 import jax.numpy as jnp
 
-from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense
+from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense, float32_statistics
 from adderjax._checks import positive_int as check_positive_int
 from adderjax.ops.dispatch import ImplementationLike, check_implementation
 from adderjax.ops.spec import GradMode, check_grad_mode
@@ -68,7 +68,9 @@ def batch_norm(features: int, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32) -> nnx.BatchNorm:
   """A BatchNorm over the last axis with momentum 0.9 and epsilon 1e-5, as PyTorch's.
 
-  ``model.train()`` and ``model.eval()`` switch it between batch statistics
+  It normalises in float32 whatever ``dtype`` is, and returns ``dtype``
+  (:func:`adderjax.nn.float32_statistics`): an adder output's offset is too
+  large for half precision. ``model.train()`` and ``model.eval()`` switch it between batch statistics
   (updating the running ones) and the running statistics.
 
   Args:
@@ -87,7 +89,7 @@ def batch_norm(features: int, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
     0.9
   """
   return nnx.BatchNorm(features, momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+                       param_dtype=param_dtype, promote_dtype=float32_statistics, rngs=rngs)
 
 
 def activation(kind: Kind) -> Callable[[jax.Array], jax.Array]:

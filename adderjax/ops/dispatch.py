@@ -8,6 +8,7 @@ from typing import Literal, Protocol, TypeAlias
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from adderjax.ops import cpu_native, pallas_gpu, reference, xla
 from adderjax.ops.pallas_gpu import PallasAdderConv
@@ -119,18 +120,39 @@ def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _adder_conv(x, w, spec: ConvSpec, grad_mode: GradMode, implementation: Implementation):
+def _output_dtype(x: jax.Array, w: jax.Array, preferred_element_type: object) -> jnp.dtype:
+  """The result's dtype: the accumulation dtype unless ``preferred_element_type`` says otherwise.
+
+  An adder output is a per-channel offset near ``-sum |w|`` (thousands in a
+  trained network) plus a signal whose spread is a few units: half precision
+  would round the signal away, so it is never the default.
+  """
+  if preferred_element_type is None:
+    return _compute_dtype(x, w)
+  try:
+    dtype = jnp.dtype(preferred_element_type)
+  except TypeError as e:
+    raise TypeError(f"preferred_element_type must be a floating dtype or None, got "
+                    f"preferred_element_type={preferred_element_type!r}.") from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"preferred_element_type must be a floating dtype or None, got "
+                    f"preferred_element_type={preferred_element_type!r}.")
+  return dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _adder_conv(x, w, spec: ConvSpec, grad_mode: GradMode, implementation: Implementation,
+                out_dtype: jnp.dtype):
   dtype = _compute_dtype(x, w)
   y = implementation.forward(x.astype(dtype), w.astype(dtype), spec)
-  return y.astype(jnp.result_type(x, w))
+  return y.astype(out_dtype)
 
 
-def _adder_conv_fwd(x, w, spec, grad_mode, implementation):
-  return _adder_conv(x, w, spec, grad_mode, implementation), (x, w)
+def _adder_conv_fwd(x, w, spec, grad_mode, implementation, out_dtype):
+  return _adder_conv(x, w, spec, grad_mode, implementation, out_dtype), (x, w)
 
 
-def _adder_conv_bwd(spec, grad_mode, implementation, residuals, g):
+def _adder_conv_bwd(spec, grad_mode, implementation, out_dtype, residuals, g):
   x, w = residuals
   dtype = _compute_dtype(x, w, g)
   x_, w_, g_ = x.astype(dtype), w.astype(dtype), g.astype(dtype)
@@ -152,6 +174,7 @@ def adder_conv(
     feature_group_count: int = 1,
     grad_mode: GradMode = "full_precision",
     implementation: ImplementationLike = None,
+    preferred_element_type: DTypeLike | None = None,
 ) -> jax.Array:
   """The AdderNet convolution: the negative L1 distance of each patch to each filter.
 
@@ -165,11 +188,24 @@ def adder_conv(
   - ``"unclipped"``: the same, without the HardTanh.
   - ``"sign"``: the exact gradient, ``sign(X - F)`` and ``sign(F - X)``.
 
+  Every implementation gives what the XLA loops give for infinite and NaN
+  inputs, term by term: an output is -inf where a term is infinite, NaN where
+  a NaN (or inf - inf) enters it, and finite wherever the true sum is. An empty
+  batch gives an empty result.
+
   The broadcast of outputs against patch elements against filters is never
   materialised; temporary memory is of the order of the input plus the
   output. Inputs may be float32, bfloat16 or float16 (arithmetic in float32)
-  or float64; the result has the promoted dtype of ``x`` and ``w`` and the
-  gradients the dtypes of ``x`` and ``w``.
+  or float64; the gradients have the dtypes of ``x`` and ``w``.
+
+  The result is float32 for half-precision inputs (float64 for float64), as
+  `jax.lax.conv_general_dilated` with ``preferred_element_type=jnp.float32``:
+  an adder output is a per-channel offset near ``-sum |w|`` plus a signal a
+  few units wide, and in a trained network the offset reaches the thousands
+  (the official ResNet-20: -3,221), where bfloat16's spacing (16 at 2,000)
+  exceeds the signal. Keep the kernel in float32 too: rounding it to
+  bfloat16 alone changes a quarter of that network's predictions (the layers
+  of `adderjax.nn` and `adderjax.linen` do; README, "Mixed precision").
 
   Args:
     x: input, ``(batch, height, width, in_channels)``.
@@ -192,16 +228,21 @@ def adder_conv(
       ``"reference"`` (the broadcasting oracle; small shapes only), or a
       `PallasAdderConv` instance: the kernels with its options (tiles,
       warps, ``method``, ``interpret``).
+    preferred_element_type: the result's dtype; None (default) for the
+      accumulation dtype, float32 or float64. A half-precision type here
+      rounds the output (see above).
 
   Returns:
-    ``(batch, out_height, out_width, out_channels)``.
+    ``(batch, out_height, out_width, out_channels)``, of dtype
+    ``preferred_element_type`` or the accumulation dtype.
 
   Raises:
     TypeError: a non-array or a non-floating-point input.
     ValueError: wrong ranks, channel or group mismatches, non-positive strides
-      or dilation, bad padding, a kernel larger than the padded input, an
-      unknown ``grad_mode`` or ``implementation``, or ``"pallas"`` where it
-      cannot run (no GPU backend, or an unsupported layer; the message says).
+      or dilation, bad padding, an empty kernel (a zero ``kh`` or ``kw``) or one
+      larger than the padded input, an unknown ``grad_mode`` or
+      ``implementation``, or ``"pallas"`` where it cannot run (no GPU backend,
+      or an unsupported layer; the message says).
 
   Example::
 
@@ -220,8 +261,14 @@ def adder_conv(
   """
   spec = conv_spec(x, w, strides=strides, padding=padding, rhs_dilation=rhs_dilation,
                    feature_group_count=feature_group_count)
+  if not x.shape[0]:  # An empty batch: the empty result, whatever the implementation.
+    check_grad_mode(grad_mode)
+    check_implementation(implementation)
+    out_hw = spec.output_spatial(x.shape[1:3], w.shape[:2])
+    return jnp.zeros((0, *out_hw, w.shape[3]), _output_dtype(x, w, preferred_element_type))
   return _adder_conv(x, w, spec, check_grad_mode(grad_mode),
-                     _resolve_implementation(implementation, x, w, spec))
+                     _resolve_implementation(implementation, x, w, spec),
+                     _output_dtype(x, w, preferred_element_type))
 
 
 def adder_dense(
@@ -230,6 +277,7 @@ def adder_dense(
     *,
     grad_mode: GradMode = "full_precision",
     implementation: ImplementationLike = None,
+    preferred_element_type: DTypeLike | None = None,
 ) -> jax.Array:
   """A fully connected adder layer: ``Y[..., n] = -sum_k |x[..., k] - w[k, n]|``.
 
@@ -240,6 +288,8 @@ def adder_dense(
     w: ``(in_features, out_features)``.
     grad_mode: as in `adder_conv`.
     implementation: as in `adder_conv`.
+    preferred_element_type: as in `adder_conv`: None for float32 (float64
+      for float64 inputs).
 
   Returns:
     ``(..., out_features)``.
@@ -264,5 +314,6 @@ def adder_dense(
                      f"but w expects {w.shape[0]} (shape {tuple(w.shape)}).")
   lead = x.shape[:-1]
   y = adder_conv(x.reshape(-1, 1, 1, x.shape[-1]), w[None, None], padding="VALID",
-                 grad_mode=grad_mode, implementation=implementation)
+                 grad_mode=grad_mode, implementation=implementation,
+                 preferred_element_type=preferred_element_type)
   return y.reshape(*lead, w.shape[1])

@@ -4,6 +4,7 @@
 subclass that names it, so a new kernel is tested by adding three lines.
 """
 
+import functools
 import math
 
 import jax
@@ -75,6 +76,56 @@ def _random_cases(count, seed=0):
 
 CASES = HAND_PICKED + _random_cases(10)
 
+NON_FINITE_VALUES = [math.inf, -math.inf, math.nan, 2e38, -2e38]
+"""An infinity or NaN, or a value whose double overflows float32 (the native max trick's trap)."""
+
+# (x shape, w shape, padding): the issue's 3x3 single channel, two vectors of output
+# channels with padding, a long row of few channels (the native forward's pixels-in-lanes
+# tile on AVX-512).
+NON_FINITE_SHAPES = [((1, 5, 5, 1), (3, 3, 1, 1), "VALID"), ((1, 6, 9, 3), (3, 3, 3, 20), "SAME"),
+                     ((1, 4, 40, 2), (3, 3, 2, 4), "VALID")]
+
+
+@functools.cache
+def _output_and_grads(implementation, padding):
+  def fn(x, w):
+    y, vjp = jax.vjp(lambda x, w: adder_conv(x, w, padding=padding,
+                                             implementation=implementation), x, w)
+    return (y, *vjp(jnp.ones_like(y)))
+  return jax.jit(fn)
+
+
+def assert_like_the_xla_loops(implementation, value):
+  """One element of x, then of w, set to ``value``: output and gradients as the XLA loops'.
+
+  The rule every implementation keeps: an output or gradient is what the XLA
+  loops give, -sum |x - w| and the paper's formulas term by term, so it is
+  -inf where a term is infinite, NaN where a NaN (or inf - inf) enters it,
+  and finite where the true sum is (the native forward's max trick would give
+  inf - inf or overflow there). One latitude: a NaN in ``w`` makes the x
+  gradient NaN where its tap meets x through an output, and may spread further
+  (0 * NaN) through the zero cotangents outside the output, as the XLA loops
+  and the Pallas kernels spread it over all of x.
+  """
+  rng = np.random.default_rng(0)
+  for x_shape, w_shape, padding in NON_FINITE_SHAPES:
+    x = rng.normal(size=x_shape).astype(np.float32)
+    w = rng.normal(size=w_shape).astype(np.float32)
+    for where in ("x", "w"):
+      xv, wv = x.copy(), w.copy()
+      target = xv if where == "x" else wv
+      target[tuple(n // 2 for n in target.shape)] = value
+      got = _output_and_grads(implementation, padding)(xv, wv)
+      want = _output_and_grads("xla", padding)(xv, wv)
+      for name, a, b in zip(("output", "x gradient", "w gradient"), got, want):
+        message = f"{name}, {where}={value} at its middle, x {x_shape}, w {w_shape}, {padding}"
+        a, b = np.asarray(a), np.asarray(b)
+        if where == "w" and math.isnan(value) and name == "x gradient":
+          exact = np.isnan(_output_and_grads("reference", padding)(xv, wv)[1])
+          assert np.isnan(a)[exact].all(), message
+          a, b = a[~np.isnan(a) & ~np.isnan(b)], b[~np.isnan(a) & ~np.isnan(b)]
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=message)
+
 
 def _case_id(case):
   x_shape, w_shape, strides, padding, dilation, groups = case
@@ -114,6 +165,19 @@ class AdderConvTestBase:
       np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=2e-6 * scale_dx, err_msg=grad_mode)
       np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=2e-6 * scale_dw, err_msg=grad_mode)
 
+  @pytest.mark.parametrize("value", NON_FINITE_VALUES, ids=str)
+  def test_non_finite_and_huge_inputs_give_what_the_xla_loops_give(self, value):
+    assert_like_the_xla_loops(self.implementation, value)
+
+  def test_an_empty_batch_gives_an_empty_result(self):
+    x, w = jnp.ones((0, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    y = self.conv(x, w, padding="VALID")
+    assert y.shape == (0, 6, 6, 4) and y.dtype == jnp.float32
+    dx, dw = jax.grad(lambda x, w: self.conv(x, w, strides=2).sum(), (0, 1))(x, w)
+    assert dx.shape == x.shape and dw.shape == w.shape and not np.any(dw)  # A sum over nothing.
+    dense = adder_dense(jnp.ones((0, 5)), jnp.ones((5, 3)), implementation=self.implementation)
+    assert dense.shape == (0, 3)
+
   def test_sign_mode_is_the_true_gradient_away_from_kinks(self):
     # Inputs in Z + 1/4 and filters in Z + 1/2: every |x - w| and every |0 - w|
     # of the zero padding is at least 1/4 away from its kink.
@@ -131,26 +195,39 @@ class AdderConvTestBase:
     assert float(dx.squeeze()) == 1.0    # HardTanh(3 - 0) = 1
     assert float(dw.squeeze()) == -3.0   # X - F = 0 - 3
 
-  def test_bfloat16_and_float16_accumulate_in_float32(self):
+  def test_bfloat16_and_float16_accumulate_and_return_float32(self):
     rng = np.random.default_rng(2)
     x32 = rng.normal(size=(2, 8, 8, 24)).astype(np.float32)
     w32 = rng.normal(size=(3, 3, 24, 8)).astype(np.float32)
     for dtype in (jnp.bfloat16, jnp.float16):
       x, w = jnp.asarray(x32, dtype), jnp.asarray(w32, dtype)
       y, vjp = jax.vjp(lambda x, w: self.conv(x, w), x, w)
-      assert y.dtype == dtype
+      # The offset -sum|w| is far larger than the signal: never half precision by default.
+      assert y.dtype == jnp.float32
       dx, dw = vjp(jnp.ones_like(y))
       assert dx.dtype == dtype and dw.dtype == dtype
-      # The exact sums of the rounded inputs, rounded once: a half-precision
-      # accumulator over 216 terms would be off by far more than one ulp.
+      # The exact sums of the rounded inputs, in float32 (a half-precision
+      # accumulator or output over 216 terms would be off by far more).
       exact, _, exact_dw = adder_conv_and_grads(
           np.asarray(x, np.float64), np.asarray(w, np.float64), np.ones(y.shape),
           strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1), groups=1,
           grad_mode="full_precision")
+      np.testing.assert_allclose(np.asarray(y, np.float64), exact, rtol=1e-5, atol=0)
       ulp = float(jnp.finfo(dtype).eps)
-      np.testing.assert_allclose(np.asarray(y, np.float64), exact, rtol=ulp, atol=0)
       np.testing.assert_allclose(np.asarray(dw, np.float64), exact_dw, rtol=ulp,
                                  atol=ulp * np.abs(exact_dw).max())
+
+  def test_preferred_element_type(self):
+    x = jnp.ones((1, 4, 4, 2), jnp.bfloat16)
+    w = jnp.full((3, 3, 2, 3), 3.0, jnp.bfloat16)
+    y = self.conv(x, w, preferred_element_type=jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float32)[0, 1, 1], -36.0)
+    dx = jax.grad(lambda x: self.conv(x, w, preferred_element_type=jnp.float32).sum())(x)
+    assert dx.dtype == jnp.bfloat16
+    for bad in (jnp.int32, "not a dtype"):
+      with pytest.raises(TypeError, match="preferred_element_type"):
+        self.conv(x, w, preferred_element_type=bad)
 
   def test_mixed_dtypes_promote(self):
     x = jnp.ones((1, 4, 4, 2), jnp.bfloat16)
@@ -247,6 +324,9 @@ class TestBadInput:
       (dict(padding="FULL"), ValueError, "padding must be one of"),
       (dict(padding=((1, 1),)), ValueError, "padding must be one of"),
       (dict(padding=((-1, 0), (0, 0))), ValueError, "padding must be non-negative"),
+      (dict(w=jnp.zeros((0, 3, 4, 6))), ValueError, r"w must have a kernel of at least 1x1 .*"
+       r"shape \(0, 3, 4, 6\)"),
+      (dict(w=jnp.zeros((3, 0, 4, 6)), padding="VALID"), ValueError, "w must have a kernel"),
       (dict(w=jnp.zeros((9, 3, 4, 6)), padding="VALID"), ValueError, "spans 9 positions"),
       (dict(w=jnp.zeros((3, 3, 4, 6)), rhs_dilation=5, padding=((1, 1), (1, 1))), ValueError,
        "more than the padded input"),

@@ -1,0 +1,1 @@
+"""Fixtures recorded from the official AdderNet code (PyTorch), and the generators they share."""
