@@ -37,6 +37,7 @@ import json
 import math
 import pathlib
 from typing import Any
+import warnings
 
 from flax import nnx
 import jax
@@ -450,7 +451,10 @@ def read_metrics(path: PathLike) -> list[dict[str, Any]]:
 
   Raises:
     FileNotFoundError: if there is no such file.
-    ValueError: for a line that is not a JSON object with a ``"step"``.
+    ValueError: for a line that is not a JSON object with a ``"step"``, naming
+      ``file:line``. An unfinished last line (no newline: a run killed while
+      writing it, by a version of the trainer that left such lines) is skipped
+      with a `RuntimeWarning` naming it instead.
   """
   path = _metrics_file(path)
   records: dict[tuple[int, tuple[str, ...]], dict[str, Any]] = {}
@@ -461,10 +465,17 @@ def read_metrics(path: PathLike) -> list[dict[str, Any]]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number} is not JSON: {e}") from e
-      if not isinstance(record, dict) or "step" not in record:
-        raise ValueError(f"{path}:{number} is not a JSON object with a 'step': {line.strip()!r}")
-      records[(record["step"], tuple(sorted(record)))] = record
+        problem = f"is not JSON: {e}"
+      else:
+        problem = None if isinstance(record, dict) and "step" in record else (
+            f"is not a JSON object with a 'step': {line.strip()!r}")
+      if problem is None:
+        records[(record["step"], tuple(sorted(record)))] = record
+      elif line.endswith("\n"):
+        raise ValueError(f"{path}:{number} {problem}")
+      else:  # Only the last line can lack its newline.
+        warnings.warn(f"{path}:{number} is an unfinished record (a run stopped while writing "
+                      f"it); skipped: {line[:80]!r}", RuntimeWarning, stacklevel=2)
   return sorted(records.values(), key=lambda r: r["step"])
 
 

@@ -38,6 +38,7 @@ import json
 import pathlib
 from typing import Any
 import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -176,14 +177,30 @@ def load(path: str | pathlib.Path) -> tuple[Callable[..., Any], dict[str, Any]]:
   size). Only JAX is needed.
 
   Raises:
-    ValueError: if the file is not one `save` wrote.
+    FileNotFoundError: if there is no such file.
+    ValueError: if the file is not one `save` wrote, or is damaged (not a zip
+      file, truncated, a member that does not read back); the message names
+      the path and what is wrong.
   """
-  with zipfile.ZipFile(path) as f:
-    names = set(f.namelist())
-    if not {_FUNCTION, _SPEC} <= names:
-      raise ValueError(f"{path} is not an adderjax export: it lacks {_FUNCTION} or {_SPEC}.")
-    spec = json.loads(f.read(_SPEC))
-    exported = jax.export.deserialize(bytearray(f.read(_FUNCTION)))
-  if spec.get("format") != FORMAT:
-    raise ValueError(f"{path} has format {spec.get('format')!r}, not {FORMAT!r}.")
+  try:
+    with zipfile.ZipFile(path) as f:
+      names = set(f.namelist())
+      if not {_FUNCTION, _SPEC} <= names:
+        raise ValueError(f"{path} is not an adderjax export: it lacks {_FUNCTION} or {_SPEC}.")
+      spec_bytes, function_bytes = f.read(_SPEC), f.read(_FUNCTION)
+  except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+    raise ValueError(f"{path} is not an adderjax export, or is damaged (truncated?): it does not "
+                     f"read as a zip file ({e}).") from None
+  try:
+    spec = json.loads(spec_bytes)
+  except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f"{path} is damaged: its {_SPEC} is not JSON ({e}).") from None
+  if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+    found = spec.get("format") if isinstance(spec, dict) else spec
+    raise ValueError(f"{path} has format {found!r}, not {FORMAT!r}.")
+  try:
+    exported = jax.export.deserialize(bytearray(function_bytes))
+  except Exception as e:  # noqa: BLE001 (flatbuffers raises struct.error, IndexError, ...)
+    raise ValueError(f"{path} is damaged: its {_FUNCTION} does not deserialize "
+                     f"({type(e).__name__}: {str(e)[:200]}).") from None
   return exported.call, spec

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import time
 from typing import Any
@@ -88,6 +89,25 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
+def _reason(error: BaseException) -> str:
+  """Why ``error`` happened: the operating system's words for its errno, else its first line.
+
+  The errno is found on an ``OSError`` in the chain or in TensorStore's
+  ``[os_error_code='28']``: both give ``'No space left on device'``.
+  """
+  seen = error
+  for _ in range(8):  # The error and the ones it was raised from.
+    if seen is None:
+      break
+    if isinstance(seen, OSError) and seen.errno:
+      return os.strerror(seen.errno)
+    match = re.search(r"os_error_code='?(\d+)", str(seen))
+    if match:
+      return os.strerror(int(match.group(1)))
+    seen = seen.__cause__ or seen.__context__
+  return _first_line(error)
+
+
 class Checkpoints:
   """Saves and restores a training state, verified by a digest per save.
 
@@ -152,8 +172,8 @@ class Checkpoints:
       _sync(f"checkpoint_digest_{step}")
     except Exception as e:
       kept = [s for s in self._manager.all_steps() if s != step]
-      raise SaveError(f"Could not save the checkpoint of step {step} in {self.directory}: "
-                      f"{_first_line(e)}. The earlier checkpoints {kept} are kept.") from e
+      raise SaveError(f"Could not save the checkpoint of step {step}: {_reason(e)} (writing "
+                      f"{self.directory}). The earlier checkpoints {kept} are kept.") from e
 
   def restore(self, step: int, like: Any) -> Any:
     """Restores checkpoint ``step`` into the structure, shapes and shardings of ``like``."""

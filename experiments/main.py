@@ -5,30 +5,31 @@
 
 Restarting the same command resumes from the newest good checkpoint in the
 workdir. Exit status: 0 when the run completed; 75 (``EX_TEMPFAIL``) when it
-was preempted (``SIGTERM`` or ``SIGINT``) and saved the step it stopped at, so
+was preempted (``SIGTERM`` or ``SIGINT``) and saved the step it stopped at, or
+was stopped outside the training loop (starting up: nothing to save), so
 rerunning resumes; 1 with a one-line message for a bad config, data directory
-or workdir, a failed save, a diverged run or unusable checkpoints; 2 for an
-unknown config field.
+or workdir, a failed save or metrics write, a diverged run or unusable
+checkpoints (the libraries' tracebacks of a failed save go to
+``workdir/errors.log``); 2 for an unknown config field.
 """
+
+if __name__ == "__main__":
+  # First of all, before the slow imports and the start-up: SIGTERM and SIGINT exit with 75.
+  from experiments import startup_signals
+
+  startup_signals.install()
 
 import difflib
 import importlib.util
 import logging
 import os
+import pathlib
 import re
 import sys
 
-import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import ConfigDict, config_flags
-
-from adderjax.data import DataError
-from experiments import distributed
-from experiments.checkpoints import CheckpointError
-from experiments.guards import Diverged
-from experiments.preemption import PREEMPTED_EXIT_CODE, Preempted
-from experiments.workdir_lock import WorkdirLocked
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
@@ -38,8 +39,21 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 logger = logging.getLogger("experiments")
 
-# Errors whose message says all: shown as one line, without a traceback.
-RUN_ERRORS = (ValueError, DataError, WorkdirLocked, CheckpointError, Diverged)
+
+def _run_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+  """The errors shown as one line without a traceback, and those whose message says what.
+
+  Imported here, not at the top: JAX and orbax take seconds to import, and
+  the command line is checked first.
+  """
+  from adderjax.data import DataError
+  from experiments.checkpoints import CheckpointError
+  from experiments.guards import Diverged
+  from experiments.metrics import MetricsError
+  from experiments.workdir_lock import WorkdirError
+
+  own = (WorkdirError, CheckpointError, Diverged, MetricsError)
+  return (ValueError, DataError, *own), own
 
 
 def _load_config(argv: list[str]) -> ConfigDict | None:
@@ -97,6 +111,23 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO.
   logger.setLevel(logging.INFO)
+  from experiments.workdir_lock import WorkdirError, check_workdir
+
+  try:
+    check_workdir(FLAGS.workdir)  # Before the slow imports: a bad --workdir is said at once.
+  except WorkdirError as e:
+    logger.error("%s", e)
+    sys.exit(1)
+  import jax
+
+  from experiments import distributed
+  from experiments.library_errors import LibraryErrors
+  from experiments.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+  run_errors, own_errors = _run_errors()
+  # The libraries' tracebacks (a failed save's) go to the workdir, not to the console; so until
+  # the process ends, for the reports that come after the error.
+  library_errors = LibraryErrors(pathlib.Path(FLAGS.workdir) / "errors.log").install()
   try:
     distributed.initialize(FLAGS.config)
     from experiments.train import (
@@ -107,10 +138,12 @@ def main(argv):
   except Preempted as e:
     logger.warning("%s", e)
     sys.exit(PREEMPTED_EXIT_CODE)
-  except RUN_ERRORS as e:
+  except run_errors as e:
     logger.debug("Traceback of the error:", exc_info=True)
-    own = isinstance(e, (WorkdirLocked, CheckpointError, Diverged))  # Their messages say what.
-    logger.error("%s", e if own else f"{type(e).__name__}: {e}")
+    message = str(e) if isinstance(e, own_errors) else f"{type(e).__name__}: {e}"
+    if library_errors.count and library_errors.path.exists():
+      message += f" The libraries' reports: {library_errors.path}."
+    logger.error("%s", message)
     sys.exit(1)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:

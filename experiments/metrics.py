@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import pathlib
 import sys
 import time
@@ -17,30 +19,81 @@ from adderjax.analysis import read_metrics  # noqa: F401  (its one home; experim
 from adderjax.optim import ScaleByAdaptiveLrState
 
 
+logger = logging.getLogger(__name__)
+
+
+class MetricsError(RuntimeError):
+  """``metrics.jsonl`` could not be written; the message names the reason and the file."""
+
+
 def _json_number(value: Any) -> float | None:
   value = float(value)
   return value if math.isfinite(value) else None
+
+
+def _cut_torn_line(fd: int, path: pathlib.Path) -> None:
+  """Truncates the file open as ``fd`` after its last newline, if a crash tore its last record."""
+  end = os.lseek(fd, 0, os.SEEK_END)
+  position, tail = end, b""
+  while position > 0 and b"\n" not in tail:
+    step = min(position, 1 << 16)
+    position -= step
+    tail = os.pread(fd, step, position) + tail
+  if not tail or tail.endswith(b"\n"):
+    return
+  keep = position + tail.rfind(b"\n") + 1  # 0 when the file holds no newline at all
+  os.ftruncate(fd, keep)
+  logger.warning("Dropped the unfinished last record of %s (a run stopped while writing it): "
+                 "%r.", path, tail[keep - position:].decode("utf-8", "replace")[:200])
 
 
 class MetricWriter:
   """Appends scalars to ``workdir/metrics.jsonl`` and to TensorBoard events in ``workdir/tensorboard``.
 
   Only process 0 writes. Every line is strict JSON: a NaN or infinite value
-  (a diverging run) is written as ``null``. The JSON-lines file is opened in append mode, so
-  nothing an earlier (or interrupted) run logged is lost; after a resume, steps
-  between the last checkpoint and the interruption appear twice and the later
-  line is the one of the run that continued.
+  (a diverging run) is written as ``null``. The JSON-lines file is appended to,
+  so nothing an earlier (or interrupted) run logged is lost; after a resume,
+  steps between the last checkpoint and the interruption appear twice and the
+  later line is the one of the run that continued. Each record is one
+  ``write`` of a whole line; one that fails (a full disk) is cut off again, and
+  a record a killed run left unfinished is cut off (with a warning) when the
+  file is opened, so the file always ends with a whole line.
+
+  Raises:
+    MetricsError: from the constructor or :meth:`write`, naming the reason
+      (e.g. ``No space left on device``) and the file.
   """
 
   def __init__(self, workdir: str | pathlib.Path, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self._jsonl = None
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._fd = None
     self._tensorboard = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # Writes event files without TensorFlow.
-      workdir = pathlib.Path(workdir)
-      self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-      self._tensorboard = SummaryWriter(logdir=str(workdir / "tensorboard"), flush_secs=30)
+      try:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        _cut_torn_line(self._fd, self.path)
+        self._tensorboard = SummaryWriter(logdir=str(self.path.parent / "tensorboard"),
+                                          flush_secs=30)
+      except OSError as e:
+        self.close()
+        raise MetricsError(f"Could not open the metrics: {e.strerror} "
+                           f"({e.filename or self.path}).") from None
+
+  def _append(self, line: bytes) -> None:
+    end = os.lseek(self._fd, 0, os.SEEK_END)
+    try:
+      done = 0
+      while done < len(line):  # One write unless the disk fills up mid-line.
+        done += os.write(self._fd, line[done:])
+    except OSError as e:
+      try:
+        os.ftruncate(self._fd, end)  # No half line: the file still ends with a whole record.
+      except OSError:
+        pass
+      raise MetricsError(f"Could not write the metrics: {e.strerror} ({self.path}); the records "
+                         "before this one are intact.") from None
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     """Records ``scalars`` at ``step``."""
@@ -48,15 +101,22 @@ class MetricWriter:
       return
     record = {"step": int(step), "time": time.time()}
     record.update({k: _json_number(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-    self._jsonl.flush()
+    self._append((json.dumps(record, allow_nan=False) + "\n").encode("utf-8"))
     for name, value in scalars.items():
       self._tensorboard.add_scalar(name, float(value), global_step=int(step))
 
   def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tensorboard.close()
+    """Closes both files; a failure to flush the TensorBoard events is logged, not raised."""
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+    if self._tensorboard is not None:
+      try:
+        self._tensorboard.close()
+      except OSError as e:
+        logger.warning("Could not finish the TensorBoard events: %s (%s).", e.strerror,
+                       self.path.parent / "tensorboard")
+      self._tensorboard = None
 
 
 def adaptive_lr_scales(opt_state: Any) -> dict[str, float]:

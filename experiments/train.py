@@ -37,10 +37,11 @@ from adderjax import data, models, ops
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
 from adderjax.optim import addernet_sgd
 from experiments.checkpoints import Checkpoints, SaveError, all_finite
+from experiments import init_from
 from experiments.guards import NONFINITE_ACTIONS, Diverged, DivergenceGuard
 from experiments.metrics import MetricWriter, ProgressBar, adaptive_lr_scales
 from experiments.preemption import Preempted, PreemptionWatch
-from experiments.workdir_lock import WorkdirLock
+from experiments.workdir_lock import WorkdirLock, check_workdir
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if taken:
     raise ValueError(f"config.model_kwargs sets {sorted(taken)}, which the trainer sets from "
                      f"other fields; set config.kind, config.grad_mode, ... instead.")
+  init_from.check(config)
 
 
 def make_mesh(num_devices: int) -> jax.sharding.Mesh:
@@ -143,14 +145,18 @@ _MODEL_ARGUMENTS = ("kind", "num_classes", "rngs", "dtype", "grad_mode", "implem
 """The model arguments `make_model` derives from other config fields."""
 
 
-def make_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
-  """``config.model`` built with the config's kind, dtype, ... and ``config.model_kwargs``."""
+def make_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+               dtype: Any = None) -> nnx.Module:
+  """``config.model`` built with the config's kind, dtype, ... and ``config.model_kwargs``.
+
+  ``dtype`` overrides ``config.dtype`` (e.g. ``jnp.float16`` to evaluate a trained model).
+  """
   return models.get(
       config.model,
       kind=config.kind,
       num_classes=data.DATASETS[config.dataset].num_classes,
       rngs=rngs,
-      dtype=DTYPES[config.dtype],
+      dtype=DTYPES[config.dtype] if dtype is None else dtype,
       grad_mode=config.grad_mode,
       implementation=config.implementation or None,
       **config.model_kwargs.to_dict(),
@@ -237,6 +243,12 @@ class Trainer:
     mask = batch["mask"].astype(jnp.float32)
     return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
 
+  def initialize_from(self, source: nnx.Module) -> None:
+    """Sets the model's parameters and BatchNorm statistics to ``source``'s (config.init_from)."""
+    model, optimizer = nnx.merge(self.graphdef, self.state)
+    init_from.copy_weights(source, model, self.config)
+    self.state = jax.device_put(nnx.state((model, optimizer)), self.replicated)
+
   def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's slice of a batch -> one array sharded over the mesh's batch axis."""
     dtype = DTYPES[self.config.dtype]
@@ -289,7 +301,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Raises:
     ValueError: for a bad config field (named), and ``adderjax.data.DataError``
       for a missing or malformed dataset; both before anything is written.
-    experiments.workdir_lock.WorkdirLocked: if another live run holds ``workdir``.
+    experiments.workdir_lock.WorkdirError: if ``workdir`` is a file, under one
+      or not writable (before anything is read or written); ``WorkdirLocked``
+      if another live run holds it.
+    experiments.metrics.MetricsError: if ``metrics.jsonl`` cannot be written.
     experiments.checkpoints.CheckpointError: if the workdir has checkpoints and
       none can be restored (nothing is moved); ``SaveError`` if a save failed
       (the earlier checkpoints are kept).
@@ -299,6 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       step every process stopped at is saved.
   """
   check_config(config)
+  check_workdir(workdir)
   train_source, eval_source = _load_sources(config)
   mesh = make_mesh(config.num_devices)
   batch_size, eval_batch_size = config.batch_size, config.eval_batch_size
@@ -314,9 +330,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   data.eval_batches(config.dataset, eval_source, global_batch_size=eval_batch_size, **loader)
 
   workdir = pathlib.Path(workdir)
+  initial = _initial_model(config, workdir)
   with WorkdirLock(workdir, process_index=jax.process_index()):
     return _train(config, workdir, mesh, train_source, eval_source, total_steps, steps_per_epoch,
-                  loader)
+                  loader, initial)
+
+
+def _initial_model(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> nnx.Module | None:
+  """The model ``config.init_from`` names, for a fresh run; None if it is unset or the run resumes.
+
+  Read before the workdir is touched, so that a bad ``init_from`` leaves it as it was. A workdir
+  with checkpoints resumes from them and does not read ``init_from``.
+  """
+  directory = workdir / "checkpoints"
+  if not config.init_from or (directory.is_dir() and any(
+      p.name.isdigit() for p in directory.iterdir())):
+    return None
+  return init_from.load(config)
 
 
 def _save_after_error(checkpoints: Checkpoints, guard: DivergenceGuard, step: int, state: Any,
@@ -337,7 +367,7 @@ def _save_after_error(checkpoints: Checkpoints, guard: DivergenceGuard, step: in
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
            train_source: Any, eval_source: Any, total_steps: int, steps_per_epoch: int,
-           loader: dict[str, Any]) -> dict[str, float]:
+           loader: dict[str, Any], initial: nnx.Module | None = None) -> dict[str, float]:
   """The body of :func:`train_and_evaluate`, run while this process holds the workdir."""
   batch_size, eval_batch_size = config.batch_size, config.eval_batch_size
   eval_every = config.eval_every_steps or steps_per_epoch
@@ -352,7 +382,12 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     raise
   start_step = restored_step or 0
   if start_step:
-    logger.info("Resumed from the checkpoint of step %d in %s.", start_step, workdir)
+    logger.info("Resumed from the checkpoint of step %d in %s%s.", start_step, workdir,
+                "; config.init_from is not used" if config.init_from else "")
+  elif config.init_from:
+    trainer.initialize_from(initial if initial is not None else init_from.load(config))
+    logger.info("Initialised the parameters and BatchNorm statistics from config.init_from=%r.",
+                config.init_from)
   if start_step >= total_steps:
     logger.info("The checkpoint of step %d is already the last of %d steps.", start_step,
                 total_steps)

@@ -6,8 +6,10 @@ and `experiments.export`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import logging
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +25,10 @@ from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
 from experiments.checkpoints import CheckpointError, Checkpoints
 from experiments.train import _load_sources, make_model, make_optimizer, make_schedule
 
-__all__ = ["TrainedRun", "accuracy", "calibration_batches", "float_reference", "load_run"]
+__all__ = ["TrainedRun", "accuracy", "calibration_batches", "float_reference",
+           "load_newest_good_run", "load_run"]
+
+logger = logging.getLogger(__name__)
 
 
 class TrainedRun:
@@ -34,7 +39,8 @@ class TrainedRun:
     config: its ``config.json``.
     model: the model at ``step``.
     step: the checkpoint restored.
-    train_source, eval_source: the splits the run trained and evaluated on.
+    train_source, eval_source: the splits the run trained and evaluated on (read when
+      first used).
   """
 
   def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict,
@@ -43,7 +49,18 @@ class TrainedRun:
     self.config = config
     self.model = model
     self.step = step
-    self.train_source, self.eval_source = _load_sources(config)
+
+  @functools.cached_property
+  def _sources(self) -> tuple[Any, Any]:
+    return _load_sources(self.config)
+
+  @property
+  def train_source(self) -> Any:
+    return self._sources[0]
+
+  @property
+  def eval_source(self) -> Any:
+    return self._sources[1]
 
   @property
   def input_shape(self) -> tuple[int, int, int]:
@@ -70,10 +87,18 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None) -> Trained
     raise FileNotFoundError(f"{config_path} is missing: --workdir must be a trainer workdir "
                             "(python -m experiments.main --workdir=...).")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  model = make_model(config, rngs=nnx.Rngs(config.seed))
-  # The checkpoint holds (model, optimizer): restore into the same structure.
-  optimizer = nnx.Optimizer(model, make_optimizer(config, make_schedule(config, 1, 1)),
-                            wrt=nnx.Param)
+
+  def model_and_optimizer():
+    model = make_model(config, rngs=nnx.Rngs(config.seed))
+    # The checkpoint holds (model, optimizer): restore into the same structure.
+    return model, nnx.Optimizer(model, make_optimizer(config, make_schedule(config, 1, 1)),
+                                wrt=nnx.Param)
+
+  # Shapes only: initial values would compile every initialiser (seconds for a ResNet).
+  model, optimizer = nnx.eval_shape(model_and_optimizer)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                      nnx.state((model, optimizer)))
   checkpoints = Checkpoints(workdir / "checkpoints")
   try:
     step = checkpoints.latest_step() if step is None else step
@@ -84,12 +109,46 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None) -> Trained
     if problem:
       raise CheckpointError(f"Checkpoint {step} in {workdir / 'checkpoints'} is damaged: "
                             f"{problem}. Pass --step for another one.")
-    state = checkpoints.restore(step, nnx.state((model, optimizer)))
+    state = checkpoints.restore(step, like)
   finally:
     checkpoints.close()
   nnx.update((model, optimizer), state)
   model.eval()
   return TrainedRun(workdir, config, model, step)
+
+
+def load_newest_good_run(workdir: str | pathlib.Path) -> TrainedRun:
+  """`load_run` of the newest checkpoint that matches its digest and restores.
+
+  Damaged checkpoints are skipped with a warning and left where they are.
+
+  Raises:
+    FileNotFoundError: if the workdir has no ``config.json`` or no checkpoint.
+    experiments.checkpoints.CheckpointError: if no checkpoint is usable; the
+      message gives each one's problem.
+  """
+  workdir = pathlib.Path(workdir)
+  if not (workdir / "config.json").exists():
+    return load_run(workdir)  # Raises the error that says what a workdir is.
+  checkpoints = Checkpoints(workdir / "checkpoints")
+  try:
+    steps = sorted(checkpoints.all_steps(), reverse=True)
+  finally:
+    checkpoints.close()
+  if not steps:
+    raise FileNotFoundError(f"{workdir / 'checkpoints'} has no checkpoint.")
+  problems = []
+  for step in steps:
+    try:
+      return load_run(workdir, step=step)
+    except (CheckpointError, ValueError) as e:
+      problem = (str(e).splitlines() or [type(e).__name__])[0]
+    except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise many kinds)
+      problem = f"it cannot be restored ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+    logger.warning("Skipping checkpoint %d of %s: %s", step, workdir, problem)
+    problems.append(f"step {step}: {problem}")
+  raise CheckpointError(f"No checkpoint in {workdir / 'checkpoints'} can be restored: "
+                        + "; ".join(problems) + ".")
 
 
 def calibration_batches(run: TrainedRun, num_batches: int) -> list[jax.Array]:

@@ -7,11 +7,33 @@ import os
 import pathlib
 from typing import Self
 
-__all__ = ["WorkdirLock", "WorkdirLocked"]
+__all__ = ["WorkdirError", "WorkdirLock", "WorkdirLocked", "check_workdir"]
 
 
-class WorkdirLocked(RuntimeError):
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used (a file, under a file, not writable); the message says which."""
+
+
+class WorkdirLocked(WorkdirError):
   """Another live process holds the workdir; the message names it and its process id."""
+
+
+def check_workdir(workdir: str | pathlib.Path) -> None:
+  """Raises :class:`WorkdirError` unless ``workdir`` is, or can be made, a writable folder.
+
+  Writes nothing: the trainer calls it before it reads the data, so that a bad
+  ``--workdir`` is reported at once, like a bad config field.
+  """
+  path = pathlib.Path(workdir).absolute()
+  existing = path
+  while not existing.exists() and existing.parent != existing:
+    existing = existing.parent
+  if not existing.is_dir():
+    where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+    raise WorkdirError(f"The workdir {path} {where}, not a folder; choose another --workdir.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    where = "" if existing == path else f" ({existing}, where it would be created)"
+    raise WorkdirError(f"The workdir {path} is not writable{where}; choose another --workdir.")
 
 
 class WorkdirLock:
@@ -40,9 +62,18 @@ class WorkdirLock:
     self._file = None
 
   def acquire(self) -> None:
-    """Takes the lock or raises :class:`WorkdirLocked` at once."""
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held while locked)
+    """Takes the lock or raises :class:`WorkdirLocked` at once.
+
+    Raises:
+      WorkdirLocked: if another live process holds it.
+      WorkdirError: if the workdir or the lock file cannot be created.
+    """
+    try:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held while locked)
+    except OSError as e:
+      raise WorkdirError(f"The workdir {self.workdir} cannot be used: {e.strerror} "
+                         f"({e.filename}); choose another --workdir.") from None
     try:
       fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

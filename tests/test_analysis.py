@@ -267,6 +267,19 @@ def test_read_metrics_bad_files(tmp_path):
     analysis.read_metrics(tmp_path / "b.jsonl")
 
 
+def test_read_metrics_skips_an_unfinished_last_line_with_a_warning(tmp_path):
+  """What a run killed mid-write left with an older trainer: half a record, no newline."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_loss": 1.0}\n{"step": 99, "tra')
+  with pytest.warns(RuntimeWarning, match=rf"{path}:3 is an unfinished record .*step.: 99, .tra"):
+    records = analysis.read_metrics(tmp_path)
+  assert [r["step"] for r in records] == [1, 2]
+  # The same half line in the middle (an older trainer appended to it) is an error naming it.
+  path.write_text('{"step": 1}\n{"step": 99, "tra{"step": 2}\n{"step": 3}\n')
+  with pytest.raises(ValueError, match=rf"{path}:2 is not JSON"):
+    analysis.read_metrics(path)
+
+
 def test_experiments_read_the_same_metrics():
   from experiments import metrics
   assert metrics.read_metrics is analysis.read_metrics

@@ -84,6 +84,30 @@ def test_load_reads_the_spec_and_rejects_other_files(lenet_and_images, tmp_path)
     export.load(bad)
 
 
+def test_damaged_files_are_a_value_error_naming_the_path(lenet_and_images, tmp_path):
+  """Not zipfile.BadZipFile or struct.error from deep inside: the docstring promises ValueError."""
+  model, _ = lenet_and_images
+  good = tmp_path / "m.jaxexport"
+  export.save(model, good, input_shape=(28, 28, 1), platforms=("cpu",))
+  data = good.read_bytes()
+  cases = {"not-a-zip": (b"just some text\n" * 10, "does not read as a zip file"),
+           "truncated": (data[:len(data) // 2], "does not read as a zip file"),
+           "bit-flipped": (data[:200] + bytes([data[200] ^ 0xFF]) + data[201:],
+                           "does not read as a zip file")}
+  for name, member in (("garbage-function", "function.bin"), ("garbage-spec", "spec.json")):
+    path = tmp_path / f"{name}.src"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as dst:
+      for info in src.infolist():
+        dst.writestr(info.filename, b"unpack me" * 4 if info.filename == member
+                     else src.read(info.filename))
+    cases[name] = (path.read_bytes(), f"its {member} (does not deserialize|is not JSON)")
+  for name, (content, reason) in cases.items():
+    path = tmp_path / f"{name}.jaxexport"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^{path} .*{reason}"):
+      export.load(path)
+
+
 def test_bad_arguments_are_named(lenet_and_images, tmp_path):
   model, _ = lenet_and_images
   with pytest.raises(ValueError, match="input_shape"):

@@ -9,8 +9,11 @@ output channels by three vectors of input channels), the reduction streamed
 through it with implicit im2col and the zero padding read in place, the max
 trick ``|a - b| = 2 max(a, b) - a - b`` in the forward (the patch and filter
 sums it needs are taken in the kernel, in a fixed order, so an output does not
-depend on the batch it is in), and the work shared out over XLA's intra-op
-threads. The rest (the ``"sign"`` and ``"unclipped"`` input gradients, the
+depend on the batch it is in; an output where it is not finite, from an
+infinite input or one whose double overflows, is summed again term by term),
+and the work shared out over XLA's intra-op threads. Non-finite inputs give
+what the XLA loops give: -inf for an infinity, NaN where a NaN enters (the
+input gradient's clip keeps a NaN). The rest (the ``"sign"`` and ``"unclipped"`` input gradients, the
 ``"sign"`` weight gradient, float64) uses :mod:`adderjax.ops.xla`.
 
 The handlers are compiled the first time they are needed with the system's

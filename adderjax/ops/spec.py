@@ -81,7 +81,8 @@ def conv_spec(x: Any, w: Any, *, strides: Any, padding: Any, rhs_dilation: Any,
   Raises:
     TypeError: for non-arrays and non-floating dtypes.
     ValueError: for wrong ranks, channel or group mismatches, bad strides,
-      dilation or padding, and kernels larger than the padded input.
+      dilation or padding, an empty kernel (a zero ``kh`` or ``kw``), and
+      kernels larger than the padded input.
   """
   _check_array(x, "x", 4, "NHWC")
   _check_array(w, "w", 4, "HWIO")
@@ -109,6 +110,9 @@ def conv_spec(x: Any, w: Any, *, strides: Any, padding: Any, rhs_dilation: Any,
 
   kernel_hw = w.shape[:2]
   in_hw = x.shape[1:3]
+  if not all(kernel_hw):
+    raise ValueError(f"w must have a kernel of at least 1x1 (w is (kh, kw, in, out)), got shape "
+                     f"{tuple(w.shape)}.")
   pads = canonical_padding(padding)
   if isinstance(pads, str):
     dilated = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]

@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   # The model's other keyword arguments, e.g. embed_dim for lenet_pp (a config file declares
   # them; the command line can then override them, --config.model_kwargs.embed_dim=3).
   config.model_kwargs = ml_collections.ConfigDict()
+  # Weights to start a fresh run from (experiments/init_from.py): "" (random), "pretrained:NAME"
+  # (adderjax.models.pretrained_names()) or a PyTorch AdderNet .pth read as config.model.
+  config.init_from = ""
 
   # Data (adderjax.data).
   config.dataset = "mnist"  # "mnist", "cifar10", "cifar100" or "imagenet2012".

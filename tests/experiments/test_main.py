@@ -2,14 +2,17 @@
 
 import errno
 import logging
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from experiments import main, train
 from experiments.checkpoints import Checkpoints
 from experiments.guards import DivergenceGuard
+from experiments.workdir_lock import WorkdirLock
 
 from .test_checkpoints import state_of
 from .test_train import REPO
@@ -60,3 +63,68 @@ def test_failed_save_after_an_error_is_reported_as_failed(tmp_path, caplog, monk
   assert ("Stopped by RuntimeError: data source failed; could not save step 3 (SaveError: Could "
           "not save the checkpoint of step 3") in caplog.text
   assert "the last checkpoint is step 1" in caplog.text
+
+
+def run_smoke(workdir, *overrides, timeout=300):
+  return subprocess.run([sys.executable, "-m", "experiments.main", SMOKE, f"--workdir={workdir}",
+                         "--config.progress_bar=False", *overrides], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_an_unusable_workdir_is_one_line_and_status_1(tmp_path, where):
+  (tmp_path / "f").touch()
+  workdir = {"a file": tmp_path / "f", "under a file": tmp_path / "f" / "w",
+             "read-only": tmp_path / "ro" / "w"}[where]
+  if where == "read-only":
+    (tmp_path / "ro").mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs",
+                              str(tmp_path / "ro")], capture_output=True, check=False)
+    if mounted.returncode:
+      (tmp_path / "ro").chmod(0o500)  # Not root: a folder without write permission.
+  try:
+    completed = run_smoke(workdir)
+  finally:
+    if where == "read-only":
+      subprocess.run(["umount", "-l", str(tmp_path / "ro")], capture_output=True, check=False)
+  assert completed.returncode == 1
+  [line] = completed.stderr.strip().splitlines()
+  expected = {"a file": f"The workdir {workdir} is a file, not a folder",
+              "under a file": f"The workdir {workdir} cannot be created: {tmp_path / 'f'} is a "
+                              "file, not a folder",
+              "read-only": f"The workdir {workdir} is not writable ({tmp_path / 'ro'}, where it "
+                           "would be created)"}[where]
+  assert line.endswith(f"{expected}; choose another --workdir.")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_exits_75_with_one_line(tmp_path, signum):
+  """Before the training loop (here: importing JAX) there is nothing to save; 75 says rerun."""
+  process = subprocess.Popen([sys.executable, "-m", "experiments.main", SMOKE,
+                              f"--workdir={tmp_path / 'w'}"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(1.5)
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 75
+  assert stderr.strip().splitlines() == [
+      f"Stopped by {signal.Signals(signum).name} outside the training loop (while starting up or "
+      "finishing): there was nothing to save. Rerun the same command to resume."]
+  WorkdirLock(tmp_path / "w").acquire()  # The rerun can take the workdir.
+
+
+def test_a_save_on_a_full_disk_says_why_in_one_line(tmp_path, small_disk):
+  """The reason and the path, without the 141 lines of the libraries' tracebacks."""
+  if small_disk is None:
+    pytest.skip("mounting a small tmpfs needs root")
+  workdir = small_disk / "w"
+  # The first checkpoint fits on the 1 MiB disk, the second does not.
+  completed = run_smoke(workdir, "--config.num_train_steps=3", "--config.checkpoint_every_steps=1",
+                        "--config.eval_every_steps=3", "--config.bn_recompute_batches=0")
+  assert completed.returncode == 1
+  assert "Traceback" not in completed.stderr
+  last = completed.stderr.strip().splitlines()[-1]
+  assert last.endswith(f"Could not save the checkpoint of step 2: No space left on device (writing "
+                       f"{workdir / 'checkpoints'}). The earlier checkpoints [1] are kept. The "
+                       f"libraries' reports: {workdir / 'errors.log'}.")
+  assert "RESOURCE_EXHAUSTED" in (workdir / "errors.log").read_text()

@@ -125,6 +125,21 @@ def test_interrupted_and_resumed_run_ends_with_the_same_parameters(
   assert_same_params(final_params(tmp_path)[1], final_params(uninterrupted[0])[1])
 
 
+def test_a_record_torn_by_a_crash_does_not_spoil_the_resumed_metrics(uninterrupted, tmp_path):
+  """The old writer appended the resumed run's first record to the half line."""
+  import shutil
+  import warnings
+  workdir = tmp_path / "workdir"
+  shutil.copytree(uninterrupted[0], workdir)
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 99, "tra')
+  train.train_and_evaluate(smoke_config(num_train_steps=25), workdir)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    records = read_metrics(workdir / "metrics.jsonl")
+  assert records[-1]["step"] == 25 and 99 not in [r["step"] for r in records]
+
+
 def test_killed_process_resumes_to_the_same_parameters(uninterrupted, tmp_path):
   """SIGKILL leaves no time to save: the run goes back to its last periodic checkpoint."""
   command = [sys.executable, "-m", "experiments.main",

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from experiments import train
-from experiments.workdir_lock import WorkdirLock, WorkdirLocked
+from experiments.workdir_lock import WorkdirError, WorkdirLock, WorkdirLocked, check_workdir
 
 from .test_train import REPO, smoke_config
 
@@ -45,3 +45,19 @@ def test_processes_of_one_run_lock_only_their_own_file(tmp_path):
         pytest.raises(WorkdirLocked, match="lock process_1.lock")):
     WorkdirLock(tmp_path, process_index=1).acquire()
   WorkdirLock(tmp_path, process_index=1).acquire()
+
+
+def test_a_workdir_that_is_a_file_is_named_before_anything_is_read(tmp_path):
+  (tmp_path / "f").touch()
+  with pytest.raises(WorkdirError, match=f"The workdir {tmp_path / 'f'} is a file, not a folder"):
+    train.train_and_evaluate(smoke_config(), tmp_path / "f")
+  with pytest.raises(WorkdirError, match=f"cannot be created: {tmp_path / 'f'} is a file"):
+    check_workdir(tmp_path / "f" / "a" / "b")
+  check_workdir(tmp_path / "new" / "run")  # Can be made: fine, and nothing is written.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_a_lock_that_cannot_be_created_is_a_workdir_error(tmp_path):
+  (tmp_path / "f").touch()
+  with pytest.raises(WorkdirError, match=r"cannot be used: (Not a directory|File exists)"):
+    WorkdirLock(tmp_path / "f").acquire()

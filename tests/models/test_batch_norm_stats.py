@@ -1,4 +1,4 @@
-"""recompute_batch_norm_stats against the statistics of the concatenated batches."""
+"""recompute_batch_norm_stats against the concatenated batches' statistics; shift_batch_norm_stats."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from adderjax.nn import AdderConv
-from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
+from adderjax.models.batch_norm_stats import recompute_batch_norm_stats, shift_batch_norm_stats
 
 
 class TwoNorms(nnx.Module):
@@ -72,3 +72,37 @@ def test_errors():
     recompute_batch_norm_stats(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), [jnp.ones((1, 2))])
   with pytest.raises(ValueError, match="batches is empty"):
     recompute_batch_norm_stats(TwoNorms(nnx.Rngs(0)), [])
+
+
+def test_a_shift_keeps_the_statistics_where_nothing_changed_and_moves_them_by_the_change():
+  reference = TwoNorms(nnx.Rngs(0))
+  reference.eval()
+  trained = {name: (np.asarray(getattr(reference, name).mean[...]),
+                    np.asarray(getattr(reference, name).var[...])) for name in ("first", "second")}
+  rng = np.random.default_rng(0)
+  batches = [rng.normal(loc=[5.0, -2.0, 0.0], size=(16, 3)).astype(np.float32)
+             for _ in range(2)]
+  same = nnx.clone(reference)
+  assert shift_batch_norm_stats(same, reference, batches) == 2
+  for name, (mean, var) in trained.items():  # Bit for bit: nothing changed, nothing moves.
+    np.testing.assert_array_equal(getattr(same, name).mean[...], mean)
+    np.testing.assert_array_equal(getattr(same, name).var[...], var)
+  # A derived model whose dense layer computes 2 h + 1: the second norm's input moves.
+  derived = nnx.clone(reference)
+  derived.dense.kernel[...] = 2 * derived.dense.kernel[...]
+  derived.dense.bias[...] = 2 * derived.dense.bias[...] + 1.0
+  shift_batch_norm_stats(derived, reference, batches)
+  hidden = TwoNorms(nnx.Rngs(0))
+  recompute_batch_norm_stats(hidden, batches)  # The reference's own moments on the batches.
+  mean, var = np.asarray(hidden.second.mean[...]), np.asarray(hidden.second.var[...])
+  np.testing.assert_array_equal(derived.first.mean[...], trained["first"][0])
+  np.testing.assert_allclose(derived.second.mean[...], trained["second"][0] + (2 * mean + 1) - mean,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(derived.second.var[...], trained["second"][1] * 4, rtol=1e-4)
+  assert reference.first.use_running_average and reference.first.momentum == 0.9
+
+
+def test_a_shift_needs_the_same_batch_norms():
+  with pytest.raises(ValueError, match="different BatchNorms"):
+    shift_batch_norm_stats(TwoNorms(nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0)),
+                           [jnp.ones((2, 3))])

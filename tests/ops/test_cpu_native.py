@@ -1,7 +1,10 @@
 """The native CPU kernels of adderjax.ops.cpu_native: the shared test base, the build and its fallback."""
 
+import os
 import pathlib
 import stat
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -15,6 +18,7 @@ from adderjax.ops.spec import conv_spec
 from tests.ops.test_adder_conv import AdderConvTestBase
 
 NATIVE = jax.default_backend() == "cpu" and cpu_native.available()
+REPO = pathlib.Path(__file__).parents[2]
 
 
 @pytest.mark.skipif(not NATIVE, reason=f"native kernels unavailable: "
@@ -139,6 +143,27 @@ class TestCpuNative(AdderConvTestBase):
     grad = jax.jit(jax.grad(loss, (0, 1)))
     text = grad.lower(x_sharded, jax.device_put(w, replicated)).compile().as_text()
     assert "all-gather" not in text and "all-reduce" in text
+
+
+BUILD_CHECK = """
+from adderjax.ops import cpu_native
+from tests.ops.test_adder_conv import NON_FINITE_VALUES, assert_like_the_xla_loops
+assert cpu_native.available(), cpu_native.unavailable_reason()
+for value in NON_FINITE_VALUES:
+  assert_like_the_xla_loops("cpu", value)
+"""
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernels unavailable")
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-DADDERJAX_PIXEL_LANES=1"],
+                         ids=["avx2", "pixel-lanes"])
+def test_other_builds_give_what_the_xla_loops_give_for_non_finite_inputs(flags):
+  """The AVX2 build (where this CPU has AVX-512), and AVX-512's pixels-in-lanes forward tile
+  built for this CPU: each its own build, cached like the default one, in a subprocess."""
+  env = {**os.environ, "CXX": f"{os.environ.get('CXX', 'c++')} {flags}"}
+  completed = subprocess.run([sys.executable, "-c", BUILD_CHECK], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600, check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
 
 
 def test_float64_uses_the_xla_loops():

@@ -14,7 +14,10 @@
 // where SX (sum of each patch) and SF (sum of each filter) are summed here, in a
 // fixed order, so that a pixel's output does not depend on the batch or on how
 // XLA fuses the surrounding program: one vmaxps and one vaddps per pair instead
-// of a subtract, an abs and an add.
+// of a subtract, an abs and an add. Where that is not finite (an infinite input
+// gives inf - inf, a huge one overflows 2 max) each tile's epilogue notices and
+// sums those outputs again as -sum |X - F| (FixNonFinite), which is what the XLA
+// loops give: -inf for an infinity, NaN only for a NaN input or inf - inf in a term.
 //
 // Input gradient, full precision, any stride (gathered: no scatter, no atomics):
 //   dX[y, x, c] = sum_{i, j, o} G[oy, ox, o] * clip(F[i, j, c, o] - X[y, x, c], -1, 1)
@@ -45,6 +48,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -74,19 +78,29 @@ struct Vec {
   }
   static T max(T a, T b) { return _mm512_max_ps(a, b); }
   static T min(T a, T b) { return _mm512_min_ps(a, b); }
-  // clip(a, -1, 1) with `one` = set1(1): the smaller magnitude of a and 1, a's sign
-  // (AVX-512 DQ's vrangeps: one instruction where min(max(a, -1), 1) takes two).
+  // clip(a, -1, 1) with `one` = set1(1), NaN for a NaN as XLA's clamp gives: the smaller
+  // magnitude of a and 1, a's sign (AVX-512 DQ's vrangeps: one instruction where
+  // min(max(a, -1), 1) takes two; it returns a NaN first operand). vmaxps and vminps return
+  // their second operand where either is NaN, so a goes second.
 #if defined(__AVX512DQ__)
   static T clip_unit(T a, T one) { return _mm512_range_ps(a, one, 0b0010); }
 #else
   static T clip_unit(T a, T one) {
-    return _mm512_min_ps(_mm512_max_ps(a, _mm512_sub_ps(_mm512_setzero_ps(), one)), one);
+    return _mm512_min_ps(one, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), one), a));
   }
 #endif
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(T a) { return _mm512_reduce_add_ps(a); }
+  // Ors the bits of v - v (zero for a finite v, NaN for an infinity or a NaN) into acc.
+  static T or_nonfinite(T acc, T v) {
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(acc),
+                                               _mm512_castps_si512(_mm512_sub_ps(v, v))));
+  }
+  static bool any_bits(T a) {
+    return _mm512_test_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(a)) != 0;
+  }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
 struct Vec {
@@ -106,8 +120,10 @@ struct Vec {
   }
   static T max(T a, T b) { return _mm256_max_ps(a, b); }
   static T min(T a, T b) { return _mm256_min_ps(a, b); }
+  // clip(a, -1, 1), NaN for a NaN: vmaxps and vminps return their second operand where
+  // either is NaN, so a goes second.
   static T clip_unit(T a, T one) {
-    return _mm256_min_ps(_mm256_max_ps(a, _mm256_sub_ps(_mm256_setzero_ps(), one)), one);
+    return _mm256_min_ps(one, _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), one), a));
   }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
   static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
@@ -116,6 +132,11 @@ struct Vec {
     const __m128 half = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
     return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+  }
+  // Ors the bits of v - v (zero for a finite v, NaN for an infinity or a NaN) into acc.
+  static T or_nonfinite(T acc, T v) { return _mm256_or_ps(acc, _mm256_sub_ps(v, v)); }
+  static bool any_bits(T a) {
+    return !_mm256_testz_si256(_mm256_castps_si256(a), _mm256_castps_si256(a));
   }
 };
 #else
@@ -190,9 +211,30 @@ void CopyPaddedRows(const float* x, int64_t h, int64_t w, int64_t c, int64_t row
   }
 }
 
-// One tile: MR pixels x NV vectors of output channels.
+// The outputs y[p * y_step + n] (p < pixels, n < channels) of a tile that are not finite,
+// summed again term by term, -sum_k |x[p * x_step + offsets[k]] - w[k * w_row + n]|: the
+// result of the XLA loops, where the max trick overflowed or met an infinity. Called only
+// for a tile that has such an output, so finite layers pay only the epilogue's check (two
+// vector operations per output vector: no difference measured); scalar code, so a layer whose
+// outputs are all NaN (a diverged network) takes 12-21x its usual time.
+void FixNonFinite(int64_t pixels, int64_t channels, const float* x, int64_t x_step,
+                  const int64_t* offsets, int64_t k_size, const float* w, int64_t w_row,
+                  float* y, int64_t y_step) {
+  for (int64_t p = 0; p < pixels; ++p)
+    for (int64_t n = 0; n < channels; ++n) {
+      float& out = y[p * y_step + n];
+      if (std::isfinite(out)) continue;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < k_size; ++k)
+        acc += std::fabs(x[p * x_step + offsets[k]] - w[k * w_row + n]);
+      out = -acc;
+    }
+}
+
+// One tile: MR pixels x NV vectors of output channels. Returns whether an output it stored
+// is not finite.
 template <int MR, int NV>
-inline void ForwardTile(const float* x, int64_t x_step, const int64_t* offsets, int64_t k_size,
+inline bool ForwardTile(const float* x, int64_t x_step, const int64_t* offsets, int64_t k_size,
                         const float* w, int64_t w_row, const float* sx, const float* sf,
                         float* y, int64_t y_step, int64_t valid) {
   V acc[MR][NV];
@@ -210,6 +252,7 @@ inline void ForwardTile(const float* x, int64_t x_step, const int64_t* offsets, 
     }
   }
   const V two = Vec::set1(2.0f);
+  V bad = Vec::zero();
   for (int m = 0; m < MR; ++m) {
     const V patch = Vec::set1(sx[m]);
     for (int v = 0; v < NV; ++v) {
@@ -218,24 +261,28 @@ inline void ForwardTile(const float* x, int64_t x_step, const int64_t* offsets, 
       // -(2 acc - SX - SF) = SX + SF - 2 acc
       const V out = Vec::sub(Vec::add(patch, Vec::load(sf + v * Vec::kWidth)),
                              Vec::fmadd(two, acc[m][v], Vec::zero()));
+      bad = Vec::or_nonfinite(bad, out);
       Vec::store(y + m * y_step + v * Vec::kWidth, out, Vec::mask(left));
     }
   }
+  return Vec::any_bits(bad);
 }
 
 template <int NV>
 void ForwardTileAnyMR(int mr, const float* x, int64_t x_step, const int64_t* offsets,
                       int64_t k_size, const float* w, int64_t w_row, const float* sx,
                       const float* sf, float* y, int64_t y_step, int64_t valid) {
-#define ADDERJAX_MR_CASE(R)                                                                \
-  case R:                                                                                  \
-    ForwardTile<R, NV>(x, x_step, offsets, k_size, w, w_row, sx, sf, y, y_step, valid);    \
-    return;
+  bool bad = false;
+#define ADDERJAX_MR_CASE(R)                                                                   \
+  case R:                                                                                     \
+    bad = ForwardTile<R, NV>(x, x_step, offsets, k_size, w, w_row, sx, sf, y, y_step, valid); \
+    break;
   switch (mr) {
     ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
     ADDERJAX_MR_CASE(5) ADDERJAX_MR_CASE(6) ADDERJAX_MR_CASE(7) ADDERJAX_MR_CASE(8)
   }
 #undef ADDERJAX_MR_CASE
+  if (bad) FixNonFinite(mr, valid, x, x_step, offsets, k_size, w, w_row, y, y_step);
 }
 
 // The forward with the pixels in the lanes, for layers with at most one vector of
@@ -245,10 +292,15 @@ void ForwardTileAnyMR(int mr, const float* x, int64_t x_step, const int64_t* off
 // image transposed to (row, channel, column). Each output is still summed in k order.
 constexpr int kPixelMR = 8;
 constexpr int kPixelNP = 2;
+#if defined(ADDERJAX_PIXEL_LANES)  // For tests: -DADDERJAX_PIXEL_LANES=1 takes it on AVX2 too.
+constexpr bool kPixelLanes = ADDERJAX_PIXEL_LANES;
+#else
 constexpr bool kPixelLanes = Vec::kRegisters == 32;
+#endif
 
+// Returns whether an output it computed is not finite.
 template <int MR>
-inline void ForwardPixelTile(const float* xt, const int64_t* offsets, int64_t k_size,
+inline bool ForwardPixelTile(const float* xt, const int64_t* offsets, int64_t k_size,
                              const float* w, int64_t w_row, const float* sx, const float* sf,
                              float* y, int64_t y_step, int64_t pixels) {
   V acc[MR][kPixelNP];
@@ -270,30 +322,36 @@ inline void ForwardPixelTile(const float* xt, const int64_t* offsets, int64_t k_
     }
   }
   const V two = Vec::set1(2.0f);
+  V bad = Vec::zero();
   float out[kPixelNP * Vec::kWidth];
   for (int m = 0; m < MR; ++m) {
     const V filter = Vec::set1(sf[m]);
     for (int v = 0; v < kPixelNP; ++v) {
       const V patch = Vec::load(sx + v * Vec::kWidth);
-      Vec::store(out + v * Vec::kWidth,
-                 Vec::sub(Vec::add(patch, filter), Vec::fmadd(two, acc[m][v], Vec::zero())));
+      const V o = Vec::sub(Vec::add(patch, filter), Vec::fmadd(two, acc[m][v], Vec::zero()));
+      bad = Vec::or_nonfinite(bad, o);  // Lanes past `pixels` too: at worst a needless check.
+      Vec::store(out + v * Vec::kWidth, o);
     }
     for (int64_t p = 0; p < pixels; ++p) y[p * y_step + m] = out[p];
   }
+  return Vec::any_bits(bad);
 }
 
 void ForwardPixelTileAnyMR(int mr, const float* xt, const int64_t* offsets, int64_t k_size,
                            const float* w, int64_t w_row, const float* sx, const float* sf,
                            float* y, int64_t y_step, int64_t pixels) {
+  bool bad = false;
 #define ADDERJAX_MR_CASE(R)                                                                 \
   case R:                                                                                   \
-    ForwardPixelTile<R>(xt, offsets, k_size, w, w_row, sx, sf, y, y_step, pixels);          \
-    return;
+    bad = ForwardPixelTile<R>(xt, offsets, k_size, w, w_row, sx, sf, y, y_step, pixels);    \
+    break;
   switch (mr) {
     ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
     ADDERJAX_MR_CASE(5) ADDERJAX_MR_CASE(6) ADDERJAX_MR_CASE(7) ADDERJAX_MR_CASE(8)
   }
 #undef ADDERJAX_MR_CASE
+  // Here the pixels are consecutive columns (stride 1) of the transposed rows.
+  if (bad) FixNonFinite(pixels, mr, xt, 1, offsets, k_size, w, w_row, y, y_step);
 }
 
 // An image (or, for small batches, a chunk of its rows) at a time: the padded input

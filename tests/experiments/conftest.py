@@ -1,0 +1,32 @@
+"""Fixtures of the trainer's tests: a small disk that the test can fill up."""
+
+import errno
+import subprocess
+
+import pytest
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A directory on a 1 MiB tmpfs (we are root), or None where it cannot be mounted."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, check=False)
+  if result.returncode:
+    yield None
+    return
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(directory):
+  """Writes into ``directory`` until the disk is full."""
+  with open(directory / "filler", "wb", buffering=0) as f:
+    try:
+      while True:
+        f.write(bytes(4096))
+    except OSError as e:
+      assert e.errno == errno.ENOSPC
