@@ -13,7 +13,8 @@ the mapping's order.
   Gaussian densities;
 - :func:`bar_chart` and :func:`gradient_norm_bars`: grouped bars, such as the
   per-layer gradient norms of two networks;
-- :func:`learning_curves`: metrics of one or more trainer workdirs by step;
+- :func:`learning_curves`: metrics of one or more trainer workdirs by step,
+  accuracies with their test set's noise (:func:`metric_label` names them);
 - :func:`cost_bars`: operations, energy and latency from
   :mod:`adderjax.profiling`.
 
@@ -45,11 +46,13 @@ __all__ = [
     "filter_grid",
     "gradient_norm_bars",
     "learning_curves",
+    "metric_label",
     "weight_histograms",
 ]
 
 try:
   import matplotlib
+  import matplotlib.patches
   from matplotlib.figure import Figure
 except ImportError as e:  # pragma: no cover - exercised by the message test only
   raise ImportError(
@@ -315,10 +318,46 @@ def gradient_norm_bars(norms: Mapping[str, Mapping[str, float]], *, log: bool = 
 Run = str | pathlib.Path | Sequence[Mapping[str, Any]]
 
 
+_METRIC_NAMES = {"train": "training", "eval": "test"}
+
+
+def metric_label(key: str) -> str:
+  """A readable name for a trainer metric: ``"eval_accuracy"`` -> ``"test accuracy"``."""
+  words = key.split("_")
+  return " ".join([_METRIC_NAMES.get(words[0], words[0]), *words[1:]])
+
+
+def _accuracy_band(rows: Sequence[Mapping[str, Any]], key: str
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+  """Steps, low, high of +-2 binomial standard errors of an accuracy, and the example count.
+
+  None unless ``key`` is an accuracy whose records give their number of
+  examples (``eval_examples`` beside ``eval_accuracy``, as the trainer writes).
+  """
+  if not key.endswith("accuracy"):
+    return None
+  count_key = key[:-len("accuracy")] + "examples"
+  points = [(r["step"], r[key], r[count_key]) for r in rows
+            if key in r and r.get(count_key)]
+  if not points:
+    return None
+  steps, p, n = (np.asarray(v, np.float64) for v in zip(*points))
+  error = 2 * np.sqrt(p * (1 - p) / n)
+  return steps, np.clip(p - error, 0, 1), np.clip(p + error, 0, 1), int(n[-1])
+
+
 def learning_curves(runs: Run | Mapping[str, Run], *,
                     keys: Sequence[str] = ("train_loss", "eval_accuracy"),
-                    title: str | None = None, x_axis: str = "step") -> Figure:
+                    title: str | None = None, x_axis: str = "step",
+                    noise_band: bool = True) -> Figure:
   """Metrics by step of one or more runs: one panel per metric, one line per run.
+
+  Each panel is titled and its y axis labelled with the metric's readable
+  name (`metric_label`: ``"eval_accuracy"`` is "test accuracy", losses on a
+  log scale), and carries the legend. Around an accuracy whose records give
+  their number of examples (the trainer's ``eval_examples``), a shaded band
+  of +-2 binomial standard errors, ``2 sqrt(p (1 - p) / n)``, shows the noise
+  of a test set that size: two runs whose bands overlap are not shown apart.
 
   Example:
     >>> from adderjax import plotting
@@ -326,6 +365,8 @@ def learning_curves(runs: Run | Mapping[str, Run], *,
     >>> fig = plotting.learning_curves({"adaptive": records}, keys=["train_loss"])
     >>> fig.axes[0].get_lines()[0].get_ydata().tolist()
     [1.0, 0.5, 0.3333333333333333]
+    >>> fig.axes[0].get_title(), fig.axes[0].get_ylabel()
+    ('training loss', 'training loss (log scale)')
 
   Args:
     runs: a trainer workdir (or its ``metrics.jsonl``), records as
@@ -335,6 +376,7 @@ def learning_curves(runs: Run | Mapping[str, Run], *,
     title: the figure's title.
     x_axis: ``"step"``, or ``"epoch"`` (steps over the steps per epoch that
       the trainer's ``epoch`` records give; evaluations marked with dots).
+    noise_band: draw the band of +-2 standard errors around accuracies.
 
   Returns:
     The figure.
@@ -352,23 +394,38 @@ def learning_curves(runs: Run | Mapping[str, Run], *,
     raise ValueError(f"x_axis must be 'step' or 'epoch', got x_axis={x_axis!r}.")
   records = {name: analysis.read_metrics(run) if isinstance(run, (str, pathlib.Path)) else run
              for name, run in runs.items()}
-  fig, axes = _panels(len(keys), width=4.5, height=3.2)
+  fig, axes = _panels(len(keys), width=4.5, height=3.4)
   for ax, key in zip(axes, keys):
+    banded = None
     for name, rows in records.items():
       try:
         steps, values = analysis.metric_history(rows, key)
+        scale = 1.0
         if x_axis == "epoch":
           epoch_steps, epochs = analysis.metric_history(rows, "epoch")
-          steps = steps * (epochs[-1] / epoch_steps[-1])
+          scale = epochs[-1] / epoch_steps[-1]
       except ValueError as e:
         raise ValueError(f"run {name!r}: {e}") from e
-      ax.plot(steps, values, label=name, marker="o" if key.startswith("eval") else None)
+      line, = ax.plot(steps * scale, values, label=name,
+                      marker="o" if key.startswith("eval") else None)
+      band = _accuracy_band(rows, key) if noise_band else None
+      if band is not None:
+        band_steps, low, high, banded = band
+        ax.fill_between(band_steps * scale, low, high, color=line.get_color(), alpha=0.15,
+                        linewidth=0)
     ax.set_xlabel(x_axis)
-    ax.set_title(key)
+    label = metric_label(key)
+    ax.set_title(label)
     if "loss" in key:
       ax.set_yscale("log")
-  if len(records) > 1:
-    axes[-1].legend(fontsize="small")
+      label += " (log scale)"
+    ax.set_ylabel(label)
+    handles, labels = ax.get_legend_handles_labels()
+    if banded is not None:
+      handles.append(matplotlib.patches.Patch(color="grey", alpha=0.3, linewidth=0))
+      labels.append(f"±2 standard errors ({banded:,} test images)")
+    if len(records) > 1 or banded is not None:
+      ax.legend(handles, labels, fontsize="small")
   if title:
     fig.suptitle(title)
   return fig

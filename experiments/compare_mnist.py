@@ -47,9 +47,10 @@ from adderjax import data
 from adderjax.data import bundled
 from adderjax.profiling import count_ops
 from experiments.configs import common
-from experiments.train import make_model, train_and_evaluate
+from experiments.train import DTYPES, make_model, train_and_evaluate
 
 DATA_CHOICES = ("auto", "full", "bundled", "digits")
+DTYPE_CHOICES = tuple(DTYPES)
 _NETWORKS = (("adder", "AdderNet"), ("conv", "CNN"))
 PAPER_MNIST = "the paper's Table 1: 99.4% for both on full MNIST"
 
@@ -119,9 +120,10 @@ def choose_data(choice: str = "auto", data_dir: str | None = None) -> DataChoice
 
 
 def comparison_config(kind: str, fields: dict, epochs: float, batch_size: int,
-                      bn_recompute_batches: int, num_devices: int = 0):
+                      bn_recompute_batches: int, num_devices: int = 0, dtype: str = "float32"):
   config = common.mnist_lenet5_bn(kind)
   config.update(fields)
+  config.dtype = dtype
   config.num_devices = num_devices
   config.num_epochs = epochs
   config.batch_size = batch_size
@@ -189,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--bn_recompute_batches", type=int, default=10,
                       help="Training batches to recompute BatchNorm statistics on before each "
                       "evaluation (0: use the running averages).")
+  parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                      help="The compute dtype; parameters, adder outputs and BatchNorm "
+                      "statistics stay float32 (default: %(default)s).")
   parser.add_argument("--num_devices", type=int, default=0,
                       help="Local devices to train on (default: all).")
   parser.add_argument("--workdir", help="Where the two runs and the plot go (default: a new "
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
   rows = []
   for kind, label in _NETWORKS:
     config = comparison_config(kind, choice.fields, epochs, args.batch_size,
-                               args.bn_recompute_batches, args.num_devices)
+                               args.bn_recompute_batches, args.num_devices, args.dtype)
     print(f"\nTraining LeNet-5-BN as {label} for {epochs:g} epochs "
           f"(workdir {workdir / kind})", flush=True)
     start = time.perf_counter()
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     rows.append((label, result, wall, *op_counts(config)))
 
-  title = (f"LeNet-5-BN on {choice.description}, {epochs:g} epochs, "
+  precision = "" if args.dtype == "float32" else f", {args.dtype}"
+  title = (f"LeNet-5-BN on {choice.description}, {epochs:g} epochs{precision}, "
            f"{jax.device_count()} {jax.default_backend()} device(s)")
   print(f"\n{title}:")
   header = (f"{'network':<9} {'test acc':>8} {'test images':>11} {'train s':>8} {'total s':>8} "

@@ -4,8 +4,11 @@ gallery."""
 
 import base64
 import copy
+import importlib.util
 import pathlib
 import re
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -89,13 +92,44 @@ def test_committed_notebook_carries_full_mode_outputs(path):
   assert set(make_figures.figures(notebook)) == _figure_tags(notebook)
 
 
+def _install_cell(path):
+  return next(cell for cell in _read(path).cells if cell.cell_type == "code").source
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_installs_itself_and_links_to_colab(path):
   notebook = _read(path)
-  first_code = next(cell for cell in notebook.cells if cell.cell_type == "code")
-  assert "pip" in first_code.source and '"adderjax[plot]"' in first_code.source
+  # The same install cell in every notebook (tested once below), its address left for the user.
+  assert _install_cell(path) == _install_cell(NOTEBOOKS[0])
+  assert '\nADDERJAX_REPO = ""  # the git clone address' in _install_cell(path)
   assert "colab-badge.svg" in notebook.cells[0].source
   assert f"colabs/{path.name}" in notebook.cells[0].source
+
+
+def _run_install_cell(source, cwd, monkeypatch):
+  """Runs the install cell as on a fresh runtime (adderjax missing); returns pip's arguments."""
+  calls = []
+  monkeypatch.chdir(cwd)
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+  monkeypatch.setattr(subprocess, "check_call", lambda args: calls.append(args))
+  exec(compile(source, "install cell", "exec"), {})
+  return calls
+
+
+def test_install_cell_takes_a_wheel_or_the_repository_or_says_what_to_do(tmp_path,
+                                                                         monkeypatch):
+  source = _install_cell(NOTEBOOKS[0])
+  with pytest.raises(RuntimeError, match=r"set ADDERJAX_REPO .* upload the adderjax-\*\.whl"):
+    _run_install_cell(source, tmp_path, monkeypatch)
+  address = "https://example.invalid/someone/adderjax"
+  with_repo = source.replace('ADDERJAX_REPO = ""', f'ADDERJAX_REPO = "{address}"', 1)
+  pip = [sys.executable, "-m", "pip", "install", "-q"]
+  assert _run_install_cell(with_repo, tmp_path, monkeypatch) == [
+      pip + [f"adderjax[plot] @ git+{address}"]]
+  wheel = tmp_path / "adderjax-0.1.0-py3-none-any.whl"
+  wheel.write_bytes(b"")
+  assert _run_install_cell(with_repo, tmp_path, monkeypatch) == [
+      pip + [f"adderjax[plot] @ {wheel.as_uri()}"]]  # An uploaded wheel comes first.
 
 
 def test_readme_gallery_shows_every_figure():

@@ -1,12 +1,16 @@
-"""The package's public surface: version, lazy subpackages, __all__, no shadowed module."""
+"""The package's public surface: version, lazy subpackages, __all__, no shadowed module; the
+wheel it builds holds its code and data."""
 
+import fnmatch
 import importlib
 import pathlib
 import pkgutil
+import shutil
 import subprocess
 import sys
 import tomllib
 import types
+import zipfile
 
 import pytest
 
@@ -65,3 +69,35 @@ def test_no_submodule_is_shadowed_by_an_attribute_of_its_package(name):
     value = getattr(package, info.name)
     assert isinstance(value, types.ModuleType), (
         f"{name}.{info.name} is a {type(value).__name__}, which hides the module of that name")
+
+
+def test_wheel_holds_the_code_and_the_package_data(tmp_path):
+  """What a user installs from a wheel (the notebooks' first cell): every module, the bundled
+  MNIST, the pretrained weights with their licence, the native kernels' C++ source."""
+  source = tmp_path / "source"  # A copy, so that the build writes nothing into the checkout.
+  source.mkdir()
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(ROOT / name, source / name)
+  shutil.copytree(ROOT / "adderjax", source / "adderjax",
+                  ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc"))
+  result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
+                           "--no-build-isolation", "--quiet", "-w", str(tmp_path / "dist")],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  wheel, = (tmp_path / "dist").glob(f"adderjax-{adderjax.__version__}-py3-none-any.whl")
+  with zipfile.ZipFile(wheel) as f:
+    names = set(f.namelist())
+  package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+      "package-data"]
+  for package, patterns in package_data.items():
+    folder = ROOT / package.replace(".", "/")
+    for pattern in patterns:
+      files = [p.relative_to(ROOT).as_posix() for p in folder.rglob("*") if p.is_file()
+               and fnmatch.fnmatch(p.relative_to(folder).as_posix(), pattern)]
+      assert files, f"{package}: {pattern} matches no file in the checkout"
+      assert set(files) <= names, f"the wheel lacks {sorted(set(files) - names)}"
+  modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "adderjax").rglob("*.py")}
+  assert modules <= names, f"the wheel lacks {sorted(modules - names)}"
+  assert {"adderjax/data/bundled/t10k-images-idx3-ubyte.gz", "adderjax/ops/csrc/adder_cpu.cc",
+          "adderjax/models/weights/resnet20_cifar10.pth", "adderjax/models/weights/NOTICE"} <= names
+  assert not any(n.startswith(("tests/", "experiments/")) for n in names)

@@ -100,12 +100,36 @@ def test_learning_curves_from_workdirs(tmp_path):
   fig = plotting.learning_curves({"adaptive": tmp_path / "adaptive", "none": str(tmp_path / "none")})
   _render(fig)
   loss_ax, accuracy_ax = fig.axes
-  assert loss_ax.get_title() == "train_loss" and loss_ax.get_yscale() == "log"
+  assert loss_ax.get_title() == "training loss" and loss_ax.get_yscale() == "log"
+  assert loss_ax.get_ylabel() == "training loss (log scale)"
+  assert accuracy_ax.get_title() == accuracy_ax.get_ylabel() == "test accuracy"
+  # The legend on every panel; no band where the records give no number of examples.
+  assert all(ax.get_legend() is not None for ax in fig.axes) and not accuracy_ax.collections
   np.testing.assert_allclose(loss_ax.get_lines()[1].get_ydata(), [0.2, 0.1, 2 / 30])
   np.testing.assert_allclose(loss_ax.get_lines()[0].get_xdata(), [10, 20, 30])
   assert accuracy_ax.get_lines()[1].get_ydata().tolist() == [0.45]
   with pytest.raises(ValueError, match=r"run 'adaptive': No record holds key='eval_loss'"):
     plotting.learning_curves({"adaptive": tmp_path / "adaptive"}, keys=["eval_loss"])
+
+
+def test_learning_curves_band_accuracies_by_their_test_set_noise():
+  runs = {name: [{"step": 10, "train_loss": 1.0},
+                 {"step": 10, "eval_accuracy": p, "eval_examples": 2000.0},
+                 {"step": 20, "eval_accuracy": p, "eval_examples": 2000.0}]
+          for name, p in (("AdderNet", 0.99), ("CNN", 0.5))}
+  fig = plotting.learning_curves(runs, keys=["eval_accuracy", "train_loss"])
+  _render(fig)
+  accuracy_ax, loss_ax = fig.axes
+  assert len(accuracy_ax.collections) == 2 and not loss_ax.collections
+  for band, p in zip(accuracy_ax.collections, (0.99, 0.5)):
+    y = band.get_paths()[0].vertices[:, 1]
+    np.testing.assert_allclose([y.min(), y.max()],
+                               p + np.array([-2, 2]) * np.sqrt(p * (1 - p) / 2000))
+  legend = [t.get_text() for t in accuracy_ax.get_legend().get_texts()]
+  assert legend == ["AdderNet", "CNN", "±2 standard errors (2,000 test images)"]
+  assert plotting.metric_label("eval_loss") == "test loss"
+  fig = plotting.learning_curves(runs, keys=["eval_accuracy"], noise_band=False)
+  assert not fig.axes[0].collections
 
 
 def test_cost_bars_draw_the_profiles():

@@ -37,7 +37,9 @@ class _QuantizedAdder(nnx.Module):
     channel_group: the group of each output channel, ``(out,)`` ints in ``0..G-1``.
     scales: each group's scale ``s_g``, ``(G,)``.
     correction: ``b_c`` of each output channel, ``(out,)``.
-    bits: the number of bits.
+    bits: the number of bits; kept as an int32 array (a `QuantizedConstant`),
+      not a static attribute, so that models quantized to different bits share
+      their compiled functions.
     signed_inputs: whether the input quantizer is signed.
     bias: the float layer's bias, or None.
   """
@@ -57,7 +59,7 @@ class _QuantizedAdder(nnx.Module):
     self.bias = nnx.data(None) if bias is None else QuantizedConstant(jnp.asarray(bias))
     self.group_sizes = tuple(int(np.sum(channel_group == g)) for g in range(groups))
     self.inverse_order = tuple(int(i) for i in np.argsort(order))
-    self.bits = bits
+    self.bits = QuantizedConstant(jnp.asarray(bits, jnp.int32))
     self.signed_inputs = signed_inputs
 
   def integer_kernel(self) -> jax.Array:
@@ -71,7 +73,8 @@ class _QuantizedAdder(nnx.Module):
     x = x.astype(jnp.float32)  # half precision would round the codes
     sums, start = [], 0
     for g, size in enumerate(self.group_sizes):
-      codes = quantize_activations(x, self.scales[g], self.bits, signed=self.signed_inputs)
+      codes = quantize_activations(x, self.scales[g], self.bits[...],
+                                   signed=self.signed_inputs)
       w = kernel[..., start:start + size]
       sums.append(xla.forward(codes, w, spec_of(codes, w)))
       start += size
@@ -79,7 +82,7 @@ class _QuantizedAdder(nnx.Module):
     return jnp.take(acc, jnp.asarray(self.inverse_order, jnp.int32), axis=-1)
 
   def _dequantize(self, acc: jax.Array) -> jax.Array:
-    step = activation_step(self.scales[...], self.bits, signed=self.signed_inputs)
+    step = activation_step(self.scales[...], self.bits[...], signed=self.signed_inputs)
     y = acc.astype(jnp.float32) * step[self.channel_group[...]] + self.correction[...]
     return y if self.bias is None else y + self.bias[...]
 

@@ -46,7 +46,8 @@ def quantize_activations(x: jax.Array, scale: jax.Array | float, bits: int, *,
   Args:
     x: the activations (float).
     scale: the group scale ``s`` (broadcast against ``x``).
-    bits: the number of bits ``b``.
+    bits: the number of bits ``b``: an int, or an int32 array (traced, so that
+      one compiled function serves every bit width; the codes are the same).
     signed: the signed quantizer, for inputs that can be negative.
 
   Returns:

@@ -39,6 +39,38 @@ def test_quantize_cli_writes_a_row_per_setting(workdir, capsys):
   assert [layer["path"] for layer in rows[1]["layers"]] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
 
 
+def test_quantize_cli_merges_rows_and_keeps_a_different_table(workdir, tmp_path, capsys):
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  (copy / "quantization.json").unlink(missing_ok=True)
+  common = ["--workdir", str(copy), "--groups", "1", "--calibration_batches", "2"]
+  table = copy / "quantization.json"
+  assert quantize_cli.main(common + ["--bits", "8", "4"]) == 0
+  first = json.loads(table.read_text())["rows"]
+  assert quantize_cli.main(common + ["--bits", "6"]) == 0
+  rows = json.loads(table.read_text())["rows"]
+  assert [(r["method"], r["bits"]) for r in rows] == [("float", 32), ("nie2022", 8),
+                                                      ("nie2022", 6), ("nie2022", 4)]
+  # Recomputed rows are the same results (only the timings differ): nothing is kept.
+  assert [r["accuracy"] for r in rows if r["bits"] in (32, 8, 4)] == [
+      r["accuracy"] for r in first]
+  assert not (copy / "quantization.1.json").exists()
+  # A row that a rerun replaces with another result: the earlier table is kept whole.
+  record = json.loads(table.read_text())
+  record["rows"][1]["accuracy"] = -1.0
+  table.write_text(json.dumps(record))
+  assert quantize_cli.main(common + ["--bits", "8"]) == 0
+  assert "kept as" in capsys.readouterr().out
+  kept = json.loads((copy / "quantization.1.json").read_text())
+  assert kept["rows"][1]["accuracy"] == -1.0
+  rows = json.loads(table.read_text())["rows"]
+  assert len(rows) == 4 and rows[1]["accuracy"] == first[1]["accuracy"]
+  # Other settings (calibration batches): a new table, the earlier one kept beside it.
+  assert quantize_cli.main(common[:-1] + ["3", "--bits", "8"]) == 0
+  assert [r["bits"] for r in json.loads(table.read_text())["rows"]] == [32, 8]
+  assert len(json.loads((copy / "quantization.2.json").read_text())["rows"]) == 4
+
+
 def test_export_cli_file_matches_the_quantized_model(workdir, tmp_path, capsys):
   output = tmp_path / "int8.jaxexport"
   assert export_cli.main(["--workdir", str(workdir), "--output", str(output), "--bits", "8",

@@ -261,6 +261,38 @@ def test_resnet_block_with_adder_shortcut_is_quantized():
   assert qblock(x).shape == (2, 3, 3, 4)
 
 
+def test_batch_norm_statistics_move_only_by_what_quantization_changes():
+  """Recomputed outright on a few batches, they would carry those batches' sampling noise."""
+  model, _ = _small_model_and_batches()
+  rng = np.random.default_rng(1)
+  calibration = [jnp.asarray(rng.normal(size=(8, 8, 8, 1)), jnp.float32) for _ in range(2)]
+  # conv1 stays float: bn1's inputs do not change, so its statistics stay the trained ones.
+  qmodel, _ = quant.quantize(model, calibration, bits=16, groups=1, keep_float=("conv1",))
+  recomputed = nnx.clone(model)
+  recompute_batch_norm_stats(recomputed, calibration)
+  np.testing.assert_array_equal(qmodel.bn1.mean[...], model.bn1.mean[...])
+  np.testing.assert_array_equal(qmodel.bn1.var[...], model.bn1.var[...])
+  assert np.abs(np.asarray(recomputed.bn1.mean[...] - model.bn1.mean[...])).max() > 0.05
+  # bn2 follows the quantized layer: moved, by little at 16 bits.
+  np.testing.assert_allclose(qmodel.bn2.mean[...], model.bn2.mean[...], rtol=0.01)
+  with pytest.raises(ValueError, match="recompute_batch_norm must be 'shift', True or False"):
+    quant.quantize(model, calibration, recompute_batch_norm="recompute")
+
+
+def test_batches_of_the_data_pipeline_are_taken_as_their_images():
+  """adderjax.data yields {"image", "label"}, and "mask" in evaluation batches."""
+  model, batches = _small_model_and_batches()
+  want = quant.quantize(model, batches[:1], bits=8, groups=2)
+  image = np.asarray(batches[0])
+  padded = {"image": np.concatenate([image, np.full_like(image[:3], 50.0)]),
+            "label": np.zeros(11, np.int32), "mask": np.array([1] * 8 + [0] * 3)}
+  got = quant.quantize(model, [padded], bits=8, groups=2)
+  assert got.report == want.report  # The padding examples (here huge) changed no range.
+  with pytest.raises(ValueError, match=r"calibration_batches\[0\] is a mapping with keys "
+                     r"\['images', 'label'\]; pass the model's inputs"):
+    quant.quantize(model, [{"images": image, "label": padded["label"]}])
+
+
 def test_bad_arguments_are_named():
   model, batches = _small_model_and_batches()
   for bits in (1, 17, 8.5, "8"):
