@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                       "temporary directory); an existing run there is resumed.")
   args = parser.parse_args(argv)
   logging.basicConfig(format="%(message)s", force=True)
-  logging.getLogger("experiments").setLevel(logging.INFO)
+  for name in ("experiments", "adderjax"):  # adderjax: the first-use build of the native kernels.
+    logging.getLogger(name).setLevel(logging.INFO)
   if args.data_dir and not pathlib.Path(args.data_dir).is_dir():
     parser.error(f"--data_dir {args.data_dir} is not a directory.")
   if args.epochs is not None and not args.epochs > 0:

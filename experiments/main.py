@@ -4,7 +4,8 @@
         --workdir=/tmp/cifar10_resnet20_adder [--config.batch_size=128 ...]
 
 Restarting the same command resumes from the newest good checkpoint in the
-workdir. Exit status: 0 when the run completed; 75 (``EX_TEMPFAIL``) when it
+workdir; rerunning a finished run says so in one line and exits at once. Exit
+status: 0 when the run completed (or had already); 75 (``EX_TEMPFAIL``) when it
 was preempted (``SIGTERM`` or ``SIGINT``) and saved the step it stopped at, or
 was stopped outside the training loop (starting up: nothing to save), so
 rerunning resumes; 1 with a one-line message for a bad config, data directory
@@ -30,6 +31,8 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import ConfigDict, config_flags
+
+from experiments import console, finished
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
@@ -106,18 +109,53 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def _process_index(config: ConfigDict) -> int | None:
+  """This process's index as the environment gives it before JAX starts; None if unknown."""
+  if not config.get("distributed", False):
+    return 0
+  try:
+    return int(os.environ.get("JAX_PROCESS_ID", ""))
+  except ValueError:
+    return None  # distributed.initialize() says what is wrong.
+
+
+def _report_finished(config: ConfigDict, workdir: str) -> bool:
+  """Says so in one line and returns True if ``workdir``'s run already reached its last step.
+
+  Only for a single-process run with ``config.num_train_steps`` (otherwise the
+  number of steps depends on the dataset, which is slow to read): the trainer
+  itself then reports the finished run without training or compiling.
+  """
+  if config.get("distributed", False) or not config.get("num_train_steps", 0):
+    return False
+  step = finished.final_checkpoint_step(workdir, config.num_train_steps)
+  result = None if step is None else finished.stored_result(workdir, step)
+  if result is None:
+    return False
+  logger.info("Nothing to do: the checkpoint of step %d in %s is already the last of %d steps. "
+              "Its evaluation (metrics.jsonl): %s.", step, workdir, config.num_train_steps,
+              ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
+  return True
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO.
-  logger.setLevel(logging.INFO)
-  from experiments.workdir_lock import WorkdirError, check_workdir
+  console.configure()  # Clean lines, without absl's prefix; the native kernels' build shows.
+  from experiments.workdir_lock import WorkdirError, check_unlocked, check_workdir
 
   try:
-    check_workdir(FLAGS.workdir)  # Before the slow imports: a bad --workdir is said at once.
+    # Before the slow imports: a bad or busy --workdir is said at once.
+    check_workdir(FLAGS.workdir)
+    index = _process_index(FLAGS.config)
+    if index is not None:
+      check_unlocked(FLAGS.workdir, process_index=index)
   except WorkdirError as e:
     logger.error("%s", e)
     sys.exit(1)
+  if _report_finished(FLAGS.config, FLAGS.workdir):
+    return
   import jax
 
   from experiments import distributed

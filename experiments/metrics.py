@@ -136,10 +136,10 @@ def adaptive_lr_scales(opt_state: Any) -> dict[str, float]:
   return scales
 
 
-def format_duration(seconds: float) -> str:
-  """``3725`` -> ``'1h02m05s'``."""
+def format_duration(seconds: float, *, unknown: str = "?") -> str:
+  """``3725`` -> ``'1h02m05s'``; ``unknown`` for a non-finite number."""
   if not math.isfinite(seconds):
-    return "?"
+    return unknown
   seconds = int(round(seconds))
   hours, rest = divmod(seconds, 3600)
   minutes, secs = divmod(rest, 60)
@@ -152,32 +152,43 @@ class ProgressBar:
   """A one-line console progress bar with throughput and ETA.
 
   On a terminal the line is redrawn in place; otherwise (logs, CI) one line is
-  printed per update.
+  printed per update. The ETA counts from :meth:`compiled` on, so that the
+  first step's compilation does not inflate it; until a step has been timed
+  after that, it shows ``ETA —``.
   """
 
-  def __init__(self, total_steps: int, *, start_step: int = 0, enabled: bool = True,
-               stream: TextIO | None = None, width: int = 24):
+  def __init__(self, total_steps: int, *, enabled: bool = True, stream: TextIO | None = None,
+               width: int = 24):
     self.total_steps = total_steps
     self.enabled = enabled and jax.process_index() == 0
     self.stream = stream or sys.stderr
     self.width = width
     self._interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
-    self._start_step = start_step
+    self._start_step: int | None = None
+    self._start_time = 0.0
+
+  def compiled(self, step: int) -> None:
+    """Marks ``step`` as done with a compilation behind it: the ETA's rate counts from here.
+
+    The trainer calls it after the first step (and after the first evaluation),
+    whose time is mostly XLA's compilation.
+    """
+    self._start_step = step
     self._start_time = time.perf_counter()
 
   def update(self, step: int, *, images_per_sec: float, **scalars: float) -> None:
     """Shows progress at ``step`` (the number of steps done)."""
     if not self.enabled:
       return
-    done = step - self._start_step
-    elapsed = time.perf_counter() - self._start_time
-    eta = elapsed / done * (self.total_steps - step) if done > 0 else float("inf")
+    done = 0 if self._start_step is None else step - self._start_step
+    eta = ((time.perf_counter() - self._start_time) / done * (self.total_steps - step)
+           if done > 0 else float("nan"))
     fraction = step / max(self.total_steps, 1)
     filled = int(round(self.width * fraction))
     bar = "#" * filled + "." * (self.width - filled)
     extra = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
     line = (f"[{bar}] {step}/{self.total_steps} {100 * fraction:5.1f}% "
-            f"{images_per_sec:,.0f} img/s ETA {format_duration(eta)} {extra}")
+            f"{images_per_sec:,.0f} img/s ETA {format_duration(eta, unknown='—')} {extra}")
     if self._interactive:
       self.stream.write("\r" + line + " " * 4)
     else:

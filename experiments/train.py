@@ -37,7 +37,7 @@ from adderjax import data, models, ops
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
 from adderjax.optim import addernet_sgd
 from experiments.checkpoints import Checkpoints, SaveError, all_finite
-from experiments import init_from
+from experiments import finished, init_from
 from experiments.guards import NONFINITE_ACTIONS, Diverged, DivergenceGuard
 from experiments.metrics import MetricWriter, ProgressBar, adaptive_lr_scales
 from experiments.preemption import Preempted, PreemptionWatch
@@ -295,8 +295,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Returns:
     The final evaluation (``eval_loss``, ``eval_accuracy``, ``eval_examples``)
     with ``step``, ``train_seconds`` (the training loop's wall time in this
-    call, compilation included) and ``train_loss`` (mean of the last logging
-    interval).
+    call, compilation included; 0 when the checkpoint was already at the last
+    step, whose evaluation is then read from ``metrics.jsonl`` where it is
+    there) and ``train_loss`` (mean of the last logging interval, when this
+    call trained).
 
   Raises:
     ValueError: for a bad config field (named), and ``adderjax.data.DataError``
@@ -389,8 +391,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     logger.info("Initialised the parameters and BatchNorm statistics from config.init_from=%r.",
                 config.init_from)
   if start_step >= total_steps:
-    logger.info("The checkpoint of step %d is already the last of %d steps.", start_step,
-                total_steps)
+    # Every process reads the same answer only where they share the workdir: one process.
+    stored = finished.stored_result(workdir, start_step) if jax.process_count() == 1 else None
+    logger.info("The checkpoint of step %d is already the last of %d steps: nothing to train%s.",
+                start_step, total_steps,
+                "; its evaluation is read from metrics.jsonl" if stored else ", evaluating it")
+    if stored is not None:
+      checkpoints.close()
+      return {**stored, "step": float(start_step), "train_seconds": 0.0}
 
   train_batches = data.train_batches(config.dataset, train_source, global_batch_size=batch_size,
                                      seed=config.seed, start_step=start_step,
@@ -408,7 +416,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     return trainer.evaluate(batches, state)
 
   writer = MetricWriter(workdir)
-  progress = ProgressBar(total_steps, start_step=start_step, enabled=config.progress_bar)
+  progress = ProgressBar(total_steps, enabled=config.progress_bar)
   guard = DivergenceGuard(config.on_nonfinite, max_consecutive_skips=config.max_consecutive_skips)
   preemption = PreemptionWatch(checkpoints.reached_preemption)
   result: dict[str, float] = {}
@@ -424,6 +432,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
         batch = trainer.to_global(next(train_batches))
         trainer.state, metrics = trainer.train_step(trainer.state, batch)
         step += 1
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)
+          progress.compiled(step)  # The ETA's rate counts from the second step on.
         guard.record(step, metrics.pop("finite"))
         interval_metrics.append(metrics)
         if step % config.log_every_steps == 0 or step == total_steps:
@@ -453,6 +464,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
           logger.info("step %d: eval accuracy %.4f, loss %.4f over %d examples", step,
                       result["eval_accuracy"], result["eval_loss"], result["eval_examples"])
           eval_seconds += time.perf_counter() - eval_start
+          if step <= start_step + eval_every:
+            progress.compiled(step)  # Nor the first evaluation's.
           interval_start = time.perf_counter()
         preempted = preemption.reached(step)
         if preempted or step % config.checkpoint_every_steps == 0 or step == total_steps:
@@ -475,8 +488,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     checkpoints.close()
     progress.close()
     writer.close()
+  train_seconds = time.perf_counter() - loop_start - eval_seconds
   if not any(k.startswith("eval_") for k in result):
     result.update(evaluate())
   result["step"] = float(step)
-  result["train_seconds"] = time.perf_counter() - loop_start - eval_seconds
+  result["train_seconds"] = train_seconds
   return result

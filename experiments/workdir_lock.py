@@ -7,7 +7,7 @@ import os
 import pathlib
 from typing import Self
 
-__all__ = ["WorkdirError", "WorkdirLock", "WorkdirLocked", "check_workdir"]
+__all__ = ["WorkdirError", "WorkdirLock", "WorkdirLocked", "check_unlocked", "check_workdir"]
 
 
 class WorkdirError(RuntimeError):
@@ -34,6 +34,32 @@ def check_workdir(workdir: str | pathlib.Path) -> None:
   if not os.access(existing, os.W_OK | os.X_OK):
     where = "" if existing == path else f" ({existing}, where it would be created)"
     raise WorkdirError(f"The workdir {path} is not writable{where}; choose another --workdir.")
+
+
+def _locked_message(workdir: pathlib.Path, path: pathlib.Path, holder: str) -> str:
+  return (f"The workdir {workdir} is in use by another run (process id {holder or 'unknown'}, "
+          f"lock {path.name}); wait for it to end or choose another --workdir.")
+
+
+def check_unlocked(workdir: str | pathlib.Path, *, process_index: int = 0) -> None:
+  """Raises :class:`WorkdirLocked` if a live run holds ``workdir``'s lock of ``process_index``.
+
+  Writes nothing and holds nothing: the command line calls it before the slow
+  imports, so that a second run on a busy workdir says so at once. The lock
+  itself is taken later by :class:`WorkdirLock`.
+  """
+  path = pathlib.Path(workdir) / f"process_{process_index}.lock"
+  try:
+    file = open(path, encoding="utf-8")  # noqa: SIM115 (closed below)
+  except OSError:
+    return  # No lock file yet (or unreadable): WorkdirLock decides later.
+  with file:
+    try:
+      fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise WorkdirLocked(_locked_message(pathlib.Path(workdir), path,
+                                          file.read().strip())) from None
+    fcntl.flock(file, fcntl.LOCK_UN)
 
 
 class WorkdirLock:
@@ -78,11 +104,9 @@ class WorkdirLock:
       fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       file.seek(0)
-      holder = file.read().strip() or "unknown"
+      holder = file.read().strip()
       file.close()
-      raise WorkdirLocked(
-          f"The workdir {self.workdir} is in use by another run (process id {holder}, lock "
-          f"{self.path.name}); wait for it to end or choose another --workdir.") from None
+      raise WorkdirLocked(_locked_message(self.workdir, self.path, holder)) from None
     file.seek(0)
     file.truncate()
     file.write(f"{os.getpid()}\n")

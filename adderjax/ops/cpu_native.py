@@ -24,7 +24,10 @@ flags, CPU features and jaxlib version under ``$ADDERJAX_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/adderjax``, else ``~/.cache/adderjax`` (in ``native/``). Where
 no compiler is found, the CPU lacks AVX2, or the build fails,
 :func:`available` is False, one warning says why, and ``implementation=None``
-uses the XLA loops. ``ADDERJAX_NATIVE=0`` turns the kernels off.
+uses the XLA loops. ``ADDERJAX_NATIVE=0`` turns the kernels off. A build logs
+one ``INFO`` line through the ``adderjax.ops.cpu_native`` logger when it
+starts and one with its time when it ends (silence them with
+``logging.getLogger("adderjax").setLevel(logging.WARNING)``).
 
 Example:
   >>> from adderjax.ops import cpu_native
@@ -39,6 +42,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.resources
+import logging
 import os
 import pathlib
 import platform
@@ -46,6 +50,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 
 import jax
@@ -68,6 +73,8 @@ _WEIGHT_GRAD_TARGET = "adderjax_adder_weight_grad"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes",
           "-Wno-return-type")
 _BUILD_TIMEOUT_S = 300
+
+logger = logging.getLogger(__name__)
 
 
 def _disabled() -> bool:
@@ -132,7 +139,11 @@ def build_and_open(cache_root: pathlib.Path | None = None) -> tuple[ctypes.CDLL 
     root = user_cache_dir(ENV_CACHE_DIR) if cache_root is None else pathlib.Path(cache_root)
     target = root / "native" / _build_key(compiler) / "libadderjax_cpu.so"
     if not target.exists():
+      logger.info("Building the native CPU kernels (first use, ~15 s)...")
+      start = time.perf_counter()
       _build(compiler, target)
+      logger.info("Built the native CPU kernels in %.1f s (cached in %s).",
+                  time.perf_counter() - start, target.parent)
     return ctypes.CDLL(str(target)), ""
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     return None, f"the build failed: {e}"

@@ -1,9 +1,29 @@
-"""Fixtures of the trainer's tests: a small disk that the test can fill up."""
+"""Fixtures of the trainer's tests: a small disk that the test can fill up; logging restored."""
 
 import errno
+import logging
 import subprocess
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+  """Puts the loggers' handlers back after each test.
+
+  The entry points (``experiments.compare_mnist``, ``experiments.main``) set up
+  console logging on the ``sys.stderr`` of the moment, which under pytest is a
+  capture that closes with the test: a handler left behind would fail on the
+  next test's records.
+  """
+  loggers = [logging.getLogger()] + [logging.getLogger(name) for name in ("absl", "experiments",
+                                                                          "adderjax")]
+  saved = [(logger, list(logger.handlers), logger.level, logger.propagate) for logger in loggers]
+  yield
+  for logger, handlers, level, propagate in saved:
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The command line: one-line messages for unknown config fields and for failed runs."""
 
 import errno
+import io
+import json
 import logging
 import signal
 import subprocess
@@ -9,13 +11,14 @@ import time
 
 import pytest
 
-from experiments import main, train
-from experiments.checkpoints import Checkpoints
+from experiments import console, finished, main, train
+from experiments.checkpoints import DIGEST_FILE, Checkpoints
 from experiments.guards import DivergenceGuard
 from experiments.workdir_lock import WorkdirLock
 
 from .test_checkpoints import state_of
 from .test_train import REPO
+from .test_workdir_lock import HOLD
 
 SMOKE = f"--config={REPO / 'experiments/configs/smoke.py'}"
 
@@ -128,3 +131,76 @@ def test_a_save_on_a_full_disk_says_why_in_one_line(tmp_path, small_disk):
                        f"{workdir / 'checkpoints'}). The earlier checkpoints [1] are kept. The "
                        f"libraries' reports: {workdir / 'errors.log'}.")
   assert "RESOURCE_EXHAUSTED" in (workdir / "errors.log").read_text()
+
+
+@pytest.fixture
+def console_loggers():
+  """Puts :data:`console.LOGGERS` back as they were after the test."""
+  loggers = [logging.getLogger(name) for name in console.LOGGERS]
+  saved = [(list(g.handlers), g.level, g.propagate) for g in loggers]
+  yield
+  for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+@pytest.mark.usefixtures("console_loggers")
+def test_console_lines_are_bare_messages_and_warnings_stay_visible():
+  """absl's handler headed the eval and resume lines with ``I1203 09:04:55.426517 ... train.py:418]``."""
+  stream = io.StringIO()
+  console.configure(stream)
+  console.configure(stream)  # Again: still one handler, each line once.
+  logging.getLogger("experiments.train").info("step %d: eval accuracy %.4f", 10, 0.5)
+  logging.getLogger("experiments.train").debug("not shown")
+  logging.getLogger("experiments.main").warning("a warning")
+  logging.getLogger("adderjax.ops.cpu_native").info("Building the native CPU kernels")
+  assert stream.getvalue().splitlines() == [
+      "step 10: eval accuracy 0.5000", "a warning", "Building the native CPU kernels"]
+
+
+def finished_workdir(workdir, step=20):
+  """A workdir whose run ended at ``step``: its last checkpoint and evaluation, as a run leaves them."""
+  (workdir / "checkpoints" / str(step)).mkdir(parents=True)
+  (workdir / "checkpoints" / str(step) / finished.DIGEST_FILE).write_text('{"files": {}}')
+  records = [{"step": step, "time": 0.0, "train_loss": 0.3},
+             {"step": step, "time": 0.0, "eval_accuracy": 0.875, "eval_examples": 320,
+              "eval_loss": 0.25}]
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  return workdir
+
+
+def test_rerunning_a_finished_run_says_so_at_once(tmp_path):
+  """It took 30 s (data, compilation, an evaluation) and reported ``train_seconds=5.351``."""
+  workdir = finished_workdir(tmp_path / "w")
+  start = time.monotonic()
+  completed = run_smoke(workdir, timeout=60)
+  seconds = time.monotonic() - start
+  assert completed.returncode == 0, completed.stderr
+  assert completed.stderr.splitlines() == [
+      f"Nothing to do: the checkpoint of step 20 in {workdir} is already the last of 20 steps. "
+      "Its evaluation (metrics.jsonl): eval_accuracy=0.875, eval_examples=320, eval_loss=0.25."]
+  assert seconds < 5, seconds  # Before JAX is imported.
+  assert not (workdir / "process_0.lock").exists()  # Nothing written.
+  # More steps: not finished, the trainer resumes (not run here).
+  assert finished.final_checkpoint_step(workdir, 21) is None
+  assert finished.DIGEST_FILE == DIGEST_FILE
+
+
+def test_a_locked_workdir_is_said_before_the_slow_imports(tmp_path):
+  """The lock message came after 11 s of imports."""
+  holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "locked\n"
+    start = time.monotonic()
+    completed = run_smoke(tmp_path, timeout=60)
+    seconds = time.monotonic() - start
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  assert completed.returncode == 1
+  assert completed.stderr.splitlines() == [
+      f"The workdir {tmp_path} is in use by another run (process id {holder.pid}, lock "
+      "process_0.lock); wait for it to end or choose another --workdir."]
+  assert seconds < 2, seconds

@@ -1,6 +1,7 @@
 """metrics.jsonl: strict JSON, null for non-finite values, never a torn line."""
 
 import errno
+import io
 import json
 import logging
 import math
@@ -9,6 +10,7 @@ import warnings
 
 import pytest
 
+from experiments import metrics
 from experiments.metrics import MetricsError, MetricWriter, read_metrics
 
 from .conftest import fill
@@ -84,3 +86,29 @@ def test_a_full_disk_fails_the_write_in_one_line_and_leaves_whole_lines(tmp_path
   assert raised.value.__suppress_context__  # One line: no chain of tracebacks.
   assert path.read_text().endswith("}\n")
   assert [r["step"] for r in read_metrics(path)] == [1]
+
+
+class _Clock:
+  """``time.perf_counter`` for the progress bar, moved by hand."""
+
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_the_eta_leaves_out_the_compilation_of_the_first_step(monkeypatch):
+  """The first ETA counted compilation: ``ETA 18m15s`` for a 17 s loop."""
+  clock = _Clock()
+  monkeypatch.setattr(metrics.time, "perf_counter", clock)
+  stream = io.StringIO()
+  bar = metrics.ProgressBar(100, stream=stream)
+  clock.now += 60.0  # The first step: compilation.
+  bar.compiled(1)
+  bar.update(1, images_per_sec=1.0)  # No step timed after it yet.
+  clock.now += 9.0  # Nine steps of one second.
+  bar.update(10, images_per_sec=32.0)
+  first, second = stream.getvalue().splitlines()
+  assert " 1/100 " in first and "ETA — " in first
+  assert " 10/100 " in second and "ETA 1m30s " in second  # 90 steps left at 1 s, not 7 s.

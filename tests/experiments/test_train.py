@@ -227,3 +227,24 @@ def test_bad_config_field_is_named_before_anything_is_written(tmp_path, field, v
 def test_batch_not_divisible_by_devices_is_named(tmp_path):
   with pytest.raises(ValueError, match="config.batch_size=36"):
     train.train_and_evaluate(smoke_config(batch_size=36), tmp_path)
+
+
+def test_a_finished_run_is_neither_trained_nor_timed_again(uninterrupted, tmp_path, caplog):
+  """Resuming a finished run took 30 s and reported ``train_seconds=5.351`` for no step."""
+  import logging
+  import shutil
+  workdir = tmp_path / "workdir"
+  shutil.copytree(uninterrupted[0], workdir)
+  final = {k: v for k, v in uninterrupted[1].items() if k.startswith("eval_")}
+  with caplog.at_level(logging.INFO, logger="experiments"):
+    result = train.train_and_evaluate(smoke_config(), workdir)
+  assert result == pytest.approx({**final, "step": 20.0, "train_seconds": 0.0})
+  assert ("The checkpoint of step 20 is already the last of 20 steps: nothing to train; its "
+          "evaluation is read from metrics.jsonl.") in caplog.text
+  # Without that evaluation in metrics.jsonl the checkpoint is evaluated, still for no train time.
+  lines = (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
+  (workdir / "metrics.jsonl").write_text("".join(
+      line for line in lines if not ('"eval_accuracy"' in line and json.loads(line)["step"] == 20)))
+  result = train.train_and_evaluate(smoke_config(), workdir)
+  assert result["eval_accuracy"] == pytest.approx(final["eval_accuracy"])
+  assert result["step"] == 20 and result["train_seconds"] < 0.5

@@ -49,14 +49,15 @@ def agreement_and_error(got, want):
   return agreement, float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-@pytest.mark.parametrize("dtype, implementation", [
-    (jnp.bfloat16, None), (jnp.bfloat16, "xla"), (jnp.float16, None)])
+# The XLA loops and the other implementations return float32 alike (tests/ops); the native
+# kernels are the default here.
+@pytest.mark.parametrize("dtype, implementation", [(jnp.bfloat16, None), (jnp.float16, None)])
 def test_half_precision_keeps_the_official_resnet20(images, float32_logits, dtype,
                                                     implementation):
   model = pretrained("resnet20_cifar10", dtype=dtype, implementation=implementation)
   got = logits(model, images, dtype)
   agreement, error = agreement_and_error(got, float32_logits)
-  # Measured: bfloat16 99.2-99.6% and 1.1%; float16 100% and 0.15%.
+  # Measured: bfloat16 99.2-99.6% and 1.1%; float16 99.8-100% and 0.14%.
   assert agreement >= 0.97, agreement
   assert error <= (0.03 if dtype == jnp.bfloat16 else 0.005), error
   # The predictions are not one class: the agreement says something.
@@ -78,7 +79,7 @@ def test_quantized_bfloat16_model_keeps_large_offsets():
     nnx.jit(lambda model, x: model(x))(model, jnp.asarray(images[:128], dtype))  # BN statistics
     model.eval()
     return quant.quantize(model, [images[:128]], bits=16, recompute_batch_norm=False,
-                          keep_float=("conv1", "fc1", "fc3")).model
+                          keep_float=("conv1", "fc1", "fc2", "fc3")).model
 
   want = logits(quantized(jnp.float32), images[128:])
   got = logits(quantized(jnp.bfloat16), images[128:], jnp.bfloat16)

@@ -1,7 +1,9 @@
 """The native CPU kernels of adderjax.ops.cpu_native: the shared test base, the build and its fallback."""
 
+import logging
 import os
 import pathlib
+import re
 import stat
 import subprocess
 import sys
@@ -223,12 +225,21 @@ def test_unavailable_kernels_fall_back_to_xla_with_one_warning(monkeypatch):
 
 
 @pytest.mark.skipif(not NATIVE, reason="native kernels unavailable")
-def test_the_build_is_cached_per_machine(tmp_path):
-  library, why = cpu_native.build_and_open(tmp_path)
+def test_the_build_is_cached_per_machine(tmp_path, caplog):
+  with caplog.at_level(logging.INFO, logger="adderjax"):
+    library, why = cpu_native.build_and_open(tmp_path)
   assert library is not None and why == ""
   (built,) = list(tmp_path.rglob("libadderjax_cpu.so"))
+  # A build says that it starts and how long it took; a cached library says nothing.
+  start, end = [r.getMessage() for r in caplog.records if r.name == "adderjax.ops.cpu_native"]
+  assert start == "Building the native CPU kernels (first use, ~15 s)..."
+  assert re.fullmatch(rf"Built the native CPU kernels in \d+\.\d s \(cached in "
+                      rf"{re.escape(str(built.parent))}\)\.", end)
+  caplog.clear()
   mtime = built.stat().st_mtime_ns
-  again, _ = cpu_native.build_and_open(tmp_path)
+  with caplog.at_level(logging.INFO, logger="adderjax"):
+    again, _ = cpu_native.build_and_open(tmp_path)
   assert again is not None and built.stat().st_mtime_ns == mtime
+  assert not caplog.records
   assert built.parent.parent == tmp_path / "native"
   assert library.AdderjaxVectorWidth() in (8, 16)
