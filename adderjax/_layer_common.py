@@ -18,7 +18,7 @@ from adderjax.ops.dispatch import ImplementationLike, adder_conv, check_implemen
 from adderjax.ops.spec import GradMode, check_grad_mode
 
 __all__ = ["PADDING_MODES", "apply_adder_conv", "check_op_options", "default_bias_init",
-           "default_kernel_init", "keep_full_precision", "pad_input"]
+           "default_kernel_init", "full_precision_operands", "keep_full_precision", "pad_input"]
 
 default_kernel_init = nnx.initializers.normal(stddev=1.0)
 """N(0, 1), the official code's initialization of adder kernels."""
@@ -48,6 +48,22 @@ def keep_full_precision(param: jax.Array | None,
   if param is None:
     return None
   return param.astype(jnp.promote_types(promoted.dtype, jnp.float32))
+
+
+def full_precision_operands(promoted: tuple[jax.Array, jax.Array, jax.Array | None],
+                            kernel: jax.Array,
+                            bias: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """The layer's ``(inputs, kernel, bias)``: ``promote_dtype``'s inputs, the parameters kept
+  at float32 or more (`keep_full_precision`).
+
+  Args:
+    promoted: what the layer's ``promote_dtype`` returned for ``(inputs, kernel, bias)``.
+    kernel: the kernel parameter as stored.
+    bias: the bias parameter as stored, or None.
+  """
+  inputs, promoted_kernel, promoted_bias = promoted
+  return (inputs, keep_full_precision(kernel, promoted_kernel),
+          keep_full_precision(bias, promoted_bias))
 
 
 def pad_input(x: jax.Array, kernel_hw: tuple[int, int], kernel_dilation: tuple[int, int],

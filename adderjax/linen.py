@@ -26,7 +26,7 @@ from adderjax._layer_common import (
     check_op_options,
     default_bias_init,
     default_kernel_init,
-    keep_full_precision,
+    full_precision_operands,
 )
 from adderjax.ops import adder_dense
 from adderjax.ops.dispatch import ImplementationLike
@@ -131,10 +131,8 @@ class AdderConv(nn.Module):
     kernel = self.param("adder_kernel", self.kernel_init, kernel_shape, self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
-    inputs, promoted_kernel, promoted_bias = self.promote_dtype(inputs, kernel, bias,
-                                                                dtype=self.dtype)
-    kernel = keep_full_precision(kernel, promoted_kernel)
-    bias = keep_full_precision(bias, promoted_bias)
+    inputs, kernel, bias = full_precision_operands(
+        self.promote_dtype(inputs, kernel, bias, dtype=self.dtype), kernel, bias)
     return apply_adder_conv(
         inputs, kernel, bias, strides=positive_pair(self.strides, "strides"),
         padding=canonical_padding(self.padding, PADDING_MODES),
@@ -205,9 +203,7 @@ class AdderDense(nn.Module):
                         self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
-    inputs, promoted_kernel, promoted_bias = self.promote_dtype(inputs, kernel, bias,
-                                                                dtype=self.dtype)
-    kernel = keep_full_precision(kernel, promoted_kernel)
-    bias = keep_full_precision(bias, promoted_bias)
+    inputs, kernel, bias = full_precision_operands(
+        self.promote_dtype(inputs, kernel, bias, dtype=self.dtype), kernel, bias)
     y = adder_dense(inputs, kernel, grad_mode=self.grad_mode, implementation=self.implementation)
     return y if bias is None else y + bias

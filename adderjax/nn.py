@@ -29,7 +29,7 @@ from adderjax._layer_common import (
     PADDING_MODES,
     apply_adder_conv,
     check_op_options,
-    keep_full_precision,
+    full_precision_operands,
     default_bias_init,
     default_kernel_init,
 )
@@ -196,11 +196,10 @@ class AdderConv(nnx.Module):
     if inputs.ndim < 3 or inputs.shape[-1] != self.in_features:
       raise ValueError(f"inputs must have shape (*batch, height, width, {self.in_features}) for "
                        f"in_features={self.in_features}, got shape {tuple(inputs.shape)}.")
-    param_bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], param_bias),
-                                              dtype=self.dtype)
-    kernel = keep_full_precision(self.kernel[...], kernel)
-    bias = keep_full_precision(param_bias, bias)
+    kernel = self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = full_precision_operands(
+        self.promote_dtype((inputs, kernel, bias), dtype=self.dtype), kernel, bias)
     return apply_adder_conv(
         inputs, kernel, bias, strides=self.strides, padding=self.padding,
         kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count,
@@ -299,11 +298,10 @@ class AdderDense(nnx.Module):
     Returns:
       ``(..., out_features)``.
     """
-    param_bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], param_bias),
-                                              dtype=self.dtype)
-    kernel = keep_full_precision(self.kernel[...], kernel)
-    bias = keep_full_precision(param_bias, bias)
+    kernel = self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = full_precision_operands(
+        self.promote_dtype((inputs, kernel, bias), dtype=self.dtype), kernel, bias)
     y = adder_dense(inputs, kernel, grad_mode=self.grad_mode, implementation=self.implementation)
     return y if bias is None else y + bias
 

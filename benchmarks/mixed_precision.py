@@ -52,7 +52,7 @@ def cifar_like_images(n: int, seed: int) -> np.ndarray:
 
 
 def _rounded_kernels(dtype):
-  return mock.patch.object(adderjax.nn, "keep_full_precision",
+  return mock.patch.object(layer_common, "keep_full_precision",
                            lambda p, promoted: None if p is None else p.astype(dtype))
 
 

@@ -131,10 +131,9 @@ def _output_dtype(x: jax.Array, w: jax.Array, preferred_element_type: object) ->
     return _compute_dtype(x, w)
   try:
     dtype = jnp.dtype(preferred_element_type)
-  except TypeError as e:
-    raise TypeError(f"preferred_element_type must be a floating dtype or None, got "
-                    f"preferred_element_type={preferred_element_type!r}.") from e
-  if not jnp.issubdtype(dtype, jnp.floating):
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"preferred_element_type must be a floating dtype or None, got "
                     f"preferred_element_type={preferred_element_type!r}.")
   return dtype
