@@ -30,14 +30,15 @@ import numpy as np
 from flax import nnx
 
 from adderjax import data, models
+from experiments import train
 from experiments.train import make_model
 from experiments.trained import TrainedRun
 
 __all__ = ["DTYPES", "Accuracy", "first", "pretrained_test_set", "renormalizer",
            "top_k_accuracy", "workdir_model", "workdir_test_set"]
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-"""The compute dtypes to evaluate in, by name (parameters stay float32)."""
+DTYPES = {**train.DTYPES, "float16": jnp.float16}
+"""The compute dtypes to evaluate in, by name: the trainer's and float16 (parameters stay float32)."""
 
 TOP_K = 5
 
@@ -70,7 +71,7 @@ class Accuracy:
 
 @jax.jit
 def _hits(outputs: Any, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  logits = (outputs[-1] if isinstance(outputs, tuple) else outputs).astype(jnp.float32)
+  logits = train.logits_of(outputs)
   _, top = jax.lax.top_k(logits, min(TOP_K, logits.shape[-1]))
   hit = (top == labels[:, None]) & mask[:, None]
   return hit[:, 0].sum(), hit.any(-1).sum()

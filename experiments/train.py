@@ -163,7 +163,7 @@ def make_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
   )
 
 
-def _logits(outputs: Any) -> jax.Array:
+def logits_of(outputs: Any) -> jax.Array:
   # LeNet++ returns (embedding, logits).
   return (outputs[-1] if isinstance(outputs, tuple) else outputs).astype(jnp.float32)
 
@@ -222,7 +222,7 @@ class Trainer:
     model, optimizer = nnx.merge(self.graphdef, state)
 
     def loss_fn(model):
-      logits = _logits(model(batch["image"]))
+      logits = logits_of(model(batch["image"]))
       losses, correct = _loss_and_correct(logits, batch["label"], self.num_classes,
                                           self.config.label_smoothing)
       return losses.mean(), correct.mean()
@@ -238,7 +238,7 @@ class Trainer:
   def _eval_step(self, state: nnx.State, batch: dict[str, jax.Array]):
     model, _ = nnx.merge(self.graphdef, state)
     model.eval()
-    logits = _logits(model(batch["image"]))
+    logits = logits_of(model(batch["image"]))
     losses, correct = _loss_and_correct(logits, batch["label"], self.num_classes, 0.0)
     mask = batch["mask"].astype(jnp.float32)
     return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}

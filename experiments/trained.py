@@ -23,7 +23,8 @@ import numpy as np
 from adderjax import data
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
 from experiments.checkpoints import CheckpointError, Checkpoints
-from experiments.train import _load_sources, make_model, make_optimizer, make_schedule
+from experiments.train import (_load_sources, logits_of, make_model, make_optimizer,
+                               make_schedule)
 
 __all__ = ["TrainedRun", "accuracy", "calibration_batches", "float_reference",
            "load_newest_good_run", "load_run"]
@@ -163,10 +164,6 @@ def calibration_batches(run: TrainedRun, num_batches: int) -> list[jax.Array]:
   return [jnp.asarray(b["image"]) for b in itertools.islice(batches, num_batches)]
 
 
-def _logits(outputs: Any) -> jax.Array:
-  return outputs[-1] if isinstance(outputs, tuple) else outputs
-
-
 @nnx.jit
 def _forward(model: nnx.Module, images: jax.Array) -> Any:
   return model(images)
@@ -186,7 +183,7 @@ def accuracy(run: TrainedRun, model: nnx.Module | Callable[[jax.Array], Any]) ->
   for batch in data.eval_batches(config.dataset, run.eval_source,
                                  global_batch_size=config.eval_batch_size,
                                  image_size=config.image_size or None):
-    logits = np.asarray(_logits(predict(jnp.asarray(batch["image"]))))
+    logits = np.asarray(logits_of(predict(jnp.asarray(batch["image"]))))
     hits = (np.argmax(logits, -1) == batch["label"]) & batch["mask"]
     correct, count = correct + int(hits.sum()), count + int(batch["mask"].sum())
   return correct / max(count, 1)
