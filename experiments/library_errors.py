@@ -21,6 +21,9 @@ from typing import Any, Self
 __all__ = ["LibraryErrors"]
 
 _DEFAULT_HOOKS = (sys.__unraisablehook__, threading.__excepthook__)
+# absl: orbax's failed writer threads. asyncio: "Task exception was never retrieved", logged when
+# the garbage collector meets a failed write task that orbax abandoned.
+_LIBRARY_LOGGERS = ("absl", "asyncio")
 
 
 class _ToFile(logging.Filter):
@@ -43,7 +46,7 @@ class LibraryErrors:
   """While installed, the libraries' error reports go to ``path``, not to the console.
 
   Diverted: records of level ``ERROR`` and above, or with a traceback, logged
-  through ``absl.logging`` (which the libraries use: the trainer's own
+  through ``absl.logging`` or ``asyncio``'s logger (which the libraries use: the trainer's own
   messages go through ``logging.getLogger("experiments...")`` and are not
   touched); unraisable exceptions (``sys.unraisablehook``); and uncaught
   exceptions of threads (``threading.excepthook``). The file is opened when
@@ -108,7 +111,8 @@ class LibraryErrors:
   def install(self) -> Self:
     """Diverts the reports from now on (until :meth:`uninstall`)."""
     if self._previous is None:
-      logging.getLogger("absl").addFilter(self._filter)
+      for name in _LIBRARY_LOGGERS:
+        logging.getLogger(name).addFilter(self._filter)
       self._previous = (sys.unraisablehook, threading.excepthook)
       sys.unraisablehook = self._unraisable
       threading.excepthook = self._thread_exception
@@ -117,7 +121,8 @@ class LibraryErrors:
   def uninstall(self) -> None:
     """Puts the console back and closes the file."""
     if self._previous is not None:
-      logging.getLogger("absl").removeFilter(self._filter)
+      for name in _LIBRARY_LOGGERS:
+        logging.getLogger(name).removeFilter(self._filter)
       sys.unraisablehook, threading.excepthook = self._previous
       self._previous = None
     if self._file is not None:

@@ -1,5 +1,6 @@
 """The libraries' tracebacks of a failed save go to the workdir's errors.log, not the console."""
 
+import asyncio
 import gc
 import logging
 import sys
@@ -28,13 +29,28 @@ def test_reports_go_to_the_file_and_the_hooks_come_back(tmp_path, caplog, capfd)
     thread = threading.Thread(target=lambda: 1 / 0, name="worker")
     thread.start()
     thread.join()
+    _abandon_a_failed_task()
   assert (sys.unraisablehook, threading.excepthook) == hooks
-  assert errors.count == 3
+  assert errors.count == 4
   assert [r.getMessage() for r in caplog.records] == ["a library warns"]
   text = (tmp_path / "errors.log").read_text()
   assert "a library failed" in text and "RuntimeError: in a thread" in text
   assert "thread worker" in text and "ZeroDivisionError" in text
+  assert "Task exception was never retrieved" in text and "OSError: disk full" in text
   assert "Traceback" not in capfd.readouterr().err
+
+
+def _abandon_a_failed_task():
+  """What orbax leaves behind when a write fails: asyncio logs it when the task is collected."""
+  async def write():
+    raise OSError("disk full")
+
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(write())
+  loop.run_until_complete(asyncio.sleep(0))
+  loop.close()
+  del task
+  gc.collect()
 
 
 def test_before_the_workdir_exists_reports_stay_on_the_console(tmp_path, caplog):
