@@ -25,10 +25,13 @@ running in JAX releases up to about 6 months newer than the one that saved it
 (its backward-compatibility window, see the `jax.export` documentation); re-export
 from the checkpoint after that. Custom calls are not stable across versions:
 the Pallas GPU kernels (``implementation="pallas"``) and the native CPU kernels
-(``"cpu"``, XLA FFI) cannot be exported, so `save` exports every adder layer
-with the XLA implementation (``implementation="xla"``), which lowers to plain
-StableHLO loops on any platform. The integer layers of `adderjax.quant`
-always use it.
+(``"cpu"``, XLA FFI, float and integer) cannot be exported, so `save` exports
+every adder layer, float or integer (`adderjax.quant`), with the XLA
+implementation (``implementation="xla"``), which lowers to plain StableHLO
+loops on any platform.
+
+`save_c` writes a quantized model as integer-only C99 source instead
+(`adderjax.c_export`).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-__all__ = ["FORMAT", "PLATFORMS", "load", "save"]
+__all__ = ["FORMAT", "PLATFORMS", "load", "save", "save_c"]
 
 FORMAT = "adderjax.export/1"
 """The ``format`` field of ``spec.json``."""
@@ -56,14 +59,16 @@ _SPEC = "spec.json"
 
 
 def _with_xla_adder_layers(model: Any) -> Any:
-  """A copy of ``model`` in eval mode whose adder layers use ``implementation="xla"``."""
+  """A copy of ``model`` in eval mode whose adder layers, float and integer, use
+  ``implementation="xla"``."""
   from flax import nnx  # noqa: PLC0415 (load() needs no flax)
 
   from adderjax.nn import AdderConv, AdderDense  # noqa: PLC0415
+  from adderjax.quant import QuantizedAdderConv, QuantizedAdderDense  # noqa: PLC0415
 
   model = nnx.clone(model)
   for _, module in nnx.iter_modules(model):
-    if isinstance(module, (AdderConv, AdderDense)):
+    if isinstance(module, (AdderConv, AdderDense, QuantizedAdderConv, QuantizedAdderDense)):
       module.implementation = "xla"
   model.eval()
   return model
@@ -204,3 +209,16 @@ def load(path: str | pathlib.Path) -> tuple[Callable[..., Any], dict[str, Any]]:
     raise ValueError(f"{path} is damaged: its {_FUNCTION} does not deserialize "
                      f"({type(e).__name__}: {str(e)[:200]}).") from None
   return exported.call, spec
+
+
+def save_c(model: Any, directory: str | pathlib.Path, *, input_shape: Sequence[int],
+           mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+           verbose: bool = True) -> dict[str, Any]:
+  """Writes a quantized model as integer-only C99: ``model.h``, ``model.c``, ``main.c``.
+
+  See `adderjax.c_export.save_c`, its arguments and its example (imported here
+  on first use, so that `load` needs nothing beyond JAX).
+  """
+  from adderjax.c_export import save_c as _save_c  # noqa: PLC0415 (load() needs none of it)
+
+  return _save_c(model, directory, input_shape=input_shape, mean=mean, std=std, verbose=verbose)

@@ -1,14 +1,20 @@
-"""adderjax against PyTorch on this CPU: ResNet-20 training and inference, processes interleaved.
+"""adderjax against PyTorch on this CPU: training and inference, processes interleaved.
 
-Contenders (ResNet-20 for CIFAR, 32x32x3 inputs, 10 classes):
+Contenders (``--model resnet20``, the default: ResNet-20 for CIFAR, 32x32x3
+inputs; ``--model lenet5_bn``: LeNet-5-BN, 28x28x1; 10 classes):
 
 - ``adderjax_adder``: the AdderNet (native CPU kernels where they build);
+- ``adderjax_adder_int8``: the AdderNet quantized to 8 bits by
+  `adderjax.quant.quantize` (4 scale groups; native integer kernels where they
+  build); inference only;
 - ``adderjax_cnn``: the same network as a CNN (``kind="conv"``);
 - ``torch_cnn_cl``: PyTorch's CNN in ``channels_last`` (its fastest CPU layout);
 - ``torch_cnn``: PyTorch's CNN in the default NCHW layout;
+- ``torch_cnn_int8``: PyTorch's CNN quantized to int8 by its own FX static
+  post-training quantization (x86 backend, per-channel weights), inference only;
 - ``torch_adder_official``: a PyTorch AdderNet in the official code's
   formulation (unfold, broadcast, sum; the paper's backward), see
-  benchmarks/torch_peers.py.
+  benchmarks/torch_peers.py; ResNet-20 only.
 
 Modes: ``train`` (one step: forward, backward, SGD with momentum; batch 64),
 ``eval`` (inference in eval mode, batch 64) and ``latency`` (batch 1). Each
@@ -19,6 +25,8 @@ process's median step time, and images/s.
 
     pip install torch==2.13.0   # benchmark-only; never an adderjax dependency
     python benchmarks/peers.py --rounds 3 --json benchmarks/results/cpu_2core_peers.json
+    python benchmarks/peers.py --modes eval latency --contenders adderjax_adder \\
+        adderjax_adder_int8 torch_cnn_cl torch_cnn_int8 --model lenet5_bn
 """
 
 from __future__ import annotations
@@ -32,46 +40,59 @@ import time
 
 import numpy as np
 
-CONTENDERS = ("adderjax_adder", "adderjax_cnn", "torch_cnn_cl", "torch_cnn", "torch_adder_official")
+CONTENDERS = ("adderjax_adder", "adderjax_adder_int8", "adderjax_cnn", "torch_cnn_cl", "torch_cnn",
+              "torch_cnn_int8", "torch_adder_official")
+MODELS = ("resnet20", "lenet5_bn")
+_INFERENCE_ONLY = ("adderjax_adder_int8", "torch_cnn_int8")
 MODES = {"train": 64, "eval": 64, "latency": 1}
 # The official formulation materialises B x O x K x L distances (a minute a step
 # here at batch 64): one step, no warm-up, in the first round only.
 _SLOW = ("torch_adder_official",)
 
 
-def _jax_runner(contender: str, mode: str, batch: int):
+def _jax_runner(contender: str, mode: str, batch: int, model_name: str):
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
-  from adderjax import models
+  from adderjax import models, quant
   from train_step import make_train_step  # benchmarks/train_step.py
 
-  kind = "adder" if contender == "adderjax_adder" else "conv"
-  images = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
+  kind = "conv" if contender == "adderjax_cnn" else "adder"
+  shape = models.input_shape(model_name)
+  images = jax.random.normal(jax.random.key(0), (batch, *shape))
   labels = jnp.arange(batch) % 10
   if mode == "train":
-    step, state = make_train_step("resnet20", kind)
+    step, state = make_train_step(model_name, kind)
     holder = {"state": state}
 
     def run():
       loss, holder["state"] = step(holder["state"], images, labels)
       jax.block_until_ready(loss)
     return run
-  predict = models.inference_function(models.get("resnet20", kind=kind, rngs=nnx.Rngs(0)))
+  model = models.get(model_name, kind=kind, rngs=nnx.Rngs(0))
+  if contender == "adderjax_adder_int8":
+    calibration = jax.random.normal(jax.random.key(1), (64, *shape))
+    model, _ = quant.quantize(model, [calibration], bits=8, groups=4)
+  predict = models.inference_function(model)
   return lambda: jax.block_until_ready(predict(images))
 
 
-def _torch_runner(contender: str, mode: str, batch: int):
+def _torch_runner(contender: str, mode: str, batch: int, model_name: str):
   import torch
 
-  from torch_peers import ResNet20  # benchmarks/torch_peers.py
+  from torch_peers import LeNet5BN, ResNet20, quantize_int8  # benchmarks/torch_peers.py
 
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
-  model = ResNet20("adder" if contender == "torch_adder_official" else "conv")
-  images = torch.randn(batch, 3, 32, 32)
+  if model_name == "lenet5_bn":
+    model, shape = LeNet5BN(), (1, 28, 28)
+  else:
+    model, shape = ResNet20("adder" if contender == "torch_adder_official" else "conv"), (3, 32, 32)
+  images = torch.randn(batch, *shape)
   labels = torch.arange(batch) % 10
+  if contender == "torch_cnn_int8":
+    model = quantize_int8(model, torch.randn(64, *shape))
   if contender == "torch_cnn_cl":
     model = model.to(memory_format=torch.channels_last)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -92,11 +113,11 @@ def _torch_runner(contender: str, mode: str, batch: int):
   return infer
 
 
-def worker(contender: str, mode: str, steps: int, warmup: int) -> dict:
+def worker(contender: str, mode: str, steps: int, warmup: int, model_name: str) -> dict:
   """Times ``steps`` calls of one (contender, mode) after ``warmup`` calls; prints JSON."""
   batch = MODES[mode]
   make = _jax_runner if contender.startswith("adderjax") else _torch_runner
-  run = make(contender, mode, batch)
+  run = make(contender, mode, batch, model_name)
   for _ in range(warmup):
     run()
   times = []
@@ -111,6 +132,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
   parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES))
+  parser.add_argument("--model", choices=MODELS, default="resnet20")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per process")
   parser.add_argument("--warmup", type=int, default=3)
@@ -118,8 +140,10 @@ def main() -> None:
   parser.add_argument("--worker", nargs=2, metavar=("CONTENDER", "MODE"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    print(json.dumps(worker(*args.worker, args.steps, args.warmup)))
+    print(json.dumps(worker(*args.worker, args.steps, args.warmup, args.model)))
     return
+  if args.model != "resnet20" and "torch_adder_official" in args.contenders:
+    parser.error("torch_adder_official is ResNet-20 only: leave it out of --contenders.")
 
   here = os.path.dirname(os.path.abspath(__file__))
   medians: dict[tuple[str, str], list[float]] = {}
@@ -127,12 +151,12 @@ def main() -> None:
     for mode in args.modes:
       for contender in args.contenders:
         slow = contender in _SLOW and mode != "latency"
-        if slow and r > 0:
+        if (slow and r > 0) or (contender in _INFERENCE_ONLY and mode == "train"):
           continue
         steps, warmup = (1, 0) if slow else (args.steps, args.warmup)
         out = subprocess.run(
             [sys.executable, os.path.join(here, "peers.py"), "--worker", contender, mode,
-             "--steps", str(steps), "--warmup", str(warmup)],
+             "--steps", str(steps), "--warmup", str(warmup), "--model", args.model],
             capture_output=True, text=True, check=True, cwd=here)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         medians.setdefault((contender, mode), []).append(float(np.median(result["times"])))
@@ -147,6 +171,7 @@ def main() -> None:
                  "ms": 1e3 * seconds, "images_per_s": MODES[mode] / seconds,
                  "per_round_ms": [1e3 * t for t in times]})
   meta = machine_meta()
+  meta["model"] = args.model
   try:
     import torch
     meta["torch"] = torch.__version__
@@ -159,7 +184,10 @@ def main() -> None:
   for contender in args.contenders:
     cells = []
     for mode in args.modes:
-      row = next(r for r in rows if r["contender"] == contender and r["mode"] == mode)
+      row = next((r for r in rows if r["contender"] == contender and r["mode"] == mode), None)
+      if row is None:
+        cells.append("-")
+        continue
       cells.append(f"{row['ms']:.2f} ms" if mode == "latency"
                    else f"{row['images_per_s']:.1f} img/s")
     print(f"| {contender} | " + " | ".join(cells) + " |")

@@ -8,8 +8,14 @@ For each model (ResNet-20 on 32x32x3, LeNet-5-BN on 28x28x1) and batch size
   native CPU kernels where they build);
 - ``adder_xla``: the same AdderNet on the XLA loops (``implementation="xla"``),
   the code path the integer layers share;
-- ``adder_int8``: the AdderNet quantized by `adderjax.quant.quantize` (8 bits,
-  4 groups): int32 sums of ``|a_q - 2 w_q|`` on the XLA loops;
+- ``adder_int8_xla``: the AdderNet quantized by `adderjax.quant.quantize` (8
+  bits, 4 groups): int32 sums of ``|a_q - 2 w_q|`` on the XLA loops
+  (``implementation="xla"``; this column was ``adder_int8`` before the native
+  integer kernels);
+- ``adder_int8_native``: the same integer model on the native kernels of
+  `adderjax.ops.cpu_native_int` (the input quantized in the kernel, ``vpsadbw``
+  on uint8 lanes, the float epilogue fused; the default implementation where
+  they build);
 
 jits each forward pass (eval mode), and times them interleaved round by round;
 each ratio to the CNN is the median of the per-round ratios. The weights are
@@ -34,7 +40,7 @@ from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
 from report import machine_meta, write_json  # benchmarks/report.py
 
 MODELS = ("resnet20", "lenet5_bn")
-VARIANTS = ("conv", "adder", "adder_xla", "adder_int8")
+VARIANTS = ("conv", "adder", "adder_xla", "adder_int8_xla", "adder_int8_native")
 
 
 @nnx.jit
@@ -58,8 +64,19 @@ def build_variants(name: str, batch: int, *, calibration_batch: int) -> dict[str
     recompute_batch_norm_stats(model, calibration)
     model.eval()
     built[variant] = model
-  built["adder_int8"], _ = quant.quantize(built["adder"], calibration, bits=8, groups=4)
+  native, _ = quant.quantize(built["adder"], calibration, bits=8, groups=4)
+  built["adder_int8_xla"] = _with_implementation(native, "xla")
+  built["adder_int8_native"] = _with_implementation(native, "cpu")
   return built
+
+
+def _with_implementation(model: nnx.Module, implementation: str) -> nnx.Module:
+  """A copy of an integer model whose integer layers use ``implementation``."""
+  model = nnx.clone(model)
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, (quant.QuantizedAdderConv, quant.QuantizedAdderDense)):
+      module.implementation = implementation
+  return model
 
 
 def bench(name: str, batch: int, *, rounds: int, calls_per_round: int,

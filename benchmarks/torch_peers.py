@@ -1,4 +1,5 @@
-"""PyTorch peers for benchmarks/peers.py: ResNet-20 as a CNN, and as an AdderNet the official way.
+"""PyTorch peers for benchmarks/peers.py: ResNet-20 as a CNN, and as an AdderNet the official way;
+LeNet-5-BN as a CNN; the CNNs quantized to int8 by PyTorch's own post-training quantization.
 
 Benchmark-only: PyTorch is never a dependency of adderjax (``pip install
 torch==2.13.0`` for these). The network mirrors ``adderjax.models.resnet20``
@@ -103,3 +104,35 @@ class ResNet20(nn.Module):
     x = F.relu(self.bn1(self.conv1(x)))
     x = self.blocks(x).mean((2, 3))
     return self.bn2(self.fc(x))
+
+
+class LeNet5BN(nn.Module):
+  """LeNet-5-BN as in adderjax.models.lenet5_bn, the CNN (28x28x1 inputs)."""
+
+  def __init__(self, num_classes: int = 10):
+    super().__init__()
+    self.features = nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2))
+    self.classifier = nn.Sequential(
+        nn.Linear(16 * 5 * 5, 120, bias=False), nn.BatchNorm1d(120), nn.ReLU(),
+        nn.Linear(120, 84, bias=False), nn.BatchNorm1d(84), nn.ReLU(),
+        nn.Linear(84, num_classes, bias=False), nn.BatchNorm1d(num_classes))
+
+  def forward(self, x):
+    return self.classifier(self.features(x).flatten(1))
+
+
+def quantize_int8(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+  """``model`` (eval mode) as PyTorch's int8 CNN: FX graph mode static post-training
+  quantization with the x86 backend's default settings (per-channel int8 weights, uint8
+  activations, BatchNorm folded into the convolutions), calibrated on ``calibration``."""
+  from torch.ao.quantization import get_default_qconfig_mapping
+  from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+  torch.backends.quantized.engine = "x86"
+  model.eval()
+  prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), example_inputs=(calibration,))
+  with torch.inference_mode():
+    prepared(calibration)
+  return convert_fx(prepared)

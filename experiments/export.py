@@ -1,7 +1,8 @@
-"""Exports the model of a trainer workdir, float or quantized, as one `jax.export` file.
+"""Exports the model of a trainer workdir, float or quantized, as one `jax.export` file or C.
 
     python -m experiments.export --workdir=W --output=model.jaxexport
     python -m experiments.export --workdir=W --output=int8.jaxexport --bits=8 [--method --groups]
+    python -m experiments.export --workdir=W --bits=8 --c=DIR
 
 The file holds the inference function (StableHLO for CPU and CUDA, any batch
 size, adder layers on the XLA implementation) with the input spec and the
@@ -9,6 +10,11 @@ dataset's normalisation; ``adderjax.export`` says how to load it with JAX alone.
 With ``--bits``, the model is first quantized (`adderjax.quant.quantize`, on
 ``--calibration_batches`` training batches). ``--check`` reloads the file and
 reports its accuracy on the run's evaluation split.
+
+``--c=DIR`` (with ``--bits``) writes the quantized model as integer-only C99
+(``model.h``, ``model.c``, ``main.c``: `adderjax.export.save_c`) and prints
+the memory it needs; ``--output`` is then optional. Build and run it with
+``cc -std=c99 -O2 DIR/model.c DIR/main.c -o classify && ./classify < images.raw``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ from experiments.trained import accuracy, calibration_batches, float_reference, 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="A trainer workdir (experiments.main).")
-  parser.add_argument("--output", required=True, help="The file to write.")
+  parser.add_argument("--output", default=None,
+                      help="The jax.export file to write (required unless --c is given).")
+  parser.add_argument("--c", default=None, metavar="DIR",
+                      help="Also (or only) write the quantized model as integer-only C99 source "
+                           "to this directory (needs --bits).")
   parser.add_argument("--bits", type=int, default=None, help="Quantize to this many bits first.")
   parser.add_argument("--method", default="nie2022", choices=quant.METHODS)
   parser.add_argument("--groups", type=int, default=4)
@@ -36,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--check", action="store_true",
                       help="Reload the file and report its test accuracy.")
   args = parser.parse_args(argv)
+  if args.output is None and args.c is None:
+    parser.error("give --output, --c, or both.")
+  if args.c is not None and args.bits is None:
+    parser.error("--c needs --bits: the C program is the quantized model's (e.g. --bits=8).")
+  if args.check and args.output is None:
+    parser.error("--check reloads the jax.export file: give --output.")
 
   run = load_run(args.workdir, step=args.step)
   batches = calibration_batches(run, args.calibration_batches)
@@ -48,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                               method=args.method, keep_float=args.keep_float)
     metadata["quantization"] = {"bits": args.bits, "method": args.method, "groups": args.groups}
   spec = data.DATASETS[run.config.dataset]
+  if args.c is not None:
+    export.save_c(model, args.c, input_shape=run.input_shape, mean=spec.mean, std=spec.std)
+  if args.output is None:
+    return 0
   written = export.save(model, args.output, input_shape=run.input_shape, mean=spec.mean,
                         std=spec.std, platforms=args.platforms, metadata=metadata)
   print(f"Wrote {args.output}: input {written['input_shape']}, platforms "

@@ -62,7 +62,7 @@ class LibraryErrors:
 
     with LibraryErrors(workdir / "errors.log") as errors:
       ...  # a save fails; orbax's tracebacks land in workdir/errors.log
-    if errors.count:
+    if errors.written:
       print(f"details in {errors.path}")
   """
 
@@ -70,6 +70,8 @@ class LibraryErrors:
     self.path = pathlib.Path(path)
     self.count = 0
     """How many reports came (written or, where the file could not be written, dropped)."""
+    self.written = 0
+    """How many reports are in the file (a full disk may leave it empty)."""
     self._file = None
     self._filter = _ToFile(self)
     self._previous: tuple[Any, Any] | None = None
@@ -87,6 +89,7 @@ class LibraryErrors:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held while installed)
       self._file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {source}\n{text.rstrip()}\n")
       self._file.flush()
+      self.written += 1
     except OSError:
       pass
     return True

@@ -179,7 +179,7 @@ def main(argv):
   except run_errors as e:
     logger.debug("Traceback of the error:", exc_info=True)
     message = str(e) if isinstance(e, own_errors) else f"{type(e).__name__}: {e}"
-    if library_errors.count and library_errors.path.exists():
+    if library_errors.written:
       message += f" The libraries' reports: {library_errors.path}."
     logger.error("%s", message)
     sys.exit(1)

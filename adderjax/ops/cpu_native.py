@@ -16,6 +16,11 @@ what the XLA loops give: -inf for an infinity, NaN where a NaN enters (the
 input gradient's clip keeps a NaN). The rest (the ``"sign"`` and ``"unclipped"`` input gradients, the
 ``"sign"`` weight gradient, float64) uses :mod:`adderjax.ops.xla`.
 
+The integer layers of `adderjax.quant` have their own kernels
+(``csrc/adder_int_cpu.cc``, called by `adderjax.ops.cpu_native_int`), built
+into the same library: both sources (and the thread-pool helper they share,
+``csrc/parallel_for.h``) are compiled together and are all part of the cache key.
+
 The handlers are compiled the first time they are needed with the system's
 C++ compiler (``$CXX``, else ``c++``) for this CPU (``-O3 -march=native``,
 AVX2+FMA or AVX-512) against the headers jaxlib ships
@@ -62,7 +67,7 @@ from adderjax._paths import user_cache_dir
 from adderjax.ops import sharding, xla
 from adderjax.ops.spec import ConvSpec
 
-__all__ = ["NativeCpuAdderConv", "available", "build_and_open", "library_path",
+__all__ = ["NativeCpuAdderConv", "available", "build_and_open", "check_usable", "library_path",
            "unavailable_reason"]
 
 ENV_DISABLE = "ADDERJAX_NATIVE"
@@ -70,6 +75,14 @@ ENV_CACHE_DIR = "ADDERJAX_CACHE_DIR"
 _FORWARD_TARGET = "adderjax_adder_forward"
 _INPUT_GRAD_TARGET = "adderjax_adder_input_grad"
 _WEIGHT_GRAD_TARGET = "adderjax_adder_weight_grad"
+INTEGER_TARGETS = {
+    # (lanes, scaled): (FFI target, symbol) of the integer layers' kernels (csrc/adder_int_cpu.cc,
+    # called by adderjax.ops.cpu_native_int): int32 sums, or the float epilogue applied.
+    ("uint8", False): ("adderjax_integer_sums_u8", "AdderjaxIntegerSumsU8"),
+    ("int16", False): ("adderjax_integer_sums_i16", "AdderjaxIntegerSumsI16"),
+    ("uint8", True): ("adderjax_integer_scaled_u8", "AdderjaxIntegerScaledU8"),
+    ("int16", True): ("adderjax_integer_scaled_i16", "AdderjaxIntegerScaledI16"),
+}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes",
           "-Wno-return-type")
 _BUILD_TIMEOUT_S = 300
@@ -86,8 +99,13 @@ def _compiler() -> list[str] | None:
   return command if command and shutil.which(command[0]) else None
 
 
-def _source() -> bytes:
-  return (importlib.resources.files("adderjax.ops") / "csrc" / "adder_cpu.cc").read_bytes()
+# Compiled together into the one library; the header is included by both.
+_SOURCES = ("adder_cpu.cc", "adder_int_cpu.cc")
+_HEADERS = ("parallel_for.h",)
+
+
+def _source(name: str) -> bytes:
+  return (importlib.resources.files("adderjax.ops") / "csrc" / name).read_bytes()
 
 
 def _build_key(compiler: list[str]) -> str:
@@ -98,7 +116,7 @@ def _build_key(compiler: list[str]) -> str:
   version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
                            timeout=60).stdout
   digest = hashlib.sha256()
-  for part in (_source(), " ".join(_FLAGS).encode(), version.encode(), features.encode(),
+  for part in (*(_source(name) for name in _SOURCES + _HEADERS), " ".join(_FLAGS).encode(), version.encode(), features.encode(),
                jax.lib.__version__.encode(), platform.machine().encode()):
     digest.update(part)
     digest.update(b"\0")
@@ -109,11 +127,12 @@ def _build(compiler: list[str], target: pathlib.Path) -> None:
   """Compiles the handlers into ``target`` atomically (concurrent builds are harmless)."""
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-    source = pathlib.Path(scratch) / "adder_cpu.cc"
-    source.write_bytes(_source())
+    for name in _SOURCES + _HEADERS:
+      (pathlib.Path(scratch) / name).write_bytes(_source(name))
     output = pathlib.Path(scratch) / target.name
     result = subprocess.run(
-        [*compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(output)],
+        [*compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}",
+         *(str(pathlib.Path(scratch) / name) for name in _SOURCES), "-o", str(output)],
         capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
     if result.returncode != 0:
       lines = [line for line in result.stderr.splitlines() if "error" in line] or [
@@ -139,7 +158,7 @@ def build_and_open(cache_root: pathlib.Path | None = None) -> tuple[ctypes.CDLL 
     root = user_cache_dir(ENV_CACHE_DIR) if cache_root is None else pathlib.Path(cache_root)
     target = root / "native" / _build_key(compiler) / "libadderjax_cpu.so"
     if not target.exists():
-      logger.info("Building the native CPU kernels (first use, ~15 s)...")
+      logger.info("Building the native CPU kernels (first use, ~30 s)...")
       start = time.perf_counter()
       _build(compiler, target)
       logger.info("Built the native CPU kernels in %.1f s (cached in %s).",
@@ -156,7 +175,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
   if library is not None:
     for name, symbol in ((_FORWARD_TARGET, library.AdderjaxAdderForward),
                          (_INPUT_GRAD_TARGET, library.AdderjaxAdderInputGrad),
-                         (_WEIGHT_GRAD_TARGET, library.AdderjaxAdderWeightGrad)):
+                         (_WEIGHT_GRAD_TARGET, library.AdderjaxAdderWeightGrad),
+                         *((name, getattr(library, symbol))
+                           for name, symbol in INTEGER_TARGETS.values())):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
   return library, reason
 
@@ -176,6 +197,16 @@ def available() -> bool:
 def unavailable_reason() -> str:
   """Why :func:`available` is False (empty when it is True)."""
   return _load()[1]
+
+
+def check_usable() -> None:
+  """Raises the ValueError of ``implementation="cpu"`` where the kernels cannot run here."""
+  if jax.default_backend() != "cpu":
+    raise ValueError(f"implementation='cpu' runs native CPU kernels, but JAX's default backend "
+                     f"is {jax.default_backend()!r}. Use None or 'xla'.")
+  if not available():
+    raise ValueError(f"implementation='cpu' is not available here: {unavailable_reason()}. Use "
+                     "'xla' (or None, which picks it).")
 
 
 def library_path() -> str | None:

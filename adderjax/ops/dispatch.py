@@ -91,12 +91,7 @@ def _resolve_implementation(implementation: ImplementationLike, x: jax.Array, w:
     return IMPLEMENTATIONS["pallas" if usable else "xla"]
   impl = IMPLEMENTATIONS[implementation] if isinstance(implementation, str) else implementation
   if isinstance(impl, cpu_native.NativeCpuAdderConv):
-    if not on_cpu:
-      raise ValueError(f"implementation='cpu' runs native CPU kernels, but JAX's default backend "
-                       f"is {jax.default_backend()!r}. Use None or 'xla'.")
-    if not cpu_native.available():
-      raise ValueError(f"implementation='cpu' is not available here: "
-                       f"{cpu_native.unavailable_reason()}. Use 'xla' (or None, which picks it).")
+    cpu_native.check_usable()
   if isinstance(impl, PallasAdderConv):
     if pallas_gpu.UNAVAILABLE_REASON is not None:
       raise ValueError(f"implementation={implementation!r} runs Pallas kernels, but "

@@ -4,7 +4,8 @@
 (:class:`QuantizedAdderConv`, :class:`QuantizedAdderDense`) that sums
 ``|a_q - 2 w_q|`` in int32, with Nie et al.'s grouped scales and lossless
 weight clamp (NeurIPS 2022) or the single shared scale of QSSF, and
-re-estimates the BatchNorm statistics.
+re-estimates the BatchNorm statistics. `lower` turns the quantized model into
+an integer-only `IntegerProgram` (the source of `adderjax.export.save_c`).
 
 Example:
   >>> import jax.numpy as jnp
@@ -20,6 +21,7 @@ Example:
 
 from adderjax.quant.calibration import DEFAULT_PERCENTILE, RANGE_FLOOR, InputRange
 from adderjax.quant.grouping import kmeans_1d
+from adderjax.quant.integer_program import IntegerProgram, lower
 from adderjax.quant.layers import QuantizedAdderConv, QuantizedAdderDense, QuantizedConstant
 from adderjax.quant.ptq import (
     METHODS,
@@ -46,6 +48,7 @@ __all__ = [
     "MIN_BITS",
     "RANGE_FLOOR",
     "InputRange",
+    "IntegerProgram",
     "LayerReport",
     "Method",
     "QuantizationReport",
@@ -57,6 +60,7 @@ __all__ = [
     "clamp_weights",
     "input_multiplier",
     "kmeans_1d",
+    "lower",
     "quantize",
     "quantize_activations",
     "quantize_weights",

@@ -6,6 +6,11 @@ quantizes its input once per group (`quantize_activations`), accumulates
 `adderjax.ops.xla` (integer operands: subtract, abs, add), and only then
 returns to floating point: ``y = step_g * acc + b_c (+ bias)``. The layers
 run anywhere XLA does and export with `jax.export`.
+
+On a CPU backend where the native kernels build, the sums (and the float
+epilogue) run instead in the native kernels of `adderjax.ops.cpu_native_int`,
+in uint8 lanes (``vpsadbw``) up to 8 bits and int16 lanes up to 14 bits (15
+for signed inputs); ``implementation=`` chooses (see `_QuantizedAdder`).
 """
 
 from __future__ import annotations
@@ -18,11 +23,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from adderjax._layer_common import pad_input
-from adderjax.ops import xla
+from adderjax.ops import cpu_native, cpu_native_int, xla
 from adderjax.ops.spec import conv_spec
-from adderjax.quant.quantizers import activation_step, input_multiplier, quantize_activations
+from adderjax.quant.quantizers import (
+    activation_code_range,
+    activation_multiplier,
+    activation_step,
+    input_multiplier,
+    quantize_activations,
+)
 
-__all__ = ["QuantizedAdderConv", "QuantizedAdderDense", "QuantizedConstant"]
+__all__ = ["IMPLEMENTATIONS", "QuantizedAdderConv", "QuantizedAdderDense", "QuantizedConstant",
+           "check_implementation"]
+
+IMPLEMENTATIONS = ("xla", "cpu")
+"""The names ``implementation=`` of the integer layers takes (besides None)."""
+
+
+def check_implementation(implementation: object) -> str | None:
+  """Returns ``implementation`` if the integer layers accept it, else raises a ValueError."""
+  if implementation is not None and (not isinstance(implementation, str)
+                                     or implementation not in IMPLEMENTATIONS):
+    raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got "
+                     f"implementation={implementation!r}.")
+  return implementation
 
 
 class QuantizedConstant(nnx.Variable):
@@ -42,11 +66,22 @@ class _QuantizedAdder(nnx.Module):
       their compiled functions.
     signed_inputs: whether the input quantizer is signed.
     bias: the float layer's bias, or None.
+    implementation: where the integer sums run: None (default) for the native
+      CPU kernels on a CPU backend where they build and have lanes for these
+      bits, else the XLA loops; ``"xla"`` for the XLA loops (any backend; what
+      `adderjax.export.save` uses); ``"cpu"`` for the native kernels (a CPU
+      backend where they build; bits without native lanes still take the XLA
+      loops). An attribute: it can be changed after construction.
+
+  The native kernels' lanes depend on the bits, so each layer keeps them as a
+  static attribute, ``lanes`` (``"uint8"`` up to 8 bits, ``"int16"`` up to 14,
+  or 15 for signed inputs, else None): models of 2 to 8 bits share their
+  compiled functions on either path, as do models of 9 to 14 bits.
   """
 
   def __init__(self, kernel_codes: np.ndarray, channel_group: np.ndarray, scales: np.ndarray,
                correction: np.ndarray, *, bits: int, signed_inputs: bool,
-               bias: jax.Array | None):
+               bias: jax.Array | None, implementation: str | None = None):
     channel_group = np.asarray(channel_group, np.int64)
     groups = len(scales)
     # The kernel is kept sorted by group, so that each group is a static slice.
@@ -61,30 +96,83 @@ class _QuantizedAdder(nnx.Module):
     self.inverse_order = tuple(int(i) for i in np.argsort(order))
     self.bits = QuantizedConstant(jnp.asarray(bits, jnp.int32))
     self.signed_inputs = signed_inputs
+    self.lanes = cpu_native_int.lanes_for(bits, signed=signed_inputs)
+    self.implementation = check_implementation(implementation)
 
   def integer_kernel(self) -> jax.Array:
     """The weight codes ``w_q`` in the original channel order (int32)."""
     return self.kernel[...].astype(jnp.int32)[..., jnp.asarray(self.inverse_order)]
 
+  def _native(self) -> bool:
+    """Whether this call runs the native kernels (see ``implementation``)."""
+    implementation = check_implementation(self.implementation)
+    if implementation == "xla":
+      return False
+    if implementation is None:
+      return (jax.default_backend() == "cpu" and self.lanes is not None
+              and cpu_native.available())
+    cpu_native.check_usable()
+    return self.lanes is not None
+
+  def _codes(self, x: jax.Array) -> list[jax.Array]:
+    """The input quantized with each group's scale (int32 codes)."""
+    x = x.astype(jnp.float32)  # half precision would round the codes
+    return [quantize_activations(x, self.scales[g], self.bits[...], signed=self.signed_inputs)
+            for g in range(len(self.group_sizes))]
+
+  def _quantizer(self) -> jax.Array:
+    """Each group's multiplier and the codes' range, for the native kernels (float32)."""
+    signed = self.signed_inputs
+    multipliers = [activation_multiplier(self.scales[g], self.bits[...], signed=signed)
+                   for g in range(len(self.group_sizes))]
+    return jnp.stack([jnp.asarray(v, jnp.float32) for v in
+                      (*multipliers, *activation_code_range(self.bits[...], signed=signed))])
+
+  def _restore_order(self, y: jax.Array) -> jax.Array:
+    return jnp.take(y, jnp.asarray(self.inverse_order, jnp.int32), axis=-1)
+
   def _accumulate(self, x: jax.Array, spec_of) -> jax.Array:
     """``-sum |a_q - m w_q|`` of each output channel, int32, original channel order."""
+    if self._native():
+      return self._restore_order(cpu_native_int.integer_adder(
+          x.astype(jnp.float32), self._quantizer(), self.kernel[...], self.group_sizes,
+          spec_of(x, self.kernel[...]), lanes=self.lanes, signed=self.signed_inputs))
+    codes = self._codes(x)
     m = input_multiplier(self.signed_inputs)
     kernel = self.kernel[...].astype(jnp.int32) * m
-    x = x.astype(jnp.float32)  # half precision would round the codes
     sums, start = [], 0
     for g, size in enumerate(self.group_sizes):
-      codes = quantize_activations(x, self.scales[g], self.bits[...],
-                                   signed=self.signed_inputs)
       w = kernel[..., start:start + size]
-      sums.append(xla.forward(codes, w, spec_of(codes, w)))
+      sums.append(xla.forward(codes[g], w, spec_of(codes[g], w)))
       start += size
-    acc = jnp.concatenate(sums, axis=-1)
-    return jnp.take(acc, jnp.asarray(self.inverse_order, jnp.int32), axis=-1)
+    return self._restore_order(jnp.concatenate(sums, axis=-1))
+
+  def _channel_step(self) -> jax.Array:
+    step = activation_step(self.scales[...], self.bits[...], signed=self.signed_inputs)
+    return step[self.channel_group[...]]
 
   def _dequantize(self, acc: jax.Array) -> jax.Array:
-    step = activation_step(self.scales[...], self.bits[...], signed=self.signed_inputs)
-    y = acc.astype(jnp.float32) * step[self.channel_group[...]] + self.correction[...]
+    y = acc.astype(jnp.float32) * self._channel_step() + self.correction[...]
     return y if self.bias is None else y + self.bias[...]
+
+  def _output(self, x: jax.Array, spec_of) -> jax.Array:
+    """The layer's float output: the native kernels' fused epilogue, or the sums dequantized.
+
+    The epilogue rounds as XLA's fusion of `_dequantize` does (the product and
+    the correction as one fused multiply-add, then the bias), so both paths
+    give the same floats when jitted; a zero bias where there is none adds
+    nothing (``y + 0 = y``).
+    """
+    if not self._native():
+      return self._dequantize(self._accumulate(x, spec_of))
+    order = np.argsort(self.inverse_order)  # the original channel of each sorted one
+    bias = jnp.zeros_like(self.correction[...]) if self.bias is None else self.bias[...]
+    epilogue = tuple(jnp.asarray(a, jnp.float32)[order]
+                     for a in (self._channel_step(), self.correction[...], bias))
+    return self._restore_order(cpu_native_int.integer_adder(
+        x.astype(jnp.float32), self._quantizer(), self.kernel[...], self.group_sizes,
+        spec_of(x, self.kernel[...]), lanes=self.lanes, signed=self.signed_inputs,
+        epilogue=epilogue))
 
 
 def _float_struct(a: jax.Array) -> jax.ShapeDtypeStruct:
@@ -103,16 +191,19 @@ class QuantizedAdderConv(_QuantizedAdder):
     layer: the float layer, whose geometry and bias it takes.
     kernel_codes, channel_group, scales, correction, bits, signed_inputs: as
       computed by `adderjax.quant.quantize`.
+    implementation: None, ``"xla"`` or ``"cpu"``: where the sums run (see
+      `_QuantizedAdder`).
   """
 
   def __init__(self, layer, kernel_codes: np.ndarray, channel_group: np.ndarray,
-               scales: np.ndarray, correction: np.ndarray, *, bits: int, signed_inputs: bool):
+               scales: np.ndarray, correction: np.ndarray, *, bits: int, signed_inputs: bool,
+               implementation: str | None = None):
     if layer.feature_group_count != 1:
       raise ValueError(f"quantizing a grouped AdderConv is not supported (feature_group_count="
                        f"{layer.feature_group_count}).")
     bias = None if layer.bias is None else layer.bias[...]
     super().__init__(kernel_codes, channel_group, scales, correction, bits=bits,
-                     signed_inputs=signed_inputs, bias=bias)
+                     signed_inputs=signed_inputs, bias=bias, implementation=implementation)
     self.in_features = layer.in_features
     self.out_features = layer.out_features
     self.strides = layer.strides
@@ -125,13 +216,17 @@ class QuantizedAdderConv(_QuantizedAdder):
     Args:
       inputs: ``(batch, height, width, in_features)`` floats.
     """
+    return self._accumulate(*self._padded(inputs))
+
+  def _padded(self, inputs: jax.Array):
+    """The input (padded here for the periodic and reflecting modes) and its ``spec_of``."""
     x, padding = pad_input(inputs, self.kernel.shape[:2], self.kernel_dilation, self.padding)
 
     def spec_of(codes, w):
       return conv_spec(_float_struct(codes), _float_struct(w), strides=self.strides,
                        padding=padding, rhs_dilation=self.kernel_dilation, feature_group_count=1)
 
-    return self._accumulate(x, spec_of)
+    return x, spec_of
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """The layer's output, ``(*batch, out_height, out_width, out_features)`` floats."""
@@ -140,7 +235,7 @@ class QuantizedAdderConv(_QuantizedAdder):
                        f"shape {tuple(inputs.shape)}.")
     batch_shape = inputs.shape[:-3]
     x = inputs.reshape((math.prod(batch_shape),) + inputs.shape[-3:])
-    y = self._dequantize(self.accumulate(x))
+    y = self._output(*self._padded(x))
     return y.reshape(batch_shape + y.shape[1:])
 
 
@@ -153,14 +248,18 @@ class QuantizedAdderDense(_QuantizedAdder):
     layer: the float layer, whose bias it takes.
     kernel_codes, channel_group, scales, correction, bits, signed_inputs: as
       computed by `adderjax.quant.quantize`.
+    implementation: None, ``"xla"`` or ``"cpu"``: where the sums run (see
+      `_QuantizedAdder`).
   """
 
   def __init__(self, layer, kernel_codes: np.ndarray, channel_group: np.ndarray,
-               scales: np.ndarray, correction: np.ndarray, *, bits: int, signed_inputs: bool):
+               scales: np.ndarray, correction: np.ndarray, *, bits: int, signed_inputs: bool,
+               implementation: str | None = None):
     bias = None if layer.bias is None else layer.bias[...]
     # Stored as a 1x1 convolution's kernel, (1, 1, in, out).
     super().__init__(np.asarray(kernel_codes)[None, None], channel_group, scales, correction,
-                     bits=bits, signed_inputs=signed_inputs, bias=bias)
+                     bits=bits, signed_inputs=signed_inputs, bias=bias,
+                     implementation=implementation)
     self.in_features = layer.in_features
     self.out_features = layer.out_features
 
@@ -170,18 +269,28 @@ class QuantizedAdderDense(_QuantizedAdder):
 
   def accumulate(self, inputs: jax.Array) -> jax.Array:
     """The int32 sums ``-sum_k |a_q[k] - m w_q[k, n]|``, ``(..., out_features)``."""
-    x = inputs.reshape(-1, 1, 1, inputs.shape[-1])
+    acc = self._accumulate(*self._as_pixels(inputs))
+    return acc.reshape(*inputs.shape[:-1], acc.shape[-1])
+
+  def _as_pixels(self, inputs: jax.Array):
+    """The inputs as 1x1 convolution inputs, and their ``spec_of``.
+
+    An image per row for the XLA loops; one row of pixels for the native
+    kernels, whose tiles span consecutive pixels of a row.
+    """
+    features = inputs.shape[-1]
+    shape = (1, 1, -1, features) if self._native() else (-1, 1, 1, features)
 
     def spec_of(codes, w):
       return conv_spec(_float_struct(codes), _float_struct(w), strides=1, padding="VALID",
                        rhs_dilation=1, feature_group_count=1)
 
-    acc = self._accumulate(x, spec_of)
-    return acc.reshape(*inputs.shape[:-1], acc.shape[-1])
+    return inputs.reshape(shape), spec_of
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """The layer's output, ``(..., out_features)`` floats."""
     if inputs.ndim < 1 or inputs.shape[-1] != self.in_features:
       raise ValueError(f"inputs must have shape (..., {self.in_features}), got shape "
                        f"{tuple(inputs.shape)}.")
-    return self._dequantize(self.accumulate(inputs))
+    y = self._output(*self._as_pixels(inputs))
+    return y.reshape(*inputs.shape[:-1], y.shape[-1])

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 
 from adderjax._checks import is_int
 
-__all__ = ["MAX_BITS", "MIN_BITS", "activation_step", "check_bits", "clamp_weights",
-           "input_multiplier", "quantize_activations", "quantize_weights"]
+__all__ = ["MAX_BITS", "MIN_BITS", "activation_code_range", "activation_multiplier",
+           "activation_step", "check_bits", "clamp_weights", "input_multiplier",
+           "quantize_activations", "quantize_weights"]
 
 MIN_BITS = 2
 MAX_BITS = 16
@@ -59,12 +60,24 @@ def quantize_activations(x: jax.Array, scale: jax.Array | float, bits: int, *,
     >>> quantize_activations(jnp.array([-1.0, 0.0, 0.5, 1.0, 3.0]), 1.0, 8).tolist()
     [0, 0, 128, 255, 255]
   """
-  levels = _levels(bits)
-  if signed:
-    codes = jnp.clip(jnp.round(x * (levels / (2 * scale))), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
-  else:
-    codes = jnp.clip(jnp.round(x * (levels / scale)), 0, levels)
+  low, high = activation_code_range(bits, signed=signed)
+  codes = jnp.clip(jnp.round(x * activation_multiplier(scale, bits, signed=signed)), low, high)
   return codes.astype(jnp.int32)
+
+
+def activation_multiplier(scale: jax.Array | float, bits: int, *,
+                          signed: bool = False) -> jax.Array:
+  """What `quantize_activations` multiplies ``x`` by before rounding: ``(2^b - 1) / s``, or
+  half that if signed (the native kernels take it, to round exactly as XLA does)."""
+  levels = _levels(bits)
+  return levels / (2 * scale) if signed else levels / scale
+
+
+def activation_code_range(bits: int, *, signed: bool = False) -> tuple:
+  """The codes' ``(lowest, highest)``: ``(0, 2^b - 1)``, or ``(-2^(b-1), 2^(b-1) - 1)`` if signed."""
+  if signed:
+    return -2 ** (bits - 1), 2 ** (bits - 1) - 1
+  return 0, _levels(bits)
 
 
 def quantize_weights(w: jax.Array, scale: jax.Array | float, bits: int) -> jax.Array:

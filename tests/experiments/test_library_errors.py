@@ -31,7 +31,7 @@ def test_reports_go_to_the_file_and_the_hooks_come_back(tmp_path, caplog, capfd)
     thread.join()
     _abandon_a_failed_task()
   assert (sys.unraisablehook, threading.excepthook) == hooks
-  assert errors.count == 4
+  assert errors.count == errors.written == 4
   assert [r.getMessage() for r in caplog.records] == ["a library warns"]
   text = (tmp_path / "errors.log").read_text()
   assert "a library failed" in text and "RuntimeError: in a thread" in text

@@ -86,6 +86,17 @@ def test_export_cli_file_matches_the_quantized_model(workdir, tmp_path, capsys):
   assert np.isfinite(reloaded)
 
 
+def test_export_cli_writes_the_c_program(workdir, tmp_path, capsys):
+  out_dir = tmp_path / "c"
+  assert export_cli.main(["--workdir", str(workdir), "--bits", "8", "--groups", "1",
+                          "--calibration_batches", "2", "--c", str(out_dir)]) == 0
+  assert sorted(p.name for p in out_dir.iterdir()) == ["main.c", "model.c", "model.h"]
+  assert "static memory" in capsys.readouterr().out
+  assert "#define MODEL_INPUT_SIZE 784" in (out_dir / "model.h").read_text()
+  with pytest.raises(SystemExit):
+    export_cli.main(["--workdir", str(workdir), "--c", str(out_dir)])  # --c needs --bits
+
+
 def test_missing_workdir_is_explained(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     load_run(tmp_path)

@@ -56,8 +56,11 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
+using adderjax::ChunksToFill;
+using adderjax::ParallelFor;
 
 namespace {
 
@@ -145,44 +148,6 @@ struct Vec {
 
 using V = typename Vec::T;
 constexpr int kMR = 8;  // Output pixels per tile: 8 x 2 vectors = 16 accumulators.
-
-// Runs fn(item) for item in [0, total) on the calling thread and the pool.
-// Work is claimed from a shared counter; the caller waits only for items
-// claimed by running threads, so a helper that never starts cannot block it,
-// and one that starts late finds nothing left and touches no buffer.
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, const Fn& fn) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  const Fn* body = &fn;
-  auto work = [state, body, total]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < total;) {
-      (*body)(i);
-      if (state->done.fetch_add(1) + 1 == total) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work]() { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == total; });
-}
-
-// How many chunks to split each of `items` work items into so that there are about
-// `per_thread` items for each thread (the caller's included), between 1 and `most`.
-inline int64_t ChunksToFill(ffi::ThreadPool& pool, int64_t items, int64_t per_thread,
-                            int64_t most) {
-  const int64_t wanted = per_thread * (pool.num_threads() + 1);
-  return std::clamp<int64_t>((wanted + items - 1) / items, 1, most);
-}
 
 struct ForwardGeometry {
   int64_t h, w, wp, c, ho, wo, groups, cg, og, opad, kh, kw, sh, sw, dh, dw;
