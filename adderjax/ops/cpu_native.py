@@ -116,7 +116,8 @@ def _build_key(compiler: list[str]) -> str:
   version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
                            timeout=60).stdout
   digest = hashlib.sha256()
-  for part in (*(_source(name) for name in _SOURCES + _HEADERS), " ".join(_FLAGS).encode(), version.encode(), features.encode(),
+  sources = (_source(name) for name in _SOURCES + _HEADERS)
+  for part in (*sources, " ".join(_FLAGS).encode(), version.encode(), features.encode(),
                jax.lib.__version__.encode(), platform.machine().encode()):
     digest.update(part)
     digest.update(b"\0")

@@ -75,7 +75,11 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import numpy as np
+
+from adderjax._checks import positive_pair
+from adderjax.ops.spec import ConvSpec, conv_spec
 
 __all__ = [
     "Add",
@@ -448,35 +452,16 @@ def _epilogue(path: str, acc_low: np.ndarray, acc_high: np.ndarray, a: np.ndarra
   return Epilogue(mult, offset, shift, relu), fraction, low, high
 
 
-def _pair(value: Any, name: str) -> tuple[int, int]:
-  if isinstance(value, int):
-    return value, value
-  pair = tuple(int(v) for v in value)
-  if len(pair) != 2:
-    raise ValueError(f"{name} must be an int or a pair, got {value!r}.")
-  return pair  # type: ignore[return-value]
-
-
-def _explicit_padding(padding: Any, in_hw, kernel_hw, strides, dilation, path: str):
-  """``((top, bottom), (left, right))`` of zeros for any zero padding of a 2-D layer."""
-  from adderjax._checks import canonical_padding  # noqa: PLC0415
-
+def _conv_geometry(layer: Any, in_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                   path: str) -> ConvSpec:
+  """The layer's strides, explicit zero padding and dilation, checked as the adder op does."""
   try:
-    padding = canonical_padding(padding)
+    return conv_spec(jax.ShapeDtypeStruct((1, *in_shape), np.float32),
+                     jax.ShapeDtypeStruct(kernel_shape, np.float32), strides=layer.strides,
+                     padding=layer.padding, rhs_dilation=layer.kernel_dilation,
+                     feature_group_count=1)
   except ValueError as e:
     raise ValueError(f"layer {path}: {e} (the C export supports zero padding only)") from None
-  if not isinstance(padding, str):
-    return tuple(tuple(p) for p in padding)
-  pads = []
-  for size, k, s, d in zip(in_hw, kernel_hw, strides, dilation):
-    span = (k - 1) * d + 1
-    if padding == "VALID":
-      pads.append((0, 0))
-      continue
-    total = max((-(-size // s) - 1) * s + span - size, 0)
-    low = total // 2 if padding == "SAME" else total - total // 2
-    pads.append((low, total - low))
-  return tuple(pads)
 
 
 def _out_size(size: int, pad: tuple[int, int], k: int, s: int, d: int) -> int:
@@ -584,7 +569,7 @@ class _Lowering:
     if isinstance(layer, (QuantizedAdderConv, nnx.Conv)):
       if getattr(layer, "feature_group_count", 1) != 1:
         raise ValueError(f"layer {path}: grouped convolutions are not supported.")
-      if tuple(_pair(getattr(layer, "input_dilation", 1), "input_dilation")) != (1, 1):
+      if positive_pair(getattr(layer, "input_dilation", 1), "input_dilation") != (1, 1):
         raise ValueError(f"layer {path}: input dilation is not supported.")
     elif not dense:
       raise ValueError(f"unsupported module {path} ({type(layer).__module__}."
@@ -600,10 +585,8 @@ class _Lowering:
       kernel = kernel[None, None]
       strides, dilation, padding = (1, 1), (1, 1), ((0, 0), (0, 0))
     else:
-      strides = _pair(layer.strides, "strides")
-      dilation = _pair(layer.kernel_dilation, "kernel_dilation")
-      padding = _explicit_padding(layer.padding, self.shape(value)[:2], kernel.shape[:2],
-                                  strides, dilation, path)
+      spec = _conv_geometry(layer, self.shape(value), kernel.shape, path)
+      strides, padding, dilation = spec.strides, spec.padding, spec.dilation
     in_shape = self.shape(value)
     kh, kw, cin, cout = kernel.shape
     if in_shape[-1] != cin or (dense and in_shape[:2] != (1, 1)):

@@ -134,9 +134,7 @@ class _QuantizedAdder(nnx.Module):
   def _accumulate(self, x: jax.Array, spec_of) -> jax.Array:
     """``-sum |a_q - m w_q|`` of each output channel, int32, original channel order."""
     if self._native():
-      return self._restore_order(cpu_native_int.integer_adder(
-          x.astype(jnp.float32), self._quantizer(), self.kernel[...], self.group_sizes,
-          spec_of(x, self.kernel[...]), lanes=self.lanes, signed=self.signed_inputs))
+      return self._native_call(x, spec_of)
     codes = self._codes(x)
     m = input_multiplier(self.signed_inputs)
     kernel = self.kernel[...].astype(jnp.int32) * m
@@ -169,6 +167,10 @@ class _QuantizedAdder(nnx.Module):
     bias = jnp.zeros_like(self.correction[...]) if self.bias is None else self.bias[...]
     epilogue = tuple(jnp.asarray(a, jnp.float32)[order]
                      for a in (self._channel_step(), self.correction[...], bias))
+    return self._native_call(x, spec_of, epilogue)
+
+  def _native_call(self, x: jax.Array, spec_of, epilogue=None) -> jax.Array:
+    """The native kernels' int32 sums, or with ``epilogue`` their float outputs, original order."""
     return self._restore_order(cpu_native_int.integer_adder(
         x.astype(jnp.float32), self._quantizer(), self.kernel[...], self.group_sizes,
         spec_of(x, self.kernel[...]), lanes=self.lanes, signed=self.signed_inputs,
