@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from adderjax._checks import ZERO_PADDINGS, Padding2D
 from adderjax.ops.dispatch import ImplementationLike, adder_conv, check_implementation
@@ -87,6 +88,7 @@ def apply_adder_conv(
     kernel_dilation: tuple[int, int],
     feature_group_count: int,
     grad_mode: GradMode,
+    p: ArrayLike | None = None,
     implementation: ImplementationLike,
 ) -> jax.Array:
   """`adder_conv` on ``(*batch, H, W, C)`` or ``(H, W, C)`` inputs, plus a bias.
@@ -99,7 +101,7 @@ def apply_adder_conv(
   x = jnp.reshape(inputs, (math.prod(batch_shape),) + inputs.shape[-3:])
   x, padding = pad_input(x, kernel.shape[:2], kernel_dilation, padding)
   y = adder_conv(x, kernel, strides=strides, padding=padding, rhs_dilation=kernel_dilation,
-                 feature_group_count=feature_group_count, grad_mode=grad_mode,
+                 feature_group_count=feature_group_count, grad_mode=grad_mode, p=p,
                  implementation=implementation)
   if bias is not None:
     y = y + bias

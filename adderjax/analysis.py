@@ -14,7 +14,11 @@ Everything here returns NumPy arrays or plain Python numbers and never draws
   of a Gaussian distribution, with their Kolmogorov-Smirnov distances (AdderNet
   weights Laplacian-like, CNN weights Gaussian-like);
 - :func:`read_metrics` and :func:`metric_history`: a trainer workdir's
-  ``metrics.jsonl`` as records or as arrays (the learning curves).
+  ``metrics.jsonl`` as records or as arrays (the learning curves);
+- :func:`fgsm` and :func:`pgd`: accuracy under white-box attack, through the
+  exact gradient or the training surrogate (:mod:`adderjax.robustness`), and
+  :func:`with_grad_mode`, a copy of a model with its adder layers' backward
+  pass replaced.
 
 Example:
   >>> import jax.numpy as jnp
@@ -46,18 +50,24 @@ import numpy as np
 import optax
 
 from adderjax.nn import AdderKernel
+from adderjax.robustness import GRADIENTS, AttackResult, fgsm, pgd, with_grad_mode
 
 __all__ = [
+    "GRADIENTS",
+    "AttackResult",
     "WeightStats",
     "adder_kernels",
     "features",
+    "fgsm",
     "gradient_norms",
     "kernels",
     "layer_names",
     "metric_history",
     "nearest_centre_accuracy",
+    "pgd",
     "read_metrics",
     "weight_stats",
+    "with_grad_mode",
 ]
 
 PathLike = str | pathlib.Path

@@ -7,6 +7,11 @@ and :func:`adderjax.ops.adder_dense`. Their kernel parameter is named
 ``"adder_kernel"`` (the bias, ``"bias"``), the name by which
 :func:`adderjax.optim.addernet_sgd` finds the adder kernels in a plain params
 dict.
+
+An exponent ``p`` (``-sum |x - k|^p``, ``1 <= p <= 2``) is the attribute
+``p`` or, as ``deterministic`` is for :class:`flax.linen.Dropout`, an argument
+of the call, which may be a traced array: a schedule passes it to ``apply``
+in a jitted step, which compiles once for every value.
 """
 
 from collections.abc import Sequence
@@ -18,6 +23,7 @@ from flax.linen.linear import PromoteDtypeFn
 from flax.typing import Dtype, Initializer, PaddingLike
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from adderjax._checks import canonical_padding, check_groups, positive_int, positive_pair
 from adderjax._layer_common import (
@@ -30,9 +36,18 @@ from adderjax._layer_common import (
 )
 from adderjax.ops import adder_dense
 from adderjax.ops.dispatch import ImplementationLike
-from adderjax.ops.spec import GradMode
+from adderjax.ops.spec import GradMode, check_p
 
 __all__ = ["AdderConv", "AdderDense"]
+
+
+def _merged_p(attribute: ArrayLike | None, argument: ArrayLike | None) -> ArrayLike | None:
+  """The exponent of one call: the attribute or the call's ``p``, not both; None for L1."""
+  if attribute is None and argument is None:
+    return None
+  p = nn.merge_param("p", attribute, argument)
+  check_p(p)
+  return p
 
 
 class AdderConv(nn.Module):
@@ -60,6 +75,9 @@ class AdderConv(nn.Module):
     >>> params = layer.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
     >>> jax.tree.map(jnp.shape, params)
     {'params': {'adder_kernel': (3, 3, 3, 4)}}
+    >>> apply = jax.jit(layer.apply)  # p an argument: one compilation for every value
+    >>> apply(params, jnp.ones((1, 8, 8, 3)), p=jnp.float32(1.5)).shape
+    (1, 8, 8, 4)
 
   Attributes:
     features: number of output channels (filters).
@@ -78,7 +96,11 @@ class AdderConv(nn.Module):
     bias_init: initializer for the bias (default: zeros).
     promote_dtype: function to promote the dtype of the arrays to the desired
       dtype, called as ``promote_dtype(inputs, kernel, bias, dtype=dtype)``.
-    grad_mode: ``"full_precision"`` (default), ``"unclipped"`` or ``"sign"``.
+    grad_mode: ``"full_precision"`` (default), ``"unclipped"`` or ``"sign"``;
+      at ``p > 1`` all three give the exact gradient
+      (:func:`adderjax.ops.adder_conv`).
+    p: the exponent, in ``[1, 2]``; None (default) for L1 or for ``p``
+      given to the call instead.
     implementation: the :func:`adderjax.ops.adder_conv` implementation, None
       for the fastest available.
   """
@@ -97,6 +119,7 @@ class AdderConv(nn.Module):
   bias_init: Initializer = default_bias_init
   promote_dtype: PromoteDtypeFn = promote_dtype
   grad_mode: GradMode = "full_precision"
+  p: ArrayLike | None = None
   implementation: ImplementationLike = None
 
   def __post_init__(self):
@@ -107,15 +130,18 @@ class AdderConv(nn.Module):
     positive_pair(self.kernel_dilation, "kernel_dilation")
     positive_int(self.feature_group_count, "feature_group_count")
     check_op_options(self.grad_mode, self.implementation)
+    if self.p is not None:
+      check_p(self.p)
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, p: ArrayLike | None = None) -> jax.Array:
     """Applies the adder convolution.
 
     Args:
       inputs: ``(*batch_dims, height, width, in_features)`` or
         ``(height, width, in_features)``.
+      p: the exponent for this call, if the attribute ``p`` is None.
 
     Returns:
       ``(*batch_dims, out_height, out_width, features)``, without batch dims
@@ -138,7 +164,7 @@ class AdderConv(nn.Module):
         padding=canonical_padding(self.padding, PADDING_MODES),
         kernel_dilation=positive_pair(self.kernel_dilation, "kernel_dilation"),
         feature_group_count=self.feature_group_count, grad_mode=self.grad_mode,
-        implementation=self.implementation)
+        p=_merged_p(self.p, p), implementation=self.implementation)
 
 
 class AdderDense(nn.Module):
@@ -168,7 +194,10 @@ class AdderDense(nn.Module):
     bias_init: initializer for the bias (default: zeros).
     promote_dtype: function to promote the dtype of the arrays to the desired
       dtype, called as ``promote_dtype(inputs, kernel, bias, dtype=dtype)``.
-    grad_mode: ``"full_precision"`` (default), ``"unclipped"`` or ``"sign"``.
+    grad_mode: ``"full_precision"`` (default), ``"unclipped"`` or ``"sign"``;
+      at ``p > 1`` all three give the exact gradient.
+    p: the exponent, in ``[1, 2]``; None (default) for L1 or for ``p``
+      given to the call instead.
     implementation: the :func:`adderjax.ops.adder_dense` implementation, None
       for the fastest available.
   """
@@ -182,19 +211,23 @@ class AdderDense(nn.Module):
   bias_init: Initializer = default_bias_init
   promote_dtype: PromoteDtypeFn = promote_dtype
   grad_mode: GradMode = "full_precision"
+  p: ArrayLike | None = None
   implementation: ImplementationLike = None
 
   def __post_init__(self):
     positive_int(self.features, "features")
     check_op_options(self.grad_mode, self.implementation)
+    if self.p is not None:
+      check_p(self.p)
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, p: ArrayLike | None = None) -> jax.Array:
     """Applies the adder layer along the last dimension.
 
     Args:
       inputs: ``(..., in_features)``.
+      p: the exponent for this call, if the attribute ``p`` is None.
 
     Returns:
       ``(..., features)``.
@@ -205,5 +238,6 @@ class AdderDense(nn.Module):
             if self.use_bias else None)
     inputs, kernel, bias = full_precision_operands(
         self.promote_dtype(inputs, kernel, bias, dtype=self.dtype), kernel, bias)
-    y = adder_dense(inputs, kernel, grad_mode=self.grad_mode, implementation=self.implementation)
+    y = adder_dense(inputs, kernel, grad_mode=self.grad_mode, p=_merged_p(self.p, p),
+                    implementation=self.implementation)
     return y if bias is None else y + bias

@@ -7,6 +7,9 @@ negative L1 distance between input patches and filters (Chen et al.,
 computed by :func:`adderjax.ops.adder_conv` and :func:`adderjax.ops.adder_dense`.
 Their kernels are :class:`AdderKernel` parameters, which
 :func:`adderjax.optim.addernet_sgd` trains with the paper's adaptive rate.
+An exponent ``p`` (``-sum |x - k|^p``), given at construction, is an
+:class:`AdderExponent` variable that :func:`set_exponent` changes, inside a
+jitted step too.
 :mod:`adderjax.linen` has the same layers for Flax Linen.
 
 :class:`BinaryConv` and :class:`BinaryDense` are the binary (BNN) baseline the
@@ -23,8 +26,10 @@ from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from adderjax._checks import canonical_padding, check_groups, positive_int, positive_pair
+from adderjax.attention import adder_attention, adder_attention_weights
 from adderjax._layer_common import (
     PADDING_MODES,
     apply_adder_conv,
@@ -35,10 +40,10 @@ from adderjax._layer_common import (
 )
 from adderjax.ops import adder_dense, sign_ste
 from adderjax.ops.dispatch import ImplementationLike
-from adderjax.ops.spec import GradMode
+from adderjax.ops.spec import GradMode, check_p
 
-__all__ = ["AdderConv", "AdderDense", "AdderKernel", "BinaryConv", "BinaryDense",
-           "float32_statistics"]
+__all__ = ["AdderConv", "AdderDense", "AdderExponent", "AdderKernel", "BinaryConv", "BinaryDense",
+           "adder_attention", "adder_attention_weights", "float32_statistics", "set_exponent"]
 
 binary_default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -51,6 +56,26 @@ class AdderKernel(nnx.Param):
   ``nnx.state(model, AdderKernel)`` and :func:`adderjax.optim.addernet_sgd`
   find the adder kernels alone.
   """
+
+
+class AdderExponent(nnx.Variable):
+  """The exponent ``p`` of an adder layer built with one: a float32 scalar.
+
+  Not a :class:`flax.nnx.Param`, so optimizers leave it alone; a schedule sets
+  it with :func:`set_exponent`, and ``nnx.state(model, AdderExponent)`` finds
+  every layer's.
+  """
+
+
+def _exponent(p: ArrayLike | None) -> AdderExponent | None:
+  if p is None:
+    return nnx.data(None)
+  check_p(p)
+  return AdderExponent(jnp.asarray(p, jnp.float32))
+
+
+def _exponent_value(layer: nnx.Module) -> jax.Array | None:
+  return None if layer.p is None else layer.p[...]
 
 
 def _bias(use_bias: bool, bias_init: Initializer, out_features: int, param_dtype: Dtype,
@@ -76,6 +101,12 @@ class AdderConv(nnx.Module):
   for a 3x3 kernel over 16 channels) that drifts as the kernel trains. With
   Flax's default ``momentum=0.99`` the running mean lags far behind the batch
   mean, and the accuracy in eval mode collapses to chance.
+
+  With ``p``, ``y = -sum |x_pad - k|^p`` (``1 <= p <= 2``, gradients as in
+  :func:`adderjax.ops.adder_conv`: exact for ``p > 1``); the layer keeps it in
+  ``layer.p``, an :class:`AdderExponent`, which :func:`set_exponent` changes.
+  Without ``p`` (the default) ``layer.p`` is None and the layer is the L1
+  AdderNet layer, with the fastest kernels.
 
   Inputs are channels-last, ``(*batch_dims, height, width, in_features)`` with
   any number of batch dims (flattened for the convolution and restored) or
@@ -117,6 +148,8 @@ class AdderConv(nnx.Module):
       dtype, called as ``promote_dtype((inputs, kernel, bias), dtype=dtype)``.
     grad_mode: the backward pass of :func:`adderjax.ops.adder_conv`:
       ``"full_precision"`` (default), ``"unclipped"`` or ``"sign"``.
+    p: the exponent, a number or scalar array in ``[1, 2]``; None (default)
+      for the L1 layer without an :class:`AdderExponent`.
     implementation: the :func:`adderjax.ops.adder_conv` implementation, None
       for the fastest available.
     rngs: rng key.
@@ -144,6 +177,7 @@ class AdderConv(nnx.Module):
       bias_init: Initializer = default_bias_init,
       promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
       grad_mode: GradMode = "full_precision",
+      p: ArrayLike | None = None,
       implementation: ImplementationLike = None,
       rngs: nnx.Rngs,
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -158,6 +192,7 @@ class AdderConv(nnx.Module):
     padding = canonical_padding(padding, PADDING_MODES)
     kernel_dilation = positive_pair(kernel_dilation, "kernel_dilation")
     check_op_options(grad_mode, implementation)
+    self.p = _exponent(p)
 
     self.kernel = AdderKernel(
         kernel_init(rngs.params(),
@@ -203,7 +238,7 @@ class AdderConv(nnx.Module):
     return apply_adder_conv(
         inputs, kernel, bias, strides=self.strides, padding=self.padding,
         kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count,
-        grad_mode=self.grad_mode, implementation=self.implementation)
+        grad_mode=self.grad_mode, p=_exponent_value(self), implementation=self.implementation)
 
 
 class AdderDense(nnx.Module):
@@ -219,6 +254,9 @@ class AdderDense(nnx.Module):
   default ``momentum=0.99`` tracks too slowly, which collapses the accuracy in
   eval mode to chance. The official code ends its networks with such an adder
   classifier followed by a BatchNorm.
+
+  With ``p``, ``y[..., n] = -sum_k |x[..., k] - kernel[k, n]|^p``, the exponent
+  kept in ``layer.p`` as in :class:`AdderConv`.
 
   Example:
     >>> from flax import nnx
@@ -244,6 +282,8 @@ class AdderDense(nnx.Module):
       dtype, called as ``promote_dtype((inputs, kernel, bias), dtype=dtype)``.
     grad_mode: the backward pass of :func:`adderjax.ops.adder_dense`:
       ``"full_precision"`` (default), ``"unclipped"`` or ``"sign"``.
+    p: the exponent, a number or scalar array in ``[1, 2]``; None (default)
+      for the L1 layer without an :class:`AdderExponent`.
     implementation: the :func:`adderjax.ops.adder_dense` implementation, None
       for the fastest available.
     rngs: rng key.
@@ -266,6 +306,7 @@ class AdderDense(nnx.Module):
       bias_init: Initializer = default_bias_init,
       promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
       grad_mode: GradMode = "full_precision",
+      p: ArrayLike | None = None,
       implementation: ImplementationLike = None,
       rngs: nnx.Rngs,
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -274,6 +315,7 @@ class AdderDense(nnx.Module):
     in_features = positive_int(in_features, "in_features")
     out_features = positive_int(out_features, "out_features")
     check_op_options(grad_mode, implementation)
+    self.p = _exponent(p)
 
     self.kernel = AdderKernel(
         kernel_init(rngs.params(), (in_features, out_features), param_dtype), **kernel_metadata)
@@ -302,8 +344,72 @@ class AdderDense(nnx.Module):
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = full_precision_operands(
         self.promote_dtype((inputs, kernel, bias), dtype=self.dtype), kernel, bias)
-    y = adder_dense(inputs, kernel, grad_mode=self.grad_mode, implementation=self.implementation)
+    y = adder_dense(inputs, kernel, grad_mode=self.grad_mode, p=_exponent_value(self),
+                    implementation=self.implementation)
     return y if bias is None else y + bias
+
+
+def set_exponent(model: nnx.Module, p: ArrayLike) -> int:
+  """Sets the exponent ``p`` of every :class:`AdderConv` and :class:`AdderDense` in ``model``.
+
+  For a schedule of ``p`` (2 annealed to 1 in the lp AdderNets of Chen et
+  al., TPAMI, arXiv:2105.14202): inside a jitted step, a traced ``p`` only
+  changes the value of each layer's :class:`AdderExponent`, so the step
+  compiles once for every value. A layer built without ``p`` gets its
+  exponent variable here, which changes the model's structure: do that
+  outside `jax.jit` (or build the layers with ``p=1.0``) before the state is
+  split off, as the trainer of ``experiments/`` does.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from adderjax.nn import AdderConv, AdderExponent, set_exponent
+    >>> layer = AdderConv(3, 4, 3, rngs=nnx.Rngs(0))
+    >>> layer.p is None
+    True
+    >>> set_exponent(layer, 2.0)
+    1
+    >>> float(nnx.state(layer, AdderExponent)["p"][...])
+    2.0
+    >>> @nnx.jit
+    ... def forward(layer, x, p):
+    ...   set_exponent(layer, p)
+    ...   return layer(x)
+    >>> forward(layer, jnp.ones((1, 5, 5, 3)), jnp.float32(1.5)).shape
+    (1, 5, 5, 4)
+    >>> float(layer.p[...])
+    1.5
+
+  Args:
+    model: any NNX module (or graph of modules).
+    p: a number or a scalar array in ``[1, 2]``, possibly traced; stored as
+      float32.
+
+  Returns:
+    The number of adder layers set (0 for a model without any).
+
+  Raises:
+    TypeError, ValueError: a bad ``p``, named as in :func:`adderjax.ops.adder_conv`.
+    ValueError: a traced ``p`` reaching a layer built without ``p``.
+  """
+  check_p(p)
+  value = jnp.asarray(p, jnp.float32)
+  count = 0
+  for path, module in nnx.iter_modules(model):
+    if not isinstance(module, (AdderConv, AdderDense)):
+      continue
+    if module.p is not None:
+      module.p[...] = value
+    elif isinstance(p, jax.core.Tracer):
+      name = ".".join(str(k) for k in path) or type(module).__name__
+      raise ValueError(
+          f"set_exponent got a traced p, but the adder layer {name} was built without p: "
+          f"call set_exponent(model, p) once outside jax.jit first (or build the layer with "
+          f"p=1.0), so that its state holds an AdderExponent.")
+    else:
+      module.p = AdderExponent(value)
+    count += 1
+  return count
 
 
 def _binary_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any,

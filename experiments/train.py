@@ -35,9 +35,10 @@ from jax.sharding import PartitionSpec as P
 
 from adderjax import data, models, ops
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
+from adderjax.nn import set_exponent
 from adderjax.optim import addernet_sgd
 from experiments.checkpoints import Checkpoints, SaveError, all_finite
-from experiments import finished, init_from
+from experiments import adder_p, finished, init_from
 from experiments.guards import NONFINITE_ACTIONS, Diverged, DivergenceGuard
 from experiments.metrics import MetricWriter, ProgressBar, adaptive_lr_scales
 from experiments.preemption import Preempted, PreemptionWatch
@@ -90,6 +91,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("Set config.num_epochs or config.num_train_steps to a number > 0.")
   if not 0 <= config.momentum < 1:
     raise ValueError(f"config.momentum must be in [0, 1), got {config.momentum!r}.")
+  if p_schedule(config) is not None and config.kind != "adder":
+    raise ValueError(f"config.adder_p_schedule={config.adder_p_schedule!r} sets the exponent of "
+                     f"adder layers, but config.kind={config.kind!r}; use \"\" or kind 'adder'.")
   taken = set(config.model_kwargs.keys()) & set(_MODEL_ARGUMENTS)
   if taken:
     raise ValueError(f"config.model_kwargs sets {sorted(taken)}, which the trainer sets from "
@@ -141,6 +145,11 @@ def make_optimizer(config: ml_collections.ConfigDict,
                       eta=config.eta, nesterov=config.nesterov, adder_transform=adder_transform)
 
 
+def p_schedule(config: ml_collections.ConfigDict) -> adder_p.PSchedule | None:
+  """``config.adder_p_schedule`` parsed; None where unset or absent (a run's older config.json)."""
+  return adder_p.parse(config.get("adder_p_schedule", ""))
+
+
 _MODEL_ARGUMENTS = ("kind", "num_classes", "rngs", "dtype", "grad_mode", "implementation")
 """The model arguments `make_model` derives from other config fields."""
 
@@ -150,8 +159,11 @@ def make_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
   """``config.model`` built with the config's kind, dtype, ... and ``config.model_kwargs``.
 
   ``dtype`` overrides ``config.dtype`` (e.g. ``jnp.float16`` to evaluate a trained model).
+  With ``config.adder_p_schedule`` set, every adder layer holds an exponent
+  (`adderjax.nn.AdderExponent`), the schedule's first value, so that the
+  trainer's state and its checkpoints have it.
   """
-  return models.get(
+  model = models.get(
       config.model,
       kind=config.kind,
       num_classes=data.DATASETS[config.dataset].num_classes,
@@ -161,6 +173,10 @@ def make_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
       implementation=config.implementation or None,
       **config.model_kwargs.to_dict(),
   )
+  schedule = p_schedule(config)
+  if schedule is not None:
+    set_exponent(model, schedule.start)
+  return model
 
 
 def logits_of(outputs: Any) -> jax.Array:
@@ -208,6 +224,8 @@ class Trainer:
     self.batch_sharding = NamedSharding(mesh, P("data"))
     self.num_classes = data.DATASETS[config.dataset].num_classes
     self.schedule = make_schedule(config, total_steps, steps_per_epoch)
+    self.total_steps = total_steps
+    self.p_schedule = p_schedule(config)
     model = make_model(config, rngs=nnx.Rngs(config.seed))
     model.train()
     optimizer = nnx.Optimizer(model, make_optimizer(config, self.schedule), wrt=nnx.Param)
@@ -220,6 +238,8 @@ class Trainer:
   def _train_step(self, state: nnx.State, batch: dict[str, jax.Array]):
     previous = jax.tree.map(lambda x: x, state)  # The arrays, before merge() shares them.
     model, optimizer = nnx.merge(self.graphdef, state)
+    if self.p_schedule is not None:  # A value in the state: no recompilation as it changes.
+      set_exponent(model, self.adder_p(optimizer.step[...]))
 
     def loss_fn(model):
       logits = logits_of(model(batch["image"]))
@@ -234,6 +254,10 @@ class Trainer:
     if self.config.on_nonfinite == "skip":
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, previous)
     return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite}
+
+  def adder_p(self, count: jax.Array | int) -> jax.Array:
+    """The adder layers' exponent for the update after ``count`` updates (config.adder_p_schedule)."""
+    return self.p_schedule.at(count, total_steps=self.total_steps)
 
   def _eval_step(self, state: nnx.State, batch: dict[str, jax.Array]):
     model, _ = nnx.merge(self.graphdef, state)
@@ -447,6 +471,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
                      "learning_rate": float(trainer.schedule(step - 1)),
                      "images_per_sec": images_per_sec,
                      "epoch": step / steps_per_epoch}
+          if trainer.p_schedule is not None:
+            scalars["adder_p"] = float(trainer.adder_p(step - 1))
           if guard.skipped_steps:
             scalars["skipped_steps"] = len(guard.skipped_steps)
           scalars.update(adaptive_lr_scales(optimizer.opt_state))

@@ -22,7 +22,9 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
 
-os.environ["ADDERJAX_DATA_DIR"] = tempfile.mkdtemp(prefix="adderjax-test-cache-")
+# Each process's own download cache (pytest's, each xdist worker's), removed when it ends.
+_DATA_DIR = tempfile.mkdtemp(prefix="adderjax-test-cache-")
+os.environ["ADDERJAX_DATA_DIR"] = _DATA_DIR
 
 # Made by the first process (pytest itself, or its xdist controller), inherited by the workers.
 _OWNS_JAX_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
@@ -32,6 +34,7 @@ if _OWNS_JAX_CACHE:
 
 
 def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(_DATA_DIR, ignore_errors=True)
   if _OWNS_JAX_CACHE and not hasattr(session.config, "workerinput"):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.pop("ADDERJAX_DATA_MIRROR", None)

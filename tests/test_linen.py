@@ -15,6 +15,7 @@ from adderjax.ops import adder_conv
 from adderjax.ops import adder_dense
 from adderjax.optim import adder_kernel_mask
 from adderjax.optim import addernet_sgd
+from tests.ops.loop_reference import adder_conv_and_grads
 
 KEY = jax.random.key(0)
 
@@ -120,6 +121,8 @@ def test_dense_matches_numpy_and_op():
         (lambda: AdderConv(4, 3, grad_mode="exact"), "grad_mode"),
         (lambda: AdderDense(-2), "features"),
         (lambda: AdderDense(2, implementation="cuda"), "implementation"),
+        (lambda: AdderConv(4, 3, p=2.5), "p=2.5"),
+        (lambda: AdderDense(2, p=jnp.ones(2)), "p must be a scalar"),
     ],
 )
 def test_bad_arguments_raise(make, name):
@@ -185,3 +188,37 @@ def test_implementation_may_be_a_pallas_instance():
   np.testing.assert_allclose(jax.jit(layer.apply)(params, x), want, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="implementation"):
     AdderConv(features=4, kernel_size=3, implementation=object())
+
+
+def test_p_as_attribute_or_traced_call_argument():
+  x = _normal((1, 4, 5, 2))
+  layer = AdderConv(3, 2, padding="VALID", kernel_init=_np_init, p=2.0)
+  params = jax.jit(layer.init)(KEY, x)
+  w = np.asarray(params["params"]["adder_kernel"])
+
+  def oracle(p):
+    return adder_conv_and_grads(x, w, None, strides=(1, 1), padding=((0, 0), (0, 0)),
+                                dilation=(1, 1), groups=1, grad_mode="sign", p=p)[0]
+
+  np.testing.assert_allclose(jax.jit(layer.apply)(params, x), oracle(2.0), rtol=1e-5)
+
+  traces = []
+
+  def apply(params, x, p):
+    traces.append(p)
+    return AdderConv(3, 2, padding="VALID").apply(params, x, p=p)
+
+  apply = jax.jit(apply)
+  for p in (1.5, 2.0):
+    np.testing.assert_allclose(apply(params, x, jnp.float32(p)), oracle(p), rtol=1e-5)
+  assert len(traces) == 1
+  dense = AdderDense(2, kernel_init=_np_init)
+  h = x.reshape(20, 2)
+  dense_params = dense.init(KEY, h)
+  kernel = np.asarray(dense_params["params"]["adder_kernel"])
+  np.testing.assert_allclose(dense.apply(dense_params, h, p=2),
+                             -((np.asarray(h)[:, :, None] - kernel) ** 2).sum(1), rtol=1e-5)
+  with pytest.raises(ValueError, match='"p" was passed to the constructor and at call time'):
+    layer.apply(params, x, p=2.0)
+  with pytest.raises(ValueError, match=r"got p=0.5"):
+    dense.apply(dense_params, h, p=0.5)

@@ -9,11 +9,14 @@ import pytest
 
 from adderjax.nn import AdderConv
 from adderjax.nn import AdderDense
+from adderjax.nn import AdderExponent
 from adderjax.nn import AdderKernel
 from adderjax.nn import float32_statistics
+from adderjax.nn import set_exponent
 from adderjax.ops import adder_conv
 from adderjax.ops import adder_dense
 from adderjax.optim import addernet_sgd
+from tests.ops.loop_reference import adder_conv_and_grads
 
 
 def _normal(shape: tuple[int, ...], seed: int = 0) -> jax.Array:
@@ -255,6 +258,8 @@ def test_default_kernel_init_is_standard_normal(layer):
         (dict(padding=((1, 2), (3,))), "padding"),
         (dict(grad_mode="exact"), "grad_mode"),
         (dict(implementation="cuda"), "implementation"),
+        (dict(p=0.5), "p=0.5"),
+        (dict(p=jnp.ones(2)), "p must be a scalar"),
     ],
 )
 def test_conv_bad_arguments_raise(options, name):
@@ -277,12 +282,83 @@ def test_options_after_strides_are_keyword_only():
         (dict(out_features=True), "out_features"),
         (dict(grad_mode="exact"), "grad_mode"),
         (dict(implementation="cuda"), "implementation"),
+        (dict(p=3), "p=3.0"),
     ],
 )
 def test_dense_bad_arguments_raise(options, name):
   args = dict(in_features=4, out_features=4) | options
   with pytest.raises(ValueError, match=name):
     AdderDense(**args, rngs=nnx.Rngs(0))
+
+
+# The exponent p
+
+
+@pytest.mark.parametrize("p", [1.3, 2.0])
+def test_layers_with_p_match_the_oracle(p):
+  conv = _conv(2, 3, 2, strides=(1, 2), padding="VALID", p=p)
+  assert isinstance(conv.p, AdderExponent) and conv.p[...].dtype == jnp.float32
+  x = np.random.default_rng(1).normal(size=(1, 4, 5, 2)).astype(np.float32)
+  want, _, _ = adder_conv_and_grads(x, conv.kernel[...], None, strides=(1, 2),
+                                    padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1,
+                                    grad_mode="full_precision", p=p)
+  np.testing.assert_allclose(conv(jnp.asarray(x)), want, rtol=1e-5)
+  dense = _dense(5, 3, p=p)
+  h = x.reshape(8, 5)
+  want = -(np.abs(h[:, :, None] - np.asarray(dense.kernel[...])) ** p).sum(1)
+  np.testing.assert_allclose(dense(jnp.asarray(h)), want, rtol=1e-5)
+
+
+def test_without_p_there_is_no_exponent_variable():
+  model = _Mixed(nnx.Rngs(0))
+  assert model.conv.p is None and model.fc.p is None
+  assert not nnx.to_flat_state(nnx.state(model, AdderExponent))
+
+
+class _Tiny(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv = AdderConv(1, 2, 1, kernel_init=_np_init, rngs=rngs)
+    self.fc = AdderDense(2, 2, kernel_init=_np_init, rngs=rngs)
+
+
+def test_set_exponent_in_a_jitted_step_compiles_once():
+  model = _Tiny(nnx.Rngs(0))
+  assert set_exponent(model, 2.0) == 2  # Outside jit: adds the variables.
+  paths = [path for path, _ in nnx.to_flat_state(nnx.state(model, AdderExponent))]
+  assert sorted(paths) == [("conv", "p"), ("fc", "p")]
+  optimizer = nnx.Optimizer(model, addernet_sgd(0.01), wrt=nnx.Param)
+  traces = []
+
+  @nnx.jit
+  def step(model, optimizer, x, p):
+    traces.append(1)
+    set_exponent(model, p)
+
+    def loss(model):
+      return jnp.sum(model.fc(model.conv(x).mean((1, 2))) ** 2)
+
+    optimizer.update(model, nnx.grad(loss)(model))
+    return loss(model)
+
+  x = _normal((2, 3, 3, 1))
+  for p in (2.0, 1.5, 1.0, 1.7):
+    step(model, optimizer, x, jnp.float32(p))
+    assert float(model.conv.p[...]) == float(model.fc.p[...]) == float(np.float32(p))
+    assert model.conv.p[...].dtype == jnp.float32
+  assert len(traces) == 1
+  # The optimizer trains the kernels and leaves the exponents alone.
+  assert not nnx.to_flat_state(nnx.state(optimizer.opt_state, AdderExponent))
+
+
+def test_set_exponent_checks_p_and_needs_the_variables_under_jit():
+  model = _Mixed(nnx.Rngs(0))
+  for bad, match in ((0.9, r"p must be in \[1, 2\], got p=0.9"), (jnp.ones(3), "p must be a scalar")):
+    with pytest.raises(ValueError, match=match):
+      set_exponent(model, bad)
+  with pytest.raises(ValueError, match="conv was built without p"):
+    nnx.jit(set_exponent)(model, jnp.float32(1.5))
+  assert set_exponent(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 1.5) == 0
 
 
 # Training

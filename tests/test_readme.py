@@ -45,3 +45,12 @@ def test_loading_an_export_without_adderjax(tmp_path, monkeypatch):
                              np.asarray(function(jnp.asarray(x, jnp.float32))), rtol=1e-5,
                              atol=1e-4)
   assert namespace["logits"].shape == (3, 10)
+
+
+def test_lp_example_sets_the_exponent_in_a_jitted_step():
+  block, = [b for b in _blocks() if "set_exponent" in b]
+  namespace = {}
+  exec(compile(block, "README.md", "exec"), namespace)
+  assert float(namespace["exponents"]["p"][...]) == 1.0
+  # |1 - 0|^1.5 over the 3x3x3 taps of an inner patch (the zero padding adds 0).
+  np.testing.assert_allclose(namespace["y"][:, 1:-1, 1:-1], -27.0, rtol=1e-6)

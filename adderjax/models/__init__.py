@@ -1,4 +1,7 @@
-"""AdderNet, CNN and BNN versions of the paper's networks (Flax NNX).
+"""AdderNet, CNN and BNN versions of the paper's networks (Flax NNX), and a small ViT.
+
+``vit_tiny`` is a vision transformer with the adder attention of Shu et al.
+(NeurIPS 2021) in its ``"adder"`` kind (:mod:`adderjax.models.vit`).
 
 Every model is built as ``name(*, kind="adder", num_classes=..., rngs, dtype=None,
 param_dtype=jnp.float32, grad_mode="full_precision", implementation=None)``
@@ -50,6 +53,7 @@ from adderjax.models.resnet import (
     resnet56,
 )
 from adderjax.models.vgg import VGGSmall, vgg_small
+from adderjax.models.vit import EncoderBlock, ViTTiny, vit_tiny
 
 __all__ = [
     "INPUT_SHAPES",
@@ -60,11 +64,13 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "CifarResNet",
+    "EncoderBlock",
     "LeNet5BN",
     "LeNetPP",
     "PretrainedModel",
     "ResNet",
     "VGGSmall",
+    "ViTTiny",
     "from_torch",
     "get",
     "inference_function",
@@ -81,4 +87,5 @@ __all__ = [
     "resnet50",
     "resnet56",
     "vgg_small",
+    "vit_tiny",
 ]

@@ -11,6 +11,7 @@ from flax import nnx
 from adderjax.models.lenet import lenet5_bn, lenet_pp
 from adderjax.models.resnet import resnet18, resnet20, resnet32, resnet34, resnet50, resnet56
 from adderjax.models.vgg import vgg_small
+from adderjax.models.vit import vit_tiny
 
 __all__ = ["INPUT_SHAPES", "MODELS", "get", "input_shape", "names"]
 
@@ -24,6 +25,7 @@ MODELS: Mapping[str, Callable[..., nnx.Module]] = MappingProxyType({
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
+    "vit_tiny": vit_tiny,
 })
 """Each model's constructor by name."""
 
@@ -37,9 +39,11 @@ INPUT_SHAPES: Mapping[str, tuple[int, int, int]] = MappingProxyType({
     "resnet18": (224, 224, 3),
     "resnet34": (224, 224, 3),
     "resnet50": (224, 224, 3),
+    "vit_tiny": (28, 28, 1),
 })
 """The ``(height, width, channels)`` of the images each model is made for
-(MNIST, CIFAR, ImageNet). The ResNets take other sizes too."""
+(MNIST, CIFAR, ImageNet). The ResNets take other sizes too, and ``vit_tiny``
+others given as its ``image_size`` and ``channels``."""
 
 
 def _check_name(name: Any) -> str:
@@ -66,7 +70,8 @@ def get(name: str, **kwargs: Any) -> nnx.Module:
     name: one of :func:`names`.
     **kwargs: the model's keyword arguments: ``kind``, ``num_classes``,
       ``rngs``, ``dtype``, ``param_dtype``, ``grad_mode``, ``implementation``
-      (and ``embed_dim`` for ``"lenet_pp"``).
+      (and ``embed_dim`` for ``"lenet_pp"``; the sizes of :class:`adderjax.models.ViTTiny`
+      for ``"vit_tiny"``).
 
   Returns:
     The model, an :class:`flax.nnx.Module` called on NHWC batches.

@@ -16,8 +16,8 @@ do it in narrower lanes, exactly:
 Other bit widths have no native kernel (:func:`lanes_for` is None). The kernel
 takes the float input and quantizes it itself, per scale group, a window of
 rows at a time (rounding as XLA does; the padding is the code of 0.0), so that
-no code tensor is written out, and writes the output channels in the kernel's
-(group-sorted) order, either as the int32 sums or with the layer's float
+no code tensor is written out, and writes each output channel to its place
+in the layer's order, either as the int32 sums or with the layer's float
 epilogue ``step * acc + correction + bias`` applied.
 
 Example:
@@ -103,6 +103,7 @@ def _filters(kernel: jax.Array, group_sizes: Sequence[int], lanes: Lanes,
 
 def integer_adder(x: jax.Array, quantizer: jax.Array, kernel: jax.Array,
                   group_sizes: Sequence[int], spec: ConvSpec, *, lanes: Lanes, signed: bool,
+                  channels: Sequence[int] | None = None,
                   epilogue: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
   """``-sum |a_q - m w_q|`` over each patch, each group against its own codes of ``x``.
 
@@ -121,12 +122,14 @@ def integer_adder(x: jax.Array, quantizer: jax.Array, kernel: jax.Array,
     spec: the layer's geometry (``groups == 1``).
     lanes: `lanes_for` the layer's bits (not None).
     signed: whether the codes are signed (``m = 1``), else unsigned (``m = 2``).
+    channels: where each of ``kernel``'s output channels goes in the result
+      (a permutation of ``range(O)``); None keeps ``kernel``'s order.
     epilogue: None for the int32 sums, or ``(step, correction, bias)`` of each
       output channel (float32, ``(O,)``, sorted as ``kernel``) for the float32
       ``step * acc + correction + bias``.
 
   Returns:
-    ``(B, Ho, Wo, O)``, int32 or float32, channels in ``kernel``'s order.
+    ``(B, Ho, Wo, O)``, int32 or float32, channels placed by ``channels``.
   """
   kh, kw, _, out = kernel.shape
   batch = x.shape[0]
@@ -138,14 +141,22 @@ def integer_adder(x: jax.Array, quantizer: jax.Array, kernel: jax.Array,
   # Signed codes in uint8 lanes are shifted by 128, the padding (the code 0) with them.
   shift = 128 if lanes == "uint8" and signed else 0
   w, constant = _filters(kernel, group_sizes, lanes, signed)
+  n = _channels_per_vector()
+  channels = np.arange(out) if channels is None else np.asarray(channels, np.int64)
+  if sorted(channels.tolist()) != list(range(out)):
+    raise ValueError(f"channels must be a permutation of range({out}), got channels={channels}.")
+  # The padding lanes of each group's last vector go nowhere (-1).
+  lanes_to_channels = np.concatenate([
+      np.pad(part, (0, _round_up(len(part), n) - len(part)), constant_values=-1)
+      for part in np.split(channels, np.cumsum(group_sizes)[:-1])])
   target, _ = cpu_native.INTEGER_TARGETS[(lanes, epilogue is not None)]
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((batch, ho, wo, out), out_dtype),
                           vmap_method="sequential")
   (sh, sw), (dh, dw) = spec.strides, spec.dilation
   extra = () if epilogue is None else tuple(
-      _pad_groups(jnp.asarray(e, jnp.float32), group_sizes, _channels_per_vector())
-      for e in epilogue)
+      _pad_groups(jnp.asarray(e, jnp.float32), group_sizes, n) for e in epilogue)
   return call(jnp.asarray(x, jnp.float32), jnp.asarray(quantizer, jnp.float32), w, constant,
               *extra, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw),
               dh=np.int64(dh), dw=np.int64(dw), top=np.int64(top), left=np.int64(left),
-              shift=np.int64(shift), group_sizes=np.asarray(group_sizes, np.int64))
+              shift=np.int64(shift), group_sizes=np.asarray(group_sizes, np.int64),
+              channels=lanes_to_channels.astype(np.int64))

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Literal, Protocol, TypeAlias
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol, TypeAlias, TypeVar
 
 import jax
 import jax.numpy as jnp
-from jax.typing import DTypeLike
+from jax import lax
+from jax.typing import ArrayLike, DTypeLike
 
-from adderjax.ops import cpu_native, pallas_gpu, reference, xla
+from adderjax.ops import cpu_native, lp, pallas_gpu, reference, xla
 from adderjax.ops.pallas_gpu import PallasAdderConv
-from adderjax.ops.spec import ConvSpec, GradMode, check_grad_mode, conv_spec
+from adderjax.ops.spec import ConvSpec, GradMode, check_grad_mode, check_p, conv_spec
 
 __all__ = ["IMPLEMENTATIONS", "Implementation", "ImplementationLike", "ImplementationName",
            "adder_conv", "adder_dense", "check_implementation"]
@@ -158,6 +159,59 @@ def _adder_conv_bwd(spec, grad_mode, implementation, out_dtype, residuals, g):
 _adder_conv.defvjp(_adder_conv_fwd, _adder_conv_bwd)
 
 
+_T = TypeVar("_T")
+
+_Branch = Literal["switch", "square", "general"]
+"""How `_lp_adder_conv` picks its formulation: on the traced ``p`` ("switch": the
+L1 implementation at 1, the matrix products at 2, else the general loops), or
+fixed for a known ``p`` ("square": 2, "general": any other)."""
+
+
+def _by_exponent(p: jax.Array, branch: _Branch, at_one: Callable[[], _T], at_two: Callable[[], _T],
+                 general: Callable[[], _T]) -> _T:
+  if branch == "square":
+    return at_two()
+  if branch == "general":
+    return general()
+  return lax.switch(jnp.where(p == 1, 0, jnp.where(p == 2, 1, 2)), (at_one, at_two, general))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _lp_adder_conv(x, w, p, spec: ConvSpec, grad_mode: GradMode,
+                   implementation: Implementation | None, kernels: lp.LpKernels, branch: _Branch,
+                   out_dtype: jnp.dtype):
+  dtype = _compute_dtype(x, w)
+  x, w, p = x.astype(dtype), w.astype(dtype), p.astype(dtype)
+  y = _by_exponent(p, branch, lambda: implementation.forward(x, w, spec),
+                   lambda: kernels.square_forward(x, w, spec),
+                   lambda: kernels.forward(x, w, p, spec))
+  return y.astype(out_dtype)
+
+
+def _lp_adder_conv_fwd(x, w, p, spec, grad_mode, implementation, kernels, branch, out_dtype):
+  y = _lp_adder_conv(x, w, p, spec, grad_mode, implementation, kernels, branch, out_dtype)
+  return y, (x, w, p)
+
+
+def _lp_adder_conv_bwd(spec, grad_mode, implementation, kernels, branch, out_dtype, residuals, g):
+  x, w, p = residuals
+  dtype = _compute_dtype(x, w, g)
+  x_, w_, g_, p_ = x.astype(dtype), w.astype(dtype), g.astype(dtype), p.astype(dtype)
+  dx, dw = _by_exponent(
+      p_, branch,
+      lambda: (implementation.input_grad(x_, w_, g_, spec, grad_mode),
+               implementation.weight_grad(x_, w_, g_, spec, grad_mode)),
+      lambda: (kernels.square_input_grad(x_, w_, g_, spec),
+               kernels.square_weight_grad(x_, w_, g_, spec)),
+      lambda: (kernels.input_grad(x_, w_, p_, g_, spec),
+               kernels.weight_grad(x_, w_, p_, g_, spec)))
+  # p is a schedule's value, not a parameter: it gets no gradient.
+  return dx.astype(x.dtype), dw.astype(w.dtype), jnp.zeros_like(p)
+
+
+_lp_adder_conv.defvjp(_lp_adder_conv_fwd, _lp_adder_conv_bwd)
+
+
 def adder_conv(
     x: jax.Array,
     w: jax.Array,
@@ -167,6 +221,7 @@ def adder_conv(
     rhs_dilation: int | Sequence[int] = 1,
     feature_group_count: int = 1,
     grad_mode: GradMode = "full_precision",
+    p: ArrayLike | None = None,
     implementation: ImplementationLike = None,
     preferred_element_type: DTypeLike | None = None,
 ) -> jax.Array:
@@ -181,6 +236,26 @@ def adder_conv(
     ``dX = sum g * HardTanh(F - X)``.
   - ``"unclipped"``: the same, without the HardTanh.
   - ``"sign"``: the exact gradient, ``sign(X - F)`` and ``sign(F - X)``.
+
+  **Exponent.** With ``p`` the output is ``-sum |Xpad - F|^p`` (the lp adders
+  of Chen et al., TPAMI, arXiv:2105.14202, annealed from ``p = 2`` to 1 in
+  training). For ``p > 1`` every ``grad_mode`` gives the exact gradient,
+  ``dF = sum g * p * |X - F|^(p-1) * sign(X - F)`` and ``dX`` its negative
+  summed over the outputs ``X`` feeds: the paper's rules stand in for the
+  sign, the gradient of ``|d|``, which carries no magnitude; for ``p > 1``
+  the exact gradient carries it (at ``p = 2`` it is twice the full-precision
+  rule, ``2 (X - F)``), and it is bounded by ``p * |X - F|^(p-1)``, not by
+  1. At ``p == 1`` exactly, a traced ``p`` included, ``grad_mode`` applies
+  as above, so a schedule that ends at 1 ends with the paper's training.
+  ``p`` gets no gradient (zero). ``p=None`` and a known ``p == 1`` run the
+  L1 op, bit for bit as without ``p``. A known ``p == 2`` runs one
+  convolution (``sum X^2 - 2 sum X F + sum F^2``) and the gradients as
+  convolutions; any other known ``p`` runs the XLA loops with a power per
+  term, whatever ``implementation`` says. A traced ``p`` (`jax.jit`
+  compiles once for every value) picks among the three at run time: the
+  ``implementation``'s L1 kernels at 1, the convolutions at 2, the loops
+  otherwise (``implementation="reference"``: the broadcasting formulation
+  throughout).
 
   Every implementation gives what the XLA loops give for infinite and NaN
   inputs, term by term: an output is -inf where a term is infinite, NaN where
@@ -210,7 +285,11 @@ def adder_conv(
       an int ``p`` is ``((p, p), (p, p))``.
     rhs_dilation: kernel dilation, an int or a pair.
     feature_group_count: number of channel groups.
-    grad_mode: ``"full_precision"``, ``"unclipped"`` or ``"sign"``.
+    grad_mode: ``"full_precision"``, ``"unclipped"`` or ``"sign"``; at
+      ``p > 1`` all three give the exact gradient.
+    p: the exponent, ``1 <= p <= 2``: None (default) or 1 for the L1
+      distance; a number, or a scalar array, possibly traced (its range is
+      checked only where it is known).
     implementation: ``None`` (the fastest that runs here: ``"pallas"`` on a
       GPU backend, ``"cpu"`` on a CPU backend where the native kernels build,
       else ``"xla"``), ``"xla"`` (XLA loops; any backend), ``"cpu"`` (the
@@ -235,8 +314,10 @@ def adder_conv(
     ValueError: wrong ranks, channel or group mismatches, non-positive strides
       or dilation, bad padding, an empty kernel (a zero ``kh`` or ``kw``) or one
       larger than the padded input, an unknown ``grad_mode`` or
-      ``implementation``, or ``"pallas"`` where it cannot run (no GPU backend,
-      or an unsupported layer; the message says).
+      ``implementation``, ``"pallas"`` where it cannot run (no GPU backend,
+      or an unsupported layer; the message says), or a ``p`` that is not a
+      scalar or (where known) lies outside ``[1, 2]``; a ``p`` that is not a
+      real number or array is a TypeError.
 
   Example::
 
@@ -248,6 +329,12 @@ def adder_conv(
     (2, 6, 6, 4)
     >>> float(adder_conv(x, w, padding="VALID")[0, 0, 0, 0])  # -(3*3*3 * |1 - 0|)
     -27.0
+    >>> x2 = jnp.full((2, 8, 8, 3), 2.0)
+    >>> round(float(adder_conv(x2, w, padding="VALID", p=1.5)[0, 0, 0, 0]), 2)  # -27 * 2**1.5
+    -76.37
+    >>> step = jax.jit(lambda x, w, p: adder_conv(x, w, p=p))  # one compilation for every p
+    >>> step(x2, w, 2.0).shape == step(x2, w, 1.0).shape
+    True
 
   References:
     Chen et al., "AdderNet: Do We Really Need Multiplications in Deep
@@ -255,14 +342,25 @@ def adder_conv(
   """
   spec = conv_spec(x, w, strides=strides, padding=padding, rhs_dilation=rhs_dilation,
                    feature_group_count=feature_group_count)
+  p_value = None if p is None else check_p(p)
   if not x.shape[0]:  # An empty batch: the empty result, whatever the implementation.
     check_grad_mode(grad_mode)
     check_implementation(implementation)
     out_hw = spec.output_spatial(x.shape[1:3], w.shape[:2])
     return jnp.zeros((0, *out_hw, w.shape[3]), _output_dtype(x, w, preferred_element_type))
-  return _adder_conv(x, w, spec, check_grad_mode(grad_mode),
-                     _resolve_implementation(implementation, x, w, spec),
-                     _output_dtype(x, w, preferred_element_type))
+  if p is None or p_value == 1:
+    return _adder_conv(x, w, spec, check_grad_mode(grad_mode),
+                       _resolve_implementation(implementation, x, w, spec),
+                       _output_dtype(x, w, preferred_element_type))
+  implementation = check_implementation(implementation)
+  kernels = lp.KERNELS["reference" if implementation == "reference" else "xla"]
+  if p_value is None:  # Traced: the L1 implementation is one of the branches.
+    l1, branch = _resolve_implementation(implementation, x, w, spec), "switch"
+  else:
+    l1, branch = None, "square" if p_value == 2 else "general"
+  return _lp_adder_conv(x, w, jnp.asarray(p, _compute_dtype(x, w)), spec,
+                        check_grad_mode(grad_mode), l1, kernels, branch,
+                        _output_dtype(x, w, preferred_element_type))
 
 
 def adder_dense(
@@ -270,17 +368,21 @@ def adder_dense(
     w: jax.Array,
     *,
     grad_mode: GradMode = "full_precision",
+    p: ArrayLike | None = None,
     implementation: ImplementationLike = None,
     preferred_element_type: DTypeLike | None = None,
 ) -> jax.Array:
   """A fully connected adder layer: ``Y[..., n] = -sum_k |x[..., k] - w[k, n]|``.
 
-  A 1x1 `adder_conv`, with the same gradients and dtypes.
+  A 1x1 `adder_conv`, with the same gradients and dtypes; with an exponent
+  ``p``, ``-sum_k |x[..., k] - w[k, n]|^p`` (see `adder_conv`).
 
   Args:
     x: ``(..., in_features)``.
     w: ``(in_features, out_features)``.
     grad_mode: as in `adder_conv`.
+    p: the exponent, ``1 <= p <= 2``, as in `adder_conv`; None (default) or
+      1 for the L1 distance.
     implementation: as in `adder_conv`.
     preferred_element_type: as in `adder_conv`: None for float32 (float64
       for float64 inputs).
@@ -294,6 +396,8 @@ def adder_dense(
     >>> from adderjax.ops import adder_dense
     >>> adder_dense(jnp.array([[1.0, 2.0]]), jnp.array([[0.0], [4.0]]))
     Array([[-3.]], dtype=float32)
+    >>> adder_dense(jnp.array([[1.0, 2.0]]), jnp.array([[0.0], [4.0]]), p=2)  # -(1 + 4)
+    Array([[-5.]], dtype=float32)
   """
   if not hasattr(x, "ndim") or not hasattr(w, "ndim"):
     bad = "x" if not hasattr(x, "ndim") else "w"
@@ -308,6 +412,6 @@ def adder_dense(
                      f"but w expects {w.shape[0]} (shape {tuple(w.shape)}).")
   lead = x.shape[:-1]
   y = adder_conv(x.reshape(-1, 1, 1, x.shape[-1]), w[None, None], padding="VALID",
-                 grad_mode=grad_mode, implementation=implementation,
+                 grad_mode=grad_mode, p=p, implementation=implementation,
                  preferred_element_type=preferred_element_type)
   return y.reshape(*lead, w.shape[1])

@@ -8,16 +8,18 @@ their inputs and `jax.custom_vjp` can take it as a static argument.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from adderjax._checks import ZERO_PADDINGS, canonical_padding, positive_int, positive_pair
 
-__all__ = ["GRAD_MODES", "PADDING_STRINGS", "ConvSpec", "GradMode", "check_grad_mode",
-           "conv_spec"]
+__all__ = ["GRAD_MODES", "P_RANGE", "PADDING_STRINGS", "ConvSpec", "GradMode", "check_grad_mode",
+           "check_p", "conv_spec"]
 
 GradMode = Literal["full_precision", "unclipped", "sign"]
 """The type of ``grad_mode`` arguments; `GRAD_MODES` lists its values."""
@@ -29,7 +31,13 @@ GRAD_MODES = get_args(GradMode)
   gradient ``g * (X - F)``, input gradient ``g * HardTanh(F - X)``.
 - ``"unclipped"``: the same without the HardTanh on the input gradient.
 - ``"sign"``: the exact gradient of ``-sum|X - F|`` for both, for ablations.
+
+With an exponent ``p > 1`` (``-sum |X - F|^p``) every mode gives the exact
+gradient (`adderjax.ops.adder_conv`).
 """
+
+P_RANGE = (1.0, 2.0)
+"""The exponents ``p`` the adder ops take, both ends included."""
 
 PADDING_STRINGS = ZERO_PADDINGS
 
@@ -72,6 +80,41 @@ def check_grad_mode(grad_mode: Any) -> GradMode:
   if grad_mode not in GRAD_MODES:
     raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got grad_mode={grad_mode!r}.")
   return grad_mode
+
+
+def check_p(p: Any) -> float | None:
+  """Validates an exponent ``p`` of the adder ops; returns its value, or None if it is traced.
+
+  ``p`` may be a real number or a scalar array (NumPy or JAX, floating or
+  integer dtype). A concrete value must lie in ``[1, 2]``; a traced one
+  (inside `jax.jit`) cannot be checked and is returned as None.
+
+  Example::
+
+    >>> from adderjax.ops.spec import check_p
+    >>> check_p(1.5)
+    1.5
+
+  Raises:
+    TypeError: for a bool, a non-number or a non-real dtype.
+    ValueError: for a shape other than ``()``, or a value outside ``[1, 2]``.
+  """
+  if isinstance(p, bool) or not (isinstance(p, numbers.Real) or hasattr(p, "shape")):
+    raise TypeError(f"p must be a real number or a scalar array, got p={p!r} of type "
+                    f"{type(p).__name__}.")
+  if hasattr(p, "shape"):
+    if tuple(p.shape) != ():
+      raise ValueError(f"p must be a scalar (shape ()), got p with shape {tuple(p.shape)}.")
+    dtype = getattr(p, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) == jnp.bool_ or not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise TypeError(f"p must have a floating-point or integer dtype, got p of dtype {dtype}.")
+    if isinstance(p, jax.core.Tracer):
+      return None
+  value = float(p)
+  if not P_RANGE[0] <= value <= P_RANGE[1]:  # NaN fails too.
+    raise ValueError(f"p must be in [{P_RANGE[0]:g}, {P_RANGE[1]:g}], got p={value!r}.")
+  return value
 
 
 def conv_spec(x: Any, w: Any, *, strides: Any, padding: Any, rhs_dilation: Any,

@@ -39,7 +39,8 @@ from jax import lax
 
 from adderjax.ops.spec import ConvSpec
 
-__all__ = ["MAX_CHUNK", "MAX_TERMS", "MAX_TILE", "MIN_CHUNK", "forward", "input_grad", "weight_grad"]
+__all__ = ["MAX_CHUNK", "MAX_TERMS", "MAX_TILE", "MIN_CHUNK", "factor_input_grad",
+           "factor_weight_grad", "forward", "input_grad", "weight_grad"]
 
 MAX_CHUNK = 16
 MIN_CHUNK = 8
@@ -142,8 +143,13 @@ def _columns(window: jax.Array, j: int, wo: int, spec: ConvSpec) -> jax.Array:
   return window[:, :, j * dw: j * dw + (wo - 1) * sw + 1: sw]
 
 
-def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
-  """``-sum |Xpad - F|`` over each patch: (B, Ho, Wo, O)."""
+def forward(x: jax.Array, w: jax.Array, spec: ConvSpec,
+            distance: Callable[[jax.Array], jax.Array] = jnp.abs) -> jax.Array:
+  """``-sum distance(Xpad - F)`` over each patch: (B, Ho, Wo, O); ``|Xpad - F|`` by default.
+
+  ``distance`` is elementwise with ``distance(0) = 0`` (the padded channels
+  add nothing); `adderjax.ops.lp` passes ``|d|^p``.
+  """
   kh, kw, cg, out = w.shape
   groups, per_group = spec.groups, out // spec.groups
   out_hw = spec.output_spatial(x.shape[1:3], (kh, kw))
@@ -163,7 +169,7 @@ def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
     terms = []
     for j in range(kw):
       xs = _columns(window, j, out_hw[1], spec)
-      terms += [jnp.abs(xs[..., c, None] - fs[j, c]) for c in range(size)]
+      terms += [distance(xs[..., c, None] - fs[j, c]) for c in range(size)]
     return _add_to_tile(acc, t, _tree_sum(terms))
 
   acc = _batch_zeros(x, (tiles, x.shape[0], *out_hw, groups, tile), batch_axis=1)
@@ -192,12 +198,18 @@ def weight_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
                 grad_mode: str) -> jax.Array:
   """The filter gradient: full precision ``sum g*(X - F)``, or ``sum g*sign(X - F)``."""
   if grad_mode == "sign":
-    return _sign_weight_grad(x, w, g, spec)
+    return factor_weight_grad(x, w, g, spec, jnp.sign)
   # sum_{b,h,w} g * (X - F) = (conv weight gradient) - F * sum_{b,h,w} g.
   return _conv_weight_grad(x, w, g, spec) - w * jnp.sum(g, axis=(0, 1, 2))
 
 
-def _sign_weight_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec) -> jax.Array:
+def factor_weight_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                       factor: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """``sum g * factor(X - F)`` over the outputs: the sign gradient, or `adderjax.ops.lp`'s.
+
+  ``factor`` is elementwise with ``factor(0) = 0`` where a padded channel meets
+  a zero-padded filter channel (its rows are cut off, so any value does).
+  """
   kh, kw, cg, out = w.shape
   groups, per_group = spec.groups, out // spec.groups
   out_hw = g.shape[1:3]
@@ -210,7 +222,7 @@ def _sign_weight_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec) 
     tap, c0 = it // count, (it % count) * size
     xs = _window(xp, tap, c0, size, kw, out_hw, spec)
     fs = lax.dynamic_slice(filters, (tap, c0, 0, 0), (1, size, groups, per_group))[0]
-    rows = [jnp.sum(gg * jnp.sign(xs[..., c, None] - fs[c]), axis=(0, 1, 2))
+    rows = [jnp.sum(gg * factor(xs[..., c, None] - fs[c]), axis=(0, 1, 2))
             for c in range(size)]
     return lax.dynamic_update_slice(dw, jnp.stack(rows)[None], (tap, c0, 0, 0))
 
@@ -229,7 +241,16 @@ def input_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
   """The input gradient: ``sum g * h(F - Xpad)`` over the outputs each input feeds."""
   if grad_mode == "unclipped":
     return _unclipped_input_grad(x, w, g, spec)
-  factor = _INPUT_FACTORS[grad_mode]
+  return factor_input_grad(x, w, g, spec, _INPUT_FACTORS[grad_mode])
+
+
+def factor_input_grad(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                      factor: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """``sum g * factor(F - Xpad)`` over the outputs each input feeds (`input_grad`'s loops).
+
+  ``factor`` is elementwise; HardTanh or sign for `input_grad`, `adderjax.ops.lp`'s
+  exact factor for other exponents.
+  """
   if spec.strides == (1, 1):
     return _gathered_input_grad(x, w, g, spec, factor)
   b, h, wd, c = x.shape

@@ -5,7 +5,9 @@ multiplications, additions and XNORs of its convolution and fully connected
 layers (``nnx.Conv``/``nnx.Linear``: one multiplication and one addition per
 multiply-accumulate; ``AdderConv``/``AdderDense``: two additions;
 ``BinaryConv``/``BinaryDense``: one XNOR and one addition), with a row per
-layer call. :func:`estimate_energy` prices them with the 45 nm figures of
+layer call; the projections and the attention of ``nnx.MultiHeadAttention``
+too (the query-key scores as additions for
+:func:`adderjax.nn.adder_attention`, as products otherwise). :func:`estimate_energy` prices them with the 45 nm figures of
 Horowitz (ISSCC 2014), :func:`estimate_latency` with the paper's VIA Nano 2000
 cycles. ``python -m adderjax.profiling MODEL [--compare]`` prints both for the
 models of :mod:`adderjax.models`.

@@ -7,8 +7,10 @@ into multiply-accumulates (MACs) and the operations they stand for, by the
 convention of Chen et al., "AdderNet: Do We Really Need Multiplications in
 Deep Learning?", CVPR 2020 (arXiv:1912.13200), Tables 1, 3 and 4:
 
-- ``"mac"``: :class:`flax.nnx.Conv` and :class:`flax.nnx.Linear`, one
-  multiplication and one addition per MAC;
+- ``"mac"``: :class:`flax.nnx.Conv`, :class:`flax.nnx.Linear` and
+  :class:`flax.nnx.LinearGeneral` (the projections of
+  :class:`flax.nnx.MultiHeadAttention`), one multiplication and one addition
+  per MAC;
 - ``"adder"``: :class:`adderjax.nn.AdderConv` and
   :class:`adderjax.nn.AdderDense`, two additions per MAC (the subtraction
   ``x - f`` and the accumulation);
@@ -20,11 +22,25 @@ A layer's MACs per call are ``prod(output.shape[:-1]) * kernel.size``: for a
 convolution with kernel ``(kh, kw, cin // groups, cout)`` that is every
 output pixel times ``kh * kw * cin // groups`` for each of the ``cout``
 filters; for a dense layer it is the leading (non-feature) output dims times
-``din * dout``. Only these layers are counted, as in the paper: bias adds,
-BatchNorm, pooling, activations, residual additions and the absolute value
-of an adder layer (a sign-bit operation) are left out, as are layers of
-other classes (``nnx.ConvTranspose``, ``nnx.LinearGeneral``, ``nnx.Einsum``)
-unless they are passed as ``extra_layers``.
+``din * dout`` (for a ``LinearGeneral``, the output dims before its
+``out_features`` times ``kernel.size``).
+
+The attention inside every :class:`flax.nnx.MultiHeadAttention` is counted
+too, as two rows per call, paths ``"<attention>.scores"`` and
+``"<attention>.values"`` (``layer_type`` ``"attention"``, no parameters):
+the query-key similarity, ``batch * heads * q_length * kv_length * depth``
+MACs, of kind ``"adder"`` for :func:`adderjax.nn.adder_attention`
+(subtraction and accumulation, as in an adder layer) and ``"mac"`` for any
+other ``attention_fn`` (dot products); and the weighted sum of the values,
+``batch * heads * q_length * kv_length * v_depth`` MACs of kind ``"mac"``
+(softmax weights times values, in adder attention too).
+
+Only these are counted, as in the paper: bias adds, BatchNorm, LayerNorm,
+softmax, pooling, activations, residual additions, adder attention's
+identity term and the absolute value of an adder layer (a sign-bit
+operation) are left out, as are layers of other classes
+(``nnx.ConvTranspose``, ``nnx.Einsum``) unless they are passed as
+``extra_layers``.
 
 How our models' counts compare with the paper's, and why they differ, is
 worked out in :mod:`adderjax.profiling`.
@@ -33,6 +49,7 @@ worked out in :mod:`adderjax.profiling`.
 from collections.abc import Callable, Hashable, Iterator, Mapping
 import contextlib
 import dataclasses
+import functools
 import math
 from types import MappingProxyType
 from typing import Any
@@ -42,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from adderjax._checks import positive_int
-from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense
+from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense, adder_attention
 
 __all__ = ["COUNTED_LAYERS", "LAYER_KINDS", "LayerCount", "OpCounts", "count_ops"]
 
@@ -50,8 +67,8 @@ LAYER_KINDS = ("mac", "adder", "binary")
 """The kinds of counted layer: multiply-accumulate, adder, binary."""
 
 COUNTED_LAYERS: Mapping[type, str] = MappingProxyType({
-    nnx.Conv: "mac", nnx.Linear: "mac", AdderConv: "adder", AdderDense: "adder",
-    BinaryConv: "binary", BinaryDense: "binary",
+    nnx.Conv: "mac", nnx.Linear: "mac", nnx.LinearGeneral: "mac", AdderConv: "adder",
+    AdderDense: "adder", BinaryConv: "binary", BinaryDense: "binary",
 })
 """The layer classes :func:`count_ops` counts, mapped to their kind."""
 
@@ -226,17 +243,55 @@ def _recording(classes: set[type], paths: Mapping[int, str],
         delattr(cls, "__call__")
 
 
+@dataclasses.dataclass(frozen=True)
+class _AttentionPart:
+  """A row of an attention call: its kind and the MACs per element of its output shape."""
+
+  kind: str
+  per_output: int
+
+
+def _attention_kind(attention_fn: Any) -> str:
+  while isinstance(attention_fn, functools.partial):
+    attention_fn = attention_fn.func
+  return "adder" if attention_fn is adder_attention else "mac"
+
+
+def _recording_attention(attention_fn: Callable[..., Any], path: str,
+                         calls: list[tuple[str, Any, tuple[int, ...]]]) -> Callable[..., Any]:
+  """``attention_fn``, appending its two rows (scores, weighted values) to ``calls``."""
+
+  prefix = f"{path}." if path else ""
+
+  def attend(query, key, value, *args, **kwargs):
+    *batch, q_length, heads, depth = query.shape
+    kv_length = key.shape[-3]
+    calls.append((f"{prefix}scores", _AttentionPart(_attention_kind(attention_fn), depth),
+                  (*batch, heads, q_length, kv_length)))
+    calls.append((f"{prefix}values", _AttentionPart("mac", kv_length),
+                  (*batch, q_length, heads, value.shape[-1])))
+    return attention_fn(query, key, value, *args, **kwargs)
+
+  return attend
+
+
 def _row(path: str, layer: Any, kind: str, call: int, shape: tuple[int, ...], batch_size: int,
          params: int) -> LayerCount:
-  kernel_shape = tuple(layer.kernel.shape)
-  per_output = math.prod(kernel_shape) // kernel_shape[-1]
+  if isinstance(layer, _AttentionPart):
+    per_output = layer.per_output
+  elif isinstance(layer, nnx.LinearGeneral):
+    per_output = math.prod(layer.kernel.shape) // math.prod(layer.out_features)
+  else:
+    kernel_shape = tuple(layer.kernel.shape)
+    per_output = math.prod(kernel_shape) // kernel_shape[-1]
   total = math.prod(shape) * per_output
   if total % batch_size:
     raise ValueError(f"batch_size={batch_size} does not divide the {total} MACs of the layer "
                      f"{path!r} (output shape {shape}); pass the number of examples in x.")
   macs = total // batch_size
   muls, adds, xnor = (macs * n for n in _OPS_PER_MAC[kind])
-  return LayerCount(path=path, layer_type=type(layer).__name__, kind=kind, call=call,
+  layer_type = "attention" if isinstance(layer, _AttentionPart) else type(layer).__name__
+  return LayerCount(path=path, layer_type=layer_type, kind=kind, call=call,
                     output_shape=shape, macs=macs, multiplications=muls, additions=adds,
                     xnor=xnor, params=params if call == 0 else 0)
 
@@ -268,10 +323,13 @@ def count_ops(
   counted layers and their calls as they are; ``model`` itself is not
   changed.
 
-  Every call of an ``nnx.Conv``, ``nnx.Linear``, ``AdderConv``,
-  ``AdderDense``, ``BinaryConv`` or ``BinaryDense`` reachable from ``model``
-  as an attribute (see :func:`flax.nnx.iter_modules`) is counted, a layer
-  called twice twice. A multiply-accumulate layer counts one multiplication
+  Every call of an ``nnx.Conv``, ``nnx.Linear``, ``nnx.LinearGeneral``,
+  ``AdderConv``, ``AdderDense``, ``BinaryConv`` or ``BinaryDense`` reachable
+  from ``model`` as an attribute (see :func:`flax.nnx.iter_modules`) is
+  counted, a layer called twice twice, and so is the attention of every
+  ``nnx.MultiHeadAttention`` (two rows a call: the query-key scores, adder
+  for :func:`adderjax.nn.adder_attention`, and the weighted sum of the
+  values). A multiply-accumulate layer counts one multiplication
   and one addition per MAC, an adder layer two additions, a binary layer one
   XNOR and one addition (the paper's convention). Bias adds, BatchNorm,
   pooling, activations and residual additions are not counted, as in the
@@ -338,14 +396,19 @@ def count_ops(
       if _kind_of(module, kinds) is not None:
         paths[id(module)] = _path_name(path)
         classes.add(type(module))
+      if isinstance(module, nnx.MultiHeadAttention):
+        module.attention_fn = _recording_attention(module.attention_fn, _path_name(path), calls)
     with _recording(classes, paths, calls):
       out = run(clone, x)
     seen: dict[str, int] = {}
     for path, layer, shape in calls:
       call = seen.get(path, 0)
       seen[path] = call + 1
-      rows.append(_row(path, layer, _kind_of(layer, kinds), call, shape, batch_size,
-                       layer_params[path]))
+      if isinstance(layer, _AttentionPart):
+        rows.append(_row(path, layer, layer.kind, call, shape, batch_size, 0))
+      else:
+        rows.append(_row(path, layer, _kind_of(layer, kinds), call, shape, batch_size,
+                         layer_params[path]))
     return out
 
   jax.eval_shape(forward, state, x)

@@ -171,10 +171,10 @@ class _QuantizedAdder(nnx.Module):
 
   def _native_call(self, x: jax.Array, spec_of, epilogue=None) -> jax.Array:
     """The native kernels' int32 sums, or with ``epilogue`` their float outputs, original order."""
-    return self._restore_order(cpu_native_int.integer_adder(
+    return cpu_native_int.integer_adder(
         x.astype(jnp.float32), self._quantizer(), self.kernel[...], self.group_sizes,
         spec_of(x, self.kernel[...]), lanes=self.lanes, signed=self.signed_inputs,
-        epilogue=epilogue))
+        channels=np.argsort(self.inverse_order), epilogue=epilogue)
 
 
 def _float_struct(a: jax.Array) -> jax.ShapeDtypeStruct:

@@ -254,6 +254,11 @@ def quantize(
   found = [(path, layer) for path, layer in found if _path_name(path) not in keep]
   if not found:
     raise ValueError(f"keep_float={sorted(keep)} leaves no adder layer to quantize.")
+  for path, layer in found:
+    # The integer layers sum |a - w|: an lp layer (p != 1) would be quantized as another model.
+    if layer.p is not None and float(layer.p[...]) != 1.0:
+      raise ValueError(f"layer {_path_name(path)} has p={float(layer.p[...])}: only L1 adder "
+                       "layers (p=1) can be quantized; keep it in float with keep_float.")
   paths = [path for path, _ in found]
   ranges, _ = observe_inputs(quantized, paths, batches, percentile=percentile, apply=apply)
 

@@ -77,6 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.adder_lr = "adaptive"
   config.eta = 0.2
   config.adder_lr_multiplier = 1.0
+  # The adder layers' exponent p, -sum |X - F|^p (experiments/adder_p.py): "" for the L1
+  # AdderNet; "constant:P"; "linear:P0:P1:F" or "cosine:P0:P1:F", from P0 to P1 over the first
+  # fraction F of the steps, e.g. "cosine:2:1:0.5". Logged as adder_p.
+  config.adder_p_schedule = ""
 
   # Bookkeeping.
   config.seed = 0

@@ -14,7 +14,8 @@ from experiments.configs import ablation_lenet5_bn, common
 
 CONFIG_DIR = pathlib.Path(__file__).parents[2] / "experiments" / "configs"
 PAPER_ROWS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
-                    if p.stem not in ("__init__", "common", "ablation_lenet5_bn", "smoke"))
+                    if p.stem not in ("__init__", "common", "ablation_lenet5_bn", "smoke",
+                                      "mnist_vit_tiny"))
 ABLATIONS = [f"{g},{lr}" for g in ablation_lenet5_bn.GRAD_MODES for lr in ablation_lenet5_bn.ADDER_LRS]
 
 
@@ -29,7 +30,8 @@ def test_every_paper_row_has_a_config():
 
 
 CASES = ([(row, variant) for row in PAPER_ROWS for variant in common.VARIANTS]
-         + [("ablation_lenet5_bn", arg) for arg in ABLATIONS] + [("smoke", "adder")])
+         + [("ablation_lenet5_bn", arg) for arg in ABLATIONS] + [("smoke", "adder")]
+         + [("mnist_vit_tiny", variant) for variant in common.VARIANTS])
 
 
 @pytest.mark.parametrize("name, arg", CASES)

@@ -178,12 +178,38 @@ def test_eight_devices_give_the_parameters_of_one(tmp_path):
   assert_same_params(eight, one, rtol=1e-3, atol=1e-4)
 
 
-def test_bfloat16_compute_trains(tmp_path):
-  config = smoke_config(dtype="bfloat16", num_train_steps=4, log_every_steps=2)
+def test_bfloat16_compute_trains(tmp_path, monkeypatch):
+  """With an adder_p_schedule too (one run for both): cosine:2:1:0.5 over 4 steps gives
+  p = 2, 1.5, then 1, set inside the jitted step, which compiles once, and logged."""
+  traces = []
+  step = train.Trainer._train_step
+
+  def counted(self, state, batch):
+    traces.append(1)
+    return step(self, state, batch)
+
+  monkeypatch.setattr(train.Trainer, "_train_step", counted)
+  config = smoke_config(dtype="bfloat16", num_train_steps=4, log_every_steps=2,
+                        adder_p_schedule="cosine:2:1:0.5")
   result = train.train_and_evaluate(config, tmp_path)
   assert np.isfinite(result["train_loss"]) and result["eval_examples"] > 0
-  _, params = final_params(tmp_path)
+  checkpoints = Checkpoints(tmp_path / "checkpoints")
+  state = checkpoints.restore(checkpoints.latest_step(),
+                              train.Trainer(config, train.make_mesh(0), 1, 1).state)
+  checkpoints.close()
+  params = {k: np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(state)[0]}
   assert all(p.dtype == np.float32 for p in params.values() if p.dtype.kind == "f")
+  assert len(traces) == 1
+  logged = [r["adder_p"] for r in read_metrics(tmp_path / "metrics.jsonl") if "adder_p" in r]
+  np.testing.assert_allclose(logged, [1.5, 1.0], rtol=1e-6)  # The 2nd and 4th updates' p.
+  # The model's exponents are those of the last update, the schedule's end.
+  exponents = [v for k, v in params.items() if k[0].key == 0 and k[-2].key == "p"]
+  assert len(exponents) == 5 and all(float(v) == 1.0 for v in exponents)
+
+
+def test_adder_p_schedule_is_checked_with_the_config():
+  with pytest.raises(ValueError, match="config.adder_p_schedule='constant:1.5' sets the exponent"):
+    train.check_config(smoke_config(adder_p_schedule="constant:1.5", kind="conv"))
 
 
 def snapshot(directory):
@@ -213,7 +239,8 @@ def test_bad_data_dir_is_named_and_the_workdir_is_untouched(uninterrupted, tmp_p
     ("batch_size", 0), ("learning_rate", -1.0), ("momentum", 1.0), ("adder_lr", "ilr"),
     ("schedule", "step"), ("grad_mode", "exact"), ("implementation", "cuda"),
     ("image_size", 64), ("num_devices", 9), ("on_nonfinite", "ignore"),
-    ("max_consecutive_skips", 0),
+    ("max_consecutive_skips", 0), ("adder_p_schedule", "cosine:2:1"),
+    ("adder_p_schedule", "constant:0.5"),
 ])
 def test_bad_config_field_is_named_before_anything_is_written(tmp_path, field, value):
   config = smoke_config()

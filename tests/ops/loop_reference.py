@@ -2,7 +2,9 @@
 
 Written from the paper's formulas, sharing no code with adderjax: for each
 kernel tap and each output channel it takes the strided input window and
-accumulates the output and both gradients.
+accumulates the output and both gradients. With an exponent ``p != 1`` the
+output is ``-sum |X - F|^p`` and both gradients are its exact ones,
+``p * |d|^(p-1) * sign(d)`` of ``d = X - F`` (weights) and ``d = F - X`` (inputs).
 """
 
 import numpy as np
@@ -14,8 +16,17 @@ _INPUT_FACTOR = {
 }
 
 
-def adder_conv_and_grads(x, w, g, *, strides, padding, dilation, groups, grad_mode):
-  """Returns ``(y, dx, dw)`` for output cotangent ``g`` (which may be None)."""
+def _exact_factor(d, p):
+  return p * np.abs(d) ** (p - 1) * np.sign(d)
+
+
+def adder_conv_and_grads(x, w, g, *, strides, padding, dilation, groups, grad_mode, p=None):
+  """Returns ``(y, dx, dw)`` for output cotangent ``g`` (which may be None).
+
+  ``p``: None or 1 for the L1 distance and ``grad_mode``'s rules; otherwise
+  the exponent, with the exact gradient whatever ``grad_mode``.
+  """
+  lp = p is not None and p != 1
   x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
   batch, height, width, _ = x.shape
   kh, kw, cg, out = w.shape
@@ -35,8 +46,13 @@ def adder_conv_and_grads(x, w, g, *, strides, padding, dilation, groups, grad_mo
         chans = slice((o // per_group) * cg, (o // per_group + 1) * cg)
         diff = xp[:, rows, cols, chans] - w[i, j, :, o]
         go = g[..., o:o + 1]
-        y[..., o] -= np.abs(diff).sum(-1)
-        weight_factor = np.sign(diff) if grad_mode == "sign" else diff
+        if lp:
+          y[..., o] -= (np.abs(diff) ** p).sum(-1)
+          weight_factor, input_factor = _exact_factor(diff, p), _exact_factor(-diff, p)
+        else:
+          y[..., o] -= np.abs(diff).sum(-1)
+          weight_factor = np.sign(diff) if grad_mode == "sign" else diff
+          input_factor = _INPUT_FACTOR[grad_mode](-diff)
         dw[i, j, :, o] += (go * weight_factor).sum((0, 1, 2))
-        dxp[:, rows, cols, chans] += go * _INPUT_FACTOR[grad_mode](-diff)
+        dxp[:, rows, cols, chans] += go * input_factor
   return y, dxp[:, top:top + height, left:left + width], dw

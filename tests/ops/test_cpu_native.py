@@ -55,16 +55,19 @@ class TestCpuNative(AdderConvTestBase):
     x = jnp.asarray(rng.normal(size=(2, 5, 11, channels)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, channels, channels + 2)), jnp.float32)
     spec = conv_spec(x, w, strides=1, padding="SAME", rhs_dilation=1, feature_group_count=1)
-    y = jax.jit(lambda x, w: cpu_native.forward(x, w, spec))(x, w)
-    want = xla.forward(x, w, spec)
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
-    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    dx = jax.jit(lambda x, w, g: cpu_native.input_grad_full_precision(x, w, g, spec))(x, w, g)
-    want = xla.input_grad(x, w, g, spec, "full_precision")
-    np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
-    dw = jax.jit(lambda x, w, g: cpu_native.weight_grad_full_precision(x, w, g, spec))(x, w, g)
-    want = xla.weight_grad(x, w, g, spec, "full_precision")
-    np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    y_shape = jax.eval_shape(lambda x, w: xla.forward(x, w, spec), x, w).shape
+    g = jnp.asarray(rng.normal(size=y_shape), jnp.float32)
+
+    @jax.jit  # One compilation for the three native kernels and their XLA loops.
+    def native_and_loops(x, w, g):
+      return ((cpu_native.forward(x, w, spec), xla.forward(x, w, spec)),
+              (cpu_native.input_grad_full_precision(x, w, g, spec),
+               xla.input_grad(x, w, g, spec, "full_precision")),
+              (cpu_native.weight_grad_full_precision(x, w, g, spec),
+               xla.weight_grad(x, w, g, spec, "full_precision")))
+
+    for got, want in native_and_loops(x, w, g):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
   @pytest.mark.parametrize("batch, width, out_channels, strides, dilation, groups, padding", [
       (9, 32, 16, 1, 1, 1, "SAME"),             # ResNet-20's first stage, an image per item
@@ -119,9 +122,10 @@ class TestCpuNative(AdderConvTestBase):
     w = jnp.asarray(rng.normal(size=(kernel, kernel, channels, 6)), jnp.float32)
     spec = conv_spec(x, w, strides=strides, padding=padding, rhs_dilation=dilation,
                      feature_group_count=1)
-    g = jnp.asarray(rng.normal(size=xla.forward(x, w, spec).shape), jnp.float32)
-    dx = jax.jit(lambda x, w, g: cpu_native.input_grad_full_precision(x, w, g, spec))(x, w, g)
-    want = xla.input_grad(x, w, g, spec, "full_precision")
+    y_shape = jax.eval_shape(lambda x, w: xla.forward(x, w, spec), x, w).shape
+    g = jnp.asarray(rng.normal(size=y_shape), jnp.float32)
+    dx, want = jax.jit(lambda x, w, g: (cpu_native.input_grad_full_precision(x, w, g, spec),
+                                        xla.input_grad(x, w, g, spec, "full_precision")))(x, w, g)
     np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
   @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
@@ -175,6 +179,21 @@ def test_other_builds_give_what_the_xla_loops_give_for_non_finite_inputs(flags):
   env = {**os.environ, "CXX": f"{os.environ.get('CXX', 'c++')} {flags}"}
   completed = subprocess.run([sys.executable, "-c", BUILD_CHECK], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600, check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+@pytest.mark.skipif(_has_avx512f(), reason="this CPU's default build is the AVX-512 one")
+def test_the_avx512_sources_compile_on_an_avx2_machine():
+  """The AVX-512 paths (the float and the integer kernels') cannot run here, but they must
+  compile: a syntax-only pass over the sources with AVX-512 enabled (a few seconds)."""
+  compiler = cpu_native._compiler()
+  if compiler is None:
+    pytest.skip("no C++ compiler")
+  csrc = REPO / "adderjax" / "ops" / "csrc"
+  completed = subprocess.run(
+      [*compiler, "-fsyntax-only", "-std=c++17", "-march=x86-64-v4", "-Wno-attributes",
+       f"-I{jax.ffi.include_dir()}", *(str(csrc / name) for name in cpu_native._SOURCES)],
+      capture_output=True, text=True, timeout=300, check=False)
   assert completed.returncode == 0, completed.stderr[-3000:]
 
 

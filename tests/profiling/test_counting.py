@@ -1,12 +1,15 @@
 """count_ops on small hand-built models, against counts worked out by hand."""
 
+import functools
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense
+from adderjax import models
+from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense, adder_attention
 from adderjax.profiling import OpCounts, count_ops
 
 
@@ -198,3 +201,47 @@ def test_bad_arguments(kwargs, match):
   kwargs = {"x": _x(2, 2), **kwargs}
   with pytest.raises(ValueError, match=match):
     count_ops(layer, **kwargs)
+
+
+@pytest.mark.parametrize("attention_fn, scores_kind", [
+    (nnx.dot_product_attention, "mac"),
+    (adder_attention, "adder"),
+    (functools.partial(adder_attention, scale=0.1), "adder"),
+])
+def test_multi_head_attention(attention_fn, scores_kind):
+  """Projections (LinearGeneral), the query-key scores and the weighted values, by hand."""
+  batch, length, features, heads, depth = 2, 5, 12, 3, 4
+  layer = _abstract(lambda rngs: nnx.MultiHeadAttention(
+      num_heads=heads, in_features=features, qkv_features=heads * depth, decode=False,
+      attention_fn=attention_fn, rngs=rngs))
+  counts = count_ops(layer, _x(batch, length, features))
+  projection = length * features * heads * depth  # per example, each of q, k, v and out
+  attention = heads * length * length * depth
+  rows = {row.path: row for row in counts.layers}
+  assert list(rows) == ["query", "key", "value", "scores", "values", "out"]
+  assert {rows[p].macs for p in ("query", "key", "value", "out")} == {projection}
+  assert {rows[p].layer_type for p in ("query", "key", "value", "out")} == {"LinearGeneral"}
+  assert rows["query"].params == features * heads * depth + heads * depth
+  assert (rows["scores"].macs, rows["scores"].kind, rows["scores"].layer_type) == (
+      attention, scores_kind, "attention")
+  assert (rows["values"].macs, rows["values"].kind, rows["values"].params) == (attention, "mac", 0)
+  assert rows["scores"].output_shape == (batch, heads, length, length)
+  adder_macs = attention if scores_kind == "adder" else 0
+  assert counts.multiplications == 4 * projection + 2 * attention - adder_macs
+  assert counts.additions == 4 * projection + 2 * attention + adder_macs
+  assert counts.params == 4 * (features * heads * depth + heads * depth) - heads * depth + features
+
+
+def test_vit_tiny_adder_against_conv():
+  """vit_tiny's adder kind moves the MLPs and the attention scores from products to additions."""
+  options = dict(embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+  x = _x(1, 28, 28, 1)
+  adder, conv = (count_ops(_abstract(lambda rngs, kind=kind: models.get(
+      "vit_tiny", kind=kind, rngs=rngs, **options)), x) for kind in ("adder", "conv"))
+  assert adder.macs == conv.macs and adder.params == conv.params
+  tokens, depth = 17, 2
+  mlp = 2 * tokens * 32 * 64  # per block: fc1 and fc2
+  scores = tokens * tokens * 32  # per block: heads * q * k * head depth = q * k * embed_dim
+  assert conv.macs - conv.multiplications == 0
+  assert conv.multiplications - adder.multiplications == depth * (mlp + scores)
+  assert adder.additions - conv.additions == depth * (mlp + scores)

@@ -103,6 +103,10 @@ CONV_CASES = {
     "u8-dilated-asymmetric": (8, (9,), 3, 1, ((2, 0), (1, 3)), 2, (1, 8, 11), 2, False),
     "u8-1x1-strided-rows": (24, (3, 3, 3, 3), 1, (2, 1), "SAME", 1, (1, 5, 37), 8, True),
     "u8-5x5-wide-fan-in": (40, (6, 7), 5, 1, "SAME", 1, (1, 6, 10), 8, False),
+    # Several bands of rows per image, the last one short; dilated, and with copied patches.
+    "u8-bands-dilated": (8, (3, 6), 3, 1, "SAME", 2, (1, 21, 6), 8, False),
+    "u8-bands-im2col": (3, (4, 1), 5, 1, "SAME", 1, (2, 19, 7), 7, True),
+    "i16-im2col-dilated": (5, (3,), 3, 1, "SAME", 2, (1, 9, 8), 9, False),
     "i16-im2col-signed": (3, (2, 4), 3, 1, "SAME", 1, (2, 6, 7), 10, True),
     "i16-in-place-strided": (4, (5,), 3, (2, 1), "SAME", 1, (1, 9, 9), 12, False),
     "i16-14-bits": (8, (2, 7), 3, 2, "VALID", 1, (2, 7, 7), 14, False),

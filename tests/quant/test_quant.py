@@ -9,7 +9,7 @@ import pytest
 
 from adderjax import models, quant
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
-from adderjax.nn import AdderConv, AdderDense
+from adderjax.nn import AdderConv, AdderDense, set_exponent
 from adderjax.quant import QuantizedAdderConv, QuantizedAdderDense
 
 
@@ -311,3 +311,7 @@ def test_bad_arguments_are_named():
   cnn = nnx.eval_shape(lambda: models.lenet5_bn(kind="conv", rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="no adder layer"):
     quant.quantize(cnn, batches)
+  lp_model = nnx.clone(model)
+  set_exponent(lp_model, 1.5)
+  with pytest.raises(ValueError, match=r"layer conv1 has p=1.5: only L1"):
+    quant.quantize(lp_model, batches)
