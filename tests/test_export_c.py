@@ -213,9 +213,11 @@ def _random_adder_layer(parent, name, bn, rng, *, bits, signed, scales, inputs=N
 
 def _set_batch_norm(bn, rng, mean, var):
   n = len(mean)
-  bn.mean.value, bn.var.value = jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)
-  bn.scale.value = jnp.asarray(1 + 0.2 * rng.standard_normal(n), jnp.float32)
-  bn.bias.value = jnp.asarray(0.2 * rng.standard_normal(n), jnp.float32)
+  # set_value: the variables may hold abstract arrays (a model built by nnx.eval_shape).
+  bn.mean.set_value(jnp.asarray(mean, jnp.float32))
+  bn.var.set_value(jnp.asarray(var, jnp.float32))
+  bn.scale.set_value(jnp.asarray(1 + 0.2 * rng.standard_normal(n), jnp.float32))
+  bn.bias.set_value(jnp.asarray(0.2 * rng.standard_normal(n), jnp.float32))
 
 
 def _random_quantized_resnet(seed=0):
@@ -237,10 +239,10 @@ def _random_quantized_resnet(seed=0):
                             scales=np.array([1.0, 2.5]))
   # The stem sees x = (p / 255 - 0.5) / 0.25 (variance 4/3), the classifier the pooled features.
   stem = rng.standard_normal(model.conv1.kernel.shape) * 0.3
-  model.conv1.kernel.value = jnp.asarray(stem, jnp.float32)
+  model.conv1.kernel.set_value(jnp.asarray(stem, jnp.float32))
   _set_batch_norm(model.bn1, rng, np.zeros(16), (stem.reshape(-1, 16) ** 2).sum(0) * 4 / 3)
   fc = rng.standard_normal(model.fc.kernel.shape) * 0.3
-  model.fc.kernel.value = jnp.asarray(fc, jnp.float32)
+  model.fc.kernel.set_value(jnp.asarray(fc, jnp.float32))
   _set_batch_norm(model.bn2, rng, np.zeros(10), (fc ** 2).sum(0) * 0.2)
   model.eval()
   return model
@@ -266,7 +268,8 @@ def resnet_program():
   bn = model.bn2
   a = np.asarray(bn.scale[...]) / np.sqrt(np.asarray(bn.var[...]) + bn.epsilon)
   y = (z - np.asarray(bn.bias[...])) / a + np.asarray(bn.mean[...])
-  bn.mean.value, bn.var.value = jnp.asarray(y.mean(0)), jnp.asarray(y.var(0))
+  bn.mean.set_value(jnp.asarray(y.mean(0)))
+  bn.var.set_value(jnp.asarray(y.var(0)))
   return quant.lower(model, **kwargs)
 
 
