@@ -59,14 +59,18 @@ def _channels_per_vector() -> int:
   return int(cpu_native._load()[0].AdderjaxIntegerChannelsPerVector())
 
 
-def _pad_groups(a: jax.Array, group_sizes: Sequence[int], multiple: int) -> jax.Array:
-  """``a`` (channels last) with each group's channels padded with zeros to a ``multiple``."""
+def _pad_groups(a, group_sizes: Sequence[int], multiple: int, fill: int = 0):
+  """``a`` (channels last) with each group's channels padded with ``fill`` to a ``multiple``.
+
+  A NumPy array stays one (static attributes); anything else becomes a JAX array.
+  """
+  xp = np if isinstance(a, np.ndarray) else jnp
   parts, start = [], 0
   for size in group_sizes:
     widths = [(0, 0)] * (a.ndim - 1) + [(0, _round_up(size, multiple) - size)]
-    parts.append(jnp.pad(a[..., start:start + size], widths))
+    parts.append(xp.pad(a[..., start:start + size], widths, constant_values=fill))
     start += size
-  return jnp.concatenate(parts, axis=-1)
+  return xp.concatenate(parts, axis=-1)
 
 
 def _filters(kernel: jax.Array, group_sizes: Sequence[int], lanes: Lanes,
@@ -146,9 +150,7 @@ def integer_adder(x: jax.Array, quantizer: jax.Array, kernel: jax.Array,
   if sorted(channels.tolist()) != list(range(out)):
     raise ValueError(f"channels must be a permutation of range({out}), got channels={channels}.")
   # The padding lanes of each group's last vector go nowhere (-1).
-  lanes_to_channels = np.concatenate([
-      np.pad(part, (0, _round_up(len(part), n) - len(part)), constant_values=-1)
-      for part in np.split(channels, np.cumsum(group_sizes)[:-1])])
+  lanes_to_channels = _pad_groups(channels, group_sizes, n, fill=-1)
   target, _ = cpu_native.INTEGER_TARGETS[(lanes, epilogue is not None)]
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((batch, ho, wo, out), out_dtype),
                           vmap_method="sequential")

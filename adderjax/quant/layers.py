@@ -163,7 +163,7 @@ class _QuantizedAdder(nnx.Module):
     """
     if not self._native():
       return self._dequantize(self._accumulate(x, spec_of))
-    order = np.argsort(self.inverse_order)  # the original channel of each sorted one
+    order = self._sorted_channels()
     bias = jnp.zeros_like(self.correction[...]) if self.bias is None else self.bias[...]
     epilogue = tuple(jnp.asarray(a, jnp.float32)[order]
                      for a in (self._channel_step(), self.correction[...], bias))
@@ -174,7 +174,11 @@ class _QuantizedAdder(nnx.Module):
     return cpu_native_int.integer_adder(
         x.astype(jnp.float32), self._quantizer(), self.kernel[...], self.group_sizes,
         spec_of(x, self.kernel[...]), lanes=self.lanes, signed=self.signed_inputs,
-        channels=np.argsort(self.inverse_order), epilogue=epilogue)
+        channels=self._sorted_channels(), epilogue=epilogue)
+
+  def _sorted_channels(self) -> np.ndarray:
+    """The original channel of each channel in the kernel's (group-sorted) order."""
+    return np.argsort(self.inverse_order)
 
 
 def _float_struct(a: jax.Array) -> jax.ShapeDtypeStruct:
