@@ -4,7 +4,9 @@ The subpackages, each imported on first use so that ``import adderjax`` stays
 cheap:
 
 - `adderjax.ops`: ``adder_conv`` and ``adder_dense`` with the paper's
-  gradients (XLA loops; Pallas kernels on GPUs), ``sign_ste``.
+  gradients, ``sign_ste``. By default (``implementation=None``) they run
+  native C++ kernels on CPUs (XLA FFI handlers, compiled on first use) and
+  Pallas kernels on GPUs, with XLA loops wherever those cannot run.
 - `adderjax.nn`: Flax NNX layers, ``AdderConv``, ``AdderDense``,
   ``BinaryConv``, ``BinaryDense``; `adderjax.linen`: the Linen adder layers.
 - `adderjax.optim`: the adaptive learning rate as optax transforms,
@@ -33,8 +35,19 @@ from typing import TYPE_CHECKING, Any
 from adderjax._version import __version__
 
 if TYPE_CHECKING:
-  from adderjax import (analysis, data, export, linen, models, nn, ops, optim, plotting,
-                        profiling, quant)
+  from adderjax import (
+    analysis,
+    data,
+    export,
+    linen,
+    models,
+    nn,
+    ops,
+    optim,
+    plotting,
+    profiling,
+    quant,
+  )
 
 __all__ = ["__version__", "analysis", "data", "export", "linen", "models", "nn", "ops", "optim",
            "plotting", "profiling", "quant"]

@@ -5,12 +5,12 @@ Each raises a ValueError that names the argument and its value.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
+import numbers
 from typing import Any
 
-__all__ = ["ZERO_PADDINGS", "Padding2D", "canonical_padding", "check_groups", "is_int", "positive_int",
-           "positive_pair"]
+__all__ = ["ZERO_PADDINGS", "Padding2D", "canonical_padding", "check_groups", "is_int",
+           "positive_int", "positive_pair"]
 
 ZERO_PADDINGS = ("SAME", "SAME_LOWER", "VALID")
 """The padding strings of `jax.lax.conv_general_dilated`: zeros around the input."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.typing import ArrayLike
 
 from adderjax._checks import ZERO_PADDINGS, Padding2D
@@ -53,7 +53,8 @@ def keep_full_precision(param: jax.Array | None,
 
 def full_precision_operands(promoted: tuple[jax.Array, jax.Array, jax.Array | None],
                             kernel: jax.Array,
-                            bias: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+                            bias: jax.Array | None
+                            ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """The layer's ``(inputs, kernel, bias)``: ``promote_dtype``'s inputs, the parameters kept
   at float32 or more (`keep_full_precision`).
 

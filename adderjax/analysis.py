@@ -1,4 +1,5 @@
-"""Numbers behind the AdderNet paper's figures: features, kernels, gradient norms, weight statistics.
+"""Numbers behind the AdderNet paper's figures: features, kernels, gradient norms, weight
+statistics.
 
 Everything here returns NumPy arrays or plain Python numbers and never draws
 (:mod:`adderjax.plotting` draws them):
@@ -97,7 +98,8 @@ def layer_names(model: nnx.Module) -> list[str]:
 
 
 def _check_batch_size(batch_size: Any) -> int:
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+  if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+      or batch_size < 1):
     raise ValueError(f"batch_size must be a positive int, got batch_size={batch_size!r}.")
   return int(batch_size)
 
@@ -265,7 +267,8 @@ def gradient_norms(model: nnx.Module, inputs: Any, labels: Any, *,
 
 
 def nearest_centre_accuracy(features: Any, labels: Any, *, metric: str = "l1") -> float:
-  """How well classes separate by distance to a centre or by angle: the paper's Figure 1 in a number.
+  """How well classes separate by distance to a centre or by angle: the paper's Figure 1 in a
+  number.
 
   Each class gets a centre from its own features; a feature counts as correct
   when its own class's centre is the nearest one. With ``metric="l1"`` the
@@ -324,7 +327,8 @@ def _laplace_cdf(x: np.ndarray, loc: float, scale: float) -> np.ndarray:
 
 
 def _ks_distance(sorted_values: np.ndarray, cdf: np.ndarray) -> float:
-  """The Kolmogorov-Smirnov distance between the empirical CDF of sorted values and ``cdf`` at them."""
+  """The Kolmogorov-Smirnov distance between the empirical CDF of sorted values and ``cdf`` at
+  them."""
   n = len(sorted_values)
   above = np.arange(1, n + 1) / n - cdf
   below = cdf - np.arange(n) / n
@@ -438,7 +442,8 @@ def _metrics_file(path: PathLike) -> pathlib.Path:
 
 
 def read_metrics(path: PathLike) -> list[dict[str, Any]]:
-  """The records of a trainer's ``metrics.jsonl``, by step; the last one kept for a repeated (step, keys).
+  """The records of a trainer's ``metrics.jsonl``, by step; the last one kept for a repeated
+  (step, keys).
 
   After a resume, the steps between the last checkpoint and the interruption
   appear twice in the file; the later line, of the run that continued, wins.

@@ -338,7 +338,8 @@ _DEPENDS = {
     "mul_conv": ("gather_i32", "epilogue"),
 }
 
-_MAIN = r"""/* Reads raw uint8 images (N x H x W x C) from stdin, prints a class (or --logits) per line. */
+_MAIN = r"""/* Reads raw uint8 images (N x H x W x C) from stdin, prints a class (or --logits)
+ * per line. */
 #include <stdio.h>
 #include <string.h>
 #include "model.h"
@@ -533,16 +534,16 @@ def _emit(w: _Writer, index: int, op) -> None:
                         note + f" (w' uint8, out x {kp}: patch padded to {_LANES})")
       wc = w.const("int32_t", f"{name}_wconst", wconst)
       w.need("adder_u8")
-      w.scratch_u8 = max(w.scratch_u8, codes.groups * kp)
+      w.scratch_u8 = max(w.scratch_u8, codes.scale_groups * kp)
       pad = 128 if codes.signed else 0
-      w.calls.append(f"  adder_conv_u8({w.ptr(op.input)}, {codes.groups}, &{name}_geometry, "
+      w.calls.append(f"  adder_conv_u8({w.ptr(op.input)}, {codes.scale_groups}, &{name}_geometry, "
                      f"{kp}, {weights}, {wc}, {group}, {pad}, {tail}, patch_u8);  /* {note} */")
     else:
       weights = w.const("int32_t", f"{name}_weights", op.multiplier * flat,
                         note + " (m w, out x patch)")
       w.need("adder_i32")
-      w.scratch_i32 = max(w.scratch_i32, codes.groups * k)
-      w.calls.append(f"  adder_conv_i32({w.ptr(op.input)}, {codes.groups}, &{name}_geometry, "
+      w.scratch_i32 = max(w.scratch_i32, codes.scale_groups * k)
+      w.calls.append(f"  adder_conv_i32({w.ptr(op.input)}, {codes.scale_groups}, &{name}_geometry, "
                      f"{weights}, {group}, {tail}, patch_i32);  /* {note} */")
     return
   if isinstance(op, Quantize):
@@ -551,12 +552,12 @@ def _emit(w: _Writer, index: int, op) -> None:
     shift = w.const("int8_t", f"{name}_shift", op.shift)
     if _is_u8(out):
       w.need("quantize_u8")
-      w.calls.append(f"  quantize_u8({w.ptr(op.input)}, {n}, {out.groups}, {mult}, {shift}, "
+      w.calls.append(f"  quantize_u8({w.ptr(op.input)}, {n}, {out.scale_groups}, {mult}, {shift}, "
                      f"{op.low}, {op.high}, {128 if out.signed else 0}, {w.ptr(op.output)});"
                      f"  /* {note} */")
     else:
       w.need("quantize_i32")
-      w.calls.append(f"  quantize_i32({w.ptr(op.input)}, {n}, {out.groups}, {mult}, {shift}, "
+      w.calls.append(f"  quantize_i32({w.ptr(op.input)}, {n}, {out.scale_groups}, {mult}, {shift}, "
                      f"{op.low}, {op.high}, {w.ptr(op.output)});  /* {note} */")
     return
   if isinstance(op, Add):
@@ -601,7 +602,8 @@ def _header(program: IntegerProgram) -> str:
 /* logits[i] = value * 2^MODEL_OUTPUT_FRACTION_BITS */
 #define MODEL_OUTPUT_FRACTION_BITS {program.output_fraction_bits}
 
-/* The integer logits of one image: pixels[MODEL_INPUT_SIZE] (HWC, uint8), logits[MODEL_NUM_CLASSES]. */
+/* The integer logits of one image: pixels[MODEL_INPUT_SIZE] (HWC, uint8),
+ * logits[MODEL_NUM_CLASSES]. */
 void model_run(const uint8_t *pixels, int32_t *logits);
 /* The predicted class (the first of equal largest logits). */
 int model_predict(const uint8_t *pixels);
@@ -655,7 +657,7 @@ def save_c(model: Any, directory: str | pathlib.Path, *, input_shape: Sequence[i
     >>> from adderjax import export, models, quant
     >>> model = models.lenet5_bn(kind="adder", rngs=nnx.Rngs(0))
     >>> pixels = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), np.uint8)
-    >>> qmodel, _ = quant.quantize(model, [pixels / np.float32(255)], bits=8, groups=2)
+    >>> qmodel, _ = quant.quantize(model, [pixels / np.float32(255)], bits=8, scale_groups=2)
     >>> info = export.save_c(qmodel, tempfile.mkdtemp(), input_shape=(28, 28, 1), verbose=False)
     >>> sorted(info["files"]), info["num_classes"]
     (['main.c', 'model.c', 'model.h'], 10)

@@ -61,10 +61,10 @@ _SPEC = "spec.json"
 def _with_xla_adder_layers(model: Any) -> Any:
   """A copy of ``model`` in eval mode whose adder layers, float and integer, use
   ``implementation="xla"``."""
-  from flax import nnx  # noqa: PLC0415 (load() needs no flax)
+  from flax import nnx
 
-  from adderjax.nn import AdderConv, AdderDense  # noqa: PLC0415
-  from adderjax.quant import QuantizedAdderConv, QuantizedAdderDense  # noqa: PLC0415
+  from adderjax.nn import AdderConv, AdderDense
+  from adderjax.quant import QuantizedAdderConv, QuantizedAdderDense
 
   model = nnx.clone(model)
   for _, module in nnx.iter_modules(model):
@@ -142,7 +142,7 @@ def save(
   if not platforms or not all(isinstance(p, str) for p in platforms):
     raise ValueError(f"platforms must be a non-empty sequence of names, got "
                      f"platforms={platforms!r}.")
-  from flax import nnx  # noqa: PLC0415
+  from flax import nnx
 
   graphdef, state = nnx.split(_with_xla_adder_layers(model))
 
@@ -205,7 +205,7 @@ def load(path: str | pathlib.Path) -> tuple[Callable[..., Any], dict[str, Any]]:
     raise ValueError(f"{path} has format {found!r}, not {FORMAT!r}.")
   try:
     exported = jax.export.deserialize(bytearray(function_bytes))
-  except Exception as e:  # noqa: BLE001 (flatbuffers raises struct.error, IndexError, ...)
+  except Exception as e:
     raise ValueError(f"{path} is damaged: its {_FUNCTION} does not deserialize "
                      f"({type(e).__name__}: {str(e)[:200]}).") from None
   return exported.call, spec
@@ -219,6 +219,6 @@ def save_c(model: Any, directory: str | pathlib.Path, *, input_shape: Sequence[i
   See `adderjax.c_export.save_c`, its arguments and its example (imported here
   on first use, so that `load` needs nothing beyond JAX).
   """
-  from adderjax.c_export import save_c as _save_c  # noqa: PLC0415 (load() needs none of it)
+  from adderjax.c_export import save_c as _save_c
 
   return _save_c(model, directory, input_shape=input_shape, mean=mean, std=std, verbose=verbose)

@@ -29,15 +29,15 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from adderjax._checks import canonical_padding, check_groups, positive_int, positive_pair
-from adderjax.attention import adder_attention, adder_attention_weights
 from adderjax._layer_common import (
-    PADDING_MODES,
-    apply_adder_conv,
-    check_op_options,
-    full_precision_operands,
-    default_bias_init,
-    default_kernel_init,
+  PADDING_MODES,
+  apply_adder_conv,
+  check_op_options,
+  default_bias_init,
+  default_kernel_init,
+  full_precision_operands,
 )
+from adderjax.attention import adder_attention, adder_attention_weights
 from adderjax.ops import adder_dense, sign_ste
 from adderjax.ops.dispatch import ImplementationLike
 from adderjax.ops.spec import GradMode, check_p

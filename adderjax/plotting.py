@@ -16,7 +16,9 @@ the mapping's order.
 - :func:`learning_curves`: metrics of one or more trainer workdirs by step,
   accuracies with their test set's noise (:func:`metric_label` names them);
 - :func:`cost_bars`: operations, energy and latency from
-  :mod:`adderjax.profiling`.
+  :mod:`adderjax.profiling`;
+- :func:`attack_curves`: accuracy under attack against the attack's size, from
+  :func:`adderjax.analysis.fgsm` and :func:`adderjax.analysis.pgd`.
 
 Example:
   >>> import numpy as np
@@ -40,6 +42,7 @@ import numpy as np
 from adderjax import analysis
 
 __all__ = [
+    "attack_curves",
     "bar_chart",
     "cost_bars",
     "feature_scatter",
@@ -52,8 +55,8 @@ __all__ = [
 
 try:
   import matplotlib
-  import matplotlib.patches
   from matplotlib.figure import Figure
+  import matplotlib.patches
 except ImportError as e:  # pragma: no cover - exercised by the message test only
   raise ImportError(
       "adderjax.plotting needs matplotlib, which the optional extra 'plot' installs: "
@@ -292,7 +295,8 @@ def bar_chart(values: Mapping[str, Mapping[str, float]], *, ylabel: str = "",
 
 def gradient_norm_bars(norms: Mapping[str, Mapping[str, float]], *, log: bool = True,
                        title: str | None = "l2 norm of the gradient per layer") -> Figure:
-  """The per-layer gradient norms of one or more networks (:func:`adderjax.analysis.gradient_norms`).
+  """The per-layer gradient norms of one or more networks
+  (:func:`adderjax.analysis.gradient_norms`).
 
   The layer names drop a trailing ``/kernel``.
 
@@ -344,6 +348,51 @@ def _accuracy_band(rows: Sequence[Mapping[str, Any]], key: str
   steps, p, n = (np.asarray(v, np.float64) for v in zip(*points))
   error = 2 * np.sqrt(p * (1 - p) / n)
   return steps, np.clip(p - error, 0, 1), np.clip(p + error, 0, 1), int(n[-1])
+
+
+def attack_curves(accuracies: Mapping[str, Mapping[str, Mapping[float, float]]], *,
+                  xlabel: str = "epsilon (pixel units)",
+                  title: str | None = None) -> Figure:
+  """Accuracy under attack against its size: one panel per attack, one line per model.
+
+  Example:
+    >>> from adderjax import plotting
+    >>> fig = plotting.attack_curves({"FGSM": {"CNN": {0.0: 0.99, 0.1: 0.7},
+    ...                                         "AdderNet": {0.0: 0.99, 0.1: 0.8}}})
+    >>> fig.axes[0].get_lines()[1].get_ydata().tolist()
+    [0.99, 0.8]
+
+  Args:
+    accuracies: ``{attack: {model: {epsilon: accuracy}}}``; each line is drawn
+      in increasing ``epsilon``, accuracies as fractions.
+    xlabel: the x axes' label.
+    title: the figure's title.
+
+  Returns:
+    The figure.
+
+  Raises:
+    ValueError: for an empty mapping, or an accuracy outside [0, 1].
+  """
+  attacks = _named(accuracies, "attack")
+  fig, axes = _panels(len(attacks), width=4.2, height=3.4)
+  for ax, (attack, lines) in zip(axes, attacks.items()):
+    for name, curve in _named(lines, attack).items():
+      points = sorted(curve.items())
+      for epsilon, value in points:
+        if not 0 <= value <= 1:
+          raise ValueError(f"accuracies[{attack!r}][{name!r}][{epsilon!r}] must lie in [0, 1], "
+                           f"got {value!r}.")
+      ax.plot([e for e, _ in points], [v for _, v in points], marker="o", label=name)
+    ax.set_title(attack)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy under attack")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+  if title:
+    fig.suptitle(title)
+  return fig
 
 
 def learning_curves(runs: Run | Mapping[str, Run], *,

@@ -26,15 +26,15 @@ ratios, next to the median times.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
+import time
 
 import jax
-import numpy as np
 from jax import lax
+import numpy as np
+from report import machine_meta, write_json  # benchmarks/report.py
 
 from adderjax.ops import adder_conv
-from report import machine_meta, write_json  # benchmarks/report.py
 
 # (name, batch, height, width, in_channels, out_channels, stride)
 LAYERS = {

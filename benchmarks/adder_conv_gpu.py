@@ -45,6 +45,7 @@ with the device name, JAX version and date.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import contextlib
 import dataclasses
 import datetime
@@ -55,22 +56,21 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
 
 import jax
+from jax import lax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import jaxlib
 import numpy as np
-from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from adder_conv import LAYERS  # noqa: E402  (benchmarks/adder_conv.py: the same shapes)
+from adder_conv import LAYERS
+from train_step import make_train_step
 
-from adderjax.ops import IMPLEMENTATIONS, adder_conv  # noqa: E402
-from adderjax.ops.pallas_gpu import PallasAdderConv  # noqa: E402
-from adderjax.ops.spec import conv_spec  # noqa: E402
-from train_step import make_train_step  # noqa: E402  (benchmarks/train_step.py)
+from adderjax.ops import IMPLEMENTATIONS, adder_conv
+from adderjax.ops.pallas_gpu import PallasAdderConv
+from adderjax.ops.spec import conv_spec
 
 SHAPES = dict(LAYERS, tiny=[
     ("tiny.s1", 2, 8, 8, 4, 4, 1),

@@ -26,11 +26,11 @@ reported):
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator
 import contextlib
 import io
 import statistics
 import time
-from collections.abc import Callable, Iterator
 from unittest import mock
 
 import numpy as np

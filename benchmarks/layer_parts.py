@@ -17,9 +17,9 @@ import argparse
 import time
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from adderjax.ops import cpu_native, xla
 from adderjax.ops.spec import conv_spec
@@ -63,7 +63,8 @@ def main() -> None:
         "conv dx": (jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]), (x, w, g)),
         "conv dw": (jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]), (x, w, g)),
         "adder fwd": (jax.jit(lambda x, w, spec=spec: cpu_native.forward(x, w, spec)), (x, w)),
-        "adder dx": (jax.jit(lambda x, w, g, spec=spec: cpu_native.input_grad_full_precision(x, w, g, spec)),
+        "adder dx": (jax.jit(lambda x, w, g, spec=spec:
+                             cpu_native.input_grad_full_precision(x, w, g, spec)),
                      (x, w, g)),
         "adder dw": (jax.jit(lambda x, w, g, spec=spec:
                              cpu_native.weight_grad_full_precision(x, w, g, spec)), (x, w, g)),

@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import adderjax._layer_common as layer_common
+from adderjax.models import PRETRAINED, layers, pretrained
 import adderjax.nn
 import adderjax.ops.dispatch as dispatch
-from adderjax.models import PRETRAINED, layers, pretrained
 
 
 def cifar_like_images(n: int, seed: int) -> np.ndarray:

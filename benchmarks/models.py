@@ -20,7 +20,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from report import machine_meta, write_json  # benchmarks/report.py
 from train_step import make_train_step  # benchmarks/train_step.py
 

@@ -51,12 +51,12 @@ _SLOW = ("torch_adder_official",)
 
 
 def _jax_runner(contender: str, mode: str, batch: int, model_name: str):
+  from flax import nnx
   import jax
   import jax.numpy as jnp
-  from flax import nnx
+  from train_step import make_train_step  # benchmarks/train_step.py
 
   from adderjax import models, quant
-  from train_step import make_train_step  # benchmarks/train_step.py
 
   kind = "conv" if contender == "adderjax_cnn" else "adder"
   shape = models.input_shape(model_name)
@@ -73,14 +73,13 @@ def _jax_runner(contender: str, mode: str, batch: int, model_name: str):
   model = models.get(model_name, kind=kind, rngs=nnx.Rngs(0))
   if contender == "adderjax_adder_int8":
     calibration = jax.random.normal(jax.random.key(1), (64, *shape))
-    model, _ = quant.quantize(model, [calibration], bits=8, groups=4)
+    model, _ = quant.quantize(model, [calibration], bits=8, scale_groups=4)
   predict = models.inference_function(model)
   return lambda: jax.block_until_ready(predict(images))
 
 
 def _torch_runner(contender: str, mode: str, batch: int, model_name: str):
   import torch
-
   from torch_peers import LeNet5BN, ResNet20, quantize_int8  # benchmarks/torch_peers.py
 
   torch.set_num_threads(os.cpu_count())

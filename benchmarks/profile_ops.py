@@ -23,7 +23,6 @@ import tempfile
 import time
 
 import jax
-
 from train_step import make_train_step  # benchmarks/train_step.py
 
 

@@ -16,7 +16,8 @@ and derives ``update = step - grad``, ``backward = grad - forward`` and
 ``rest = grad - layers`` (BatchNorm, ReLU, pooling, the loss: everything but
 the layers, forward and backward).
 
-    python benchmarks/profile_step.py --rounds 5 --json benchmarks/results/cpu_2core_profile_step.json
+    python benchmarks/profile_step.py --rounds 5 \\
+        --json benchmarks/results/cpu_2core_profile_step.json
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ from __future__ import annotations
 import argparse
 import time
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from report import machine_meta, write_json  # benchmarks/report.py
+from train_step import make_train_step  # benchmarks/train_step.py
 
 from adderjax import models
 from adderjax.nn import AdderConv
-from report import machine_meta, write_json  # benchmarks/report.py
-from train_step import make_train_step  # benchmarks/train_step.py
 
 VARIANTS = {"conv": ("conv", None), "adder_cpu": ("adder", "cpu"), "adder_xla": ("adder", "xla")}
 

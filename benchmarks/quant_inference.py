@@ -22,7 +22,7 @@ each ratio to the CNN is the median of the per-round ratios. The weights are
 untrained (timing does not depend on them); calibration uses random batches.
 
     python benchmarks/quant_inference.py --json benchmarks/results/cpu_quant_inference.json
-    python benchmarks/quant_inference.py --smoke     # one tiny round: checks it runs, measures nothing
+    python benchmarks/quant_inference.py --smoke  # one tiny round: checks it runs, measures nothing
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from report import machine_meta, write_json  # benchmarks/report.py
 
 from adderjax import models, quant
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
-from report import machine_meta, write_json  # benchmarks/report.py
 
 MODELS = ("resnet20", "lenet5_bn")
 VARIANTS = ("conv", "adder", "adder_xla", "adder_int8_xla", "adder_int8_native")
@@ -64,7 +64,7 @@ def build_variants(name: str, batch: int, *, calibration_batch: int) -> dict[str
     recompute_batch_norm_stats(model, calibration)
     model.eval()
     built[variant] = model
-  native, _ = quant.quantize(built["adder"], calibration, bits=8, groups=4)
+  native, _ = quant.quantize(built["adder"], calibration, bits=8, scale_groups=4)
   built["adder_int8_xla"] = _with_implementation(native, "xla")
   built["adder_int8_native"] = _with_implementation(native, "cpu")
   return built

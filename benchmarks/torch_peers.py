@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 
 class _AdderFunction(torch.autograd.Function):

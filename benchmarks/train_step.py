@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from flax import nnx
 import jax
 import optax
-from flax import nnx
 
 from adderjax import models
 from adderjax.optim import addernet_sgd

@@ -4,7 +4,7 @@ Every save is synchronous and followed by a digest, ``sha256sums.json``, of
 each file the save wrote, kept in the step's folder. Restoring checks the
 newest checkpoint against its digest, restores it and checks that every value
 is finite; a checkpoint that fails is reported in one line, moved to
-``workdir/checkpoints_damaged/`` (never deleted) and the next newer one is
+``workdir/checkpoints_damaged/`` (never deleted) and the next older one is
 tried. If none passes, nothing is moved and :class:`CheckpointError` lists why
 each failed.
 """
@@ -22,12 +22,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
-__all__ = ["DIGEST_FILE", "CheckpointError", "Checkpoints", "SaveError", "all_finite"]
+from experiments.guards import all_finite
+
+__all__ = ["DIGEST_FILE", "CheckpointError", "Checkpoints", "SaveError"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,6 @@ def _flat(state: Any) -> dict[str, Any]:
   """
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in leaves}
-
-
-def all_finite(tree: Any) -> jax.Array:
-  """A boolean scalar: whether every floating-point value in ``tree`` is finite."""
-  flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
-           if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def _all_processes(ok: bool) -> bool:
@@ -210,7 +204,8 @@ class Checkpoints:
       return f"{len(missing)} file(s) are missing, e.g. {missing[0]}"
     changed = sorted(name for name in expected if expected[name] != actual[name])
     if changed:
-      return f"{len(changed)} file(s) differ from the digest written at save time, e.g. {changed[0]}"
+      return (f"{len(changed)} file(s) differ from the digest written at save time, "
+              f"e.g. {changed[0]}")
     return None
 
   def _check(self, step: int, like: Any) -> tuple[str | None, Any]:
@@ -220,7 +215,7 @@ class Checkpoints:
       return problem or "its files are damaged on another process", None
     try:
       state = self.restore(step, like)
-    except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise many kinds)
+    except Exception as e:
       state, problem = None, f"it cannot be restored ({_first_line(e)})"
     if not _all_processes(problem is None):
       return problem or "it cannot be restored on another process", None

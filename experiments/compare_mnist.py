@@ -1,6 +1,6 @@
 """The main job: LeNet-5-BN as an AdderNet and as a CNN on MNIST, side by side.
 
-    python -m experiments.compare_mnist                    # full MNIST if it can be had, else bundled
+    python -m experiments.compare_mnist                    # full MNIST if available, else bundled
     python -m experiments.compare_mnist --data=bundled     # the MNIST test set shipped in adderjax
     python -m experiments.compare_mnist --data_dir ../shared/data/mnist --epochs 10
 
@@ -39,9 +39,9 @@ import tempfile
 import textwrap
 import time
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from adderjax import data
 from adderjax.data import bundled

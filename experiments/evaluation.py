@@ -18,16 +18,16 @@ counted.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from adderjax import data, models
 from experiments import train
@@ -38,7 +38,8 @@ __all__ = ["DTYPES", "Accuracy", "first", "pretrained_test_set", "renormalizer",
            "top_k_accuracy", "workdir_model", "workdir_test_set"]
 
 DTYPES = {**train.DTYPES, "float16": jnp.float16}
-"""The compute dtypes to evaluate in, by name: the trainer's and float16 (parameters stay float32)."""
+"""The compute dtypes to evaluate in, by name: the trainer's and float16 (parameters stay
+float32)."""
 
 TOP_K = 5
 

@@ -23,26 +23,25 @@ import argparse
 import sys
 
 from adderjax import data, export, quant
-from experiments.trained import accuracy, calibration_batches, float_reference, load_run
+from experiments.trained import (
+  accuracy,
+  add_run_arguments,
+  calibration_batches,
+  float_reference,
+  load_run,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="A trainer workdir (experiments.main).")
+  add_run_arguments(parser)
   parser.add_argument("--output", default=None,
                       help="The jax.export file to write (required unless --c is given).")
   parser.add_argument("--c", default=None, metavar="DIR",
                       help="Also (or only) write the quantized model as integer-only C99 source "
                            "to this directory (needs --bits).")
   parser.add_argument("--bits", type=int, default=None, help="Quantize to this many bits first.")
-  parser.add_argument("--method", default="nie2022", choices=quant.METHODS)
-  parser.add_argument("--groups", type=int, default=4)
-  parser.add_argument("--keep_float", nargs="*", default=[],
-                      help="Adder layers to leave in float, by path (e.g. conv1 fc3).")
-  parser.add_argument("--calibration_batches", type=int, default=10,
-                      help="Training batches for BatchNorm statistics (and calibration).")
   parser.add_argument("--platforms", nargs="+", default=list(export.PLATFORMS))
-  parser.add_argument("--step", type=int, default=None, help="Checkpoint (default: newest).")
   parser.add_argument("--check", action="store_true",
                       help="Reload the file and report its test accuracy.")
   args = parser.parse_args(argv)
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.bits is None:
     model = float_reference(run, batches)
   else:
-    model, _ = quant.quantize(run.model, batches, bits=args.bits, groups=args.groups,
+    model, _ = quant.quantize(run.model, batches, bits=args.bits, scale_groups=args.groups,
                               method=args.method, keep_float=args.keep_float)
     metadata["quantization"] = {"bits": args.bits, "method": args.method, "groups": args.groups}
   spec = data.DATASETS[run.config.dataset]

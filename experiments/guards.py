@@ -1,4 +1,7 @@
-"""The divergence guard: what the trainer does when a step's loss or state is not finite."""
+"""The NaN/Inf guards: `all_finite`, and the divergence guard.
+
+The divergence guard is what the trainer does when a step's loss or state is not finite.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,33 @@ import logging
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["NONFINITE_ACTIONS", "Diverged", "DivergenceGuard"]
+__all__ = ["NONFINITE_ACTIONS", "Diverged", "DivergenceGuard", "all_finite"]
 
 logger = logging.getLogger(__name__)
 
 NONFINITE_ACTIONS = ("stop", "skip")
 """``config.on_nonfinite``: stop the run with :class:`Diverged`, or skip the step's update."""
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """A boolean scalar: whether every floating-point value in ``tree`` is finite.
+
+  Traceable: the trainer's jitted step computes it on the updated state, and the
+  checkpoints check a restored state with it.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> bool(all_finite({"w": jnp.ones(3), "step": jnp.int32(1)}))
+    True
+    >>> bool(all_finite([jnp.array([1.0, jnp.nan])]))
+    False
+  """
+  flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 class Diverged(RuntimeError):

@@ -21,10 +21,10 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+from flax import nnx
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from adderjax import data, models
 
@@ -91,7 +91,7 @@ def load(config: ml_collections.ConfigDict) -> nnx.Module:
     return models.from_torch(config.model, path,
                              num_classes=data.DATASETS[config.dataset].num_classes,
                              **config.model_kwargs.to_dict())
-  except Exception as e:  # noqa: BLE001 (a malformed pickle raises many kinds)
+  except Exception as e:
     lines = str(e).strip().splitlines()
     raise _fail(config, f"could not be read as a {config.model} checkpoint: "
                 f"{type(e).__name__}: {lines[0] if lines else ''}") from e

@@ -86,7 +86,7 @@ class LibraryErrors:
     self.count += 1
     try:
       if self._file is None:
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held while installed)
+        self._file = open(self.path, "a", encoding="utf-8")
       self._file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {source}\n{text.rstrip()}\n")
       self._file.flush()
       self.written += 1

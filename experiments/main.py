@@ -69,13 +69,14 @@ def _load_config(argv: list[str]) -> ConfigDict | None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module.get_config(variant) if variant else module.get_config()
-      except Exception:  # noqa: BLE001 (the flag parser reports a bad config file itself)
+      except Exception:
         return None
   return None
 
 
 def unknown_field_message(argv: list[str]) -> str | None:
-  """One line naming the first ``--config.FIELD`` override that is no field, with the closest names."""
+  """One line naming the first ``--config.FIELD`` override that is no field, with the closest
+  names."""
   config = _load_config(argv)
   if config is None:
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 import logging
 import math
@@ -9,7 +10,6 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any, TextIO
 
 import jax
@@ -17,7 +17,6 @@ import numpy as np
 
 from adderjax.analysis import read_metrics  # noqa: F401  (its one home; experiments read it here)
 from adderjax.optim import ScaleByAdaptiveLrState
-
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +47,8 @@ def _cut_torn_line(fd: int, path: pathlib.Path) -> None:
 
 
 class MetricWriter:
-  """Appends scalars to ``workdir/metrics.jsonl`` and to TensorBoard events in ``workdir/tensorboard``.
+  """Appends scalars to ``workdir/metrics.jsonl`` and to TensorBoard events in
+  ``workdir/tensorboard``.
 
   Only process 0 writes. Every line is strict JSON: a NaN or infinite value
   (a diverging run) is written as ``null``. The JSON-lines file is appended to,

@@ -12,10 +12,10 @@ trainer then saves that step and raises :class:`Preempted`, and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import os
 import signal
 import threading
-from collections.abc import Callable
 from typing import Self
 
 import jax
@@ -23,7 +23,8 @@ import jax
 __all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "PreemptionWatch"]
 
 PREEMPTED_EXIT_CODE = 75
-"""``experiments.main``'s exit status after a preemption was saved (``EX_TEMPFAIL``: rerun to resume)."""
+"""``experiments.main``'s exit status after a preemption was saved (``EX_TEMPFAIL``: rerun to
+resume)."""
 
 
 class Preempted(Exception):

@@ -30,7 +30,13 @@ from typing import Any
 
 from adderjax import quant
 from experiments.result_files import write_result
-from experiments.trained import accuracy, calibration_batches, float_reference, load_run
+from experiments.trained import (
+  accuracy,
+  add_run_arguments,
+  calibration_batches,
+  float_reference,
+  load_run,
+)
 
 # What identifies one result of the table; the rest of the file must match to merge.
 _ROW_KEY = ("method", "bits", "groups")
@@ -79,16 +85,9 @@ def write_table(path: pathlib.Path, record: dict[str, Any]) -> pathlib.Path | No
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="A trainer workdir (experiments.main).")
+  add_run_arguments(parser, several_methods=True)
   parser.add_argument("--bits", type=int, nargs="+", default=[8], help="Bits, 2 to 16 (several "
                       "for a table).")
-  parser.add_argument("--method", nargs="+", default=["nie2022"], choices=quant.METHODS)
-  parser.add_argument("--groups", type=int, default=4, help="Scale groups per layer (nie2022).")
-  parser.add_argument("--keep_float", nargs="*", default=[],
-                      help="Adder layers to leave in float, by path (e.g. conv1 fc3).")
-  parser.add_argument("--calibration_batches", type=int, default=10,
-                      help="Training batches for calibration and BatchNorm statistics.")
-  parser.add_argument("--step", type=int, default=None, help="Checkpoint (default: newest).")
   parser.add_argument("--report", action="store_true", help="Print each layer's quantization.")
   args = parser.parse_args(argv)
   if args.calibration_batches < 1:
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
   for method in args.method:
     for bits in args.bits:
       start = time.perf_counter()
-      qmodel, report = quant.quantize(run.model, batches, bits=bits, groups=args.groups,
+      qmodel, report = quant.quantize(run.model, batches, bits=bits, scale_groups=args.groups,
                                       method=method, keep_float=args.keep_float)
       acc = accuracy(run, qmodel)
       seconds = time.perf_counter() - start

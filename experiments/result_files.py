@@ -11,11 +11,11 @@ Rewriting the same result replaces the file and keeps nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import itertools
 import json
 import os
 import pathlib
-from collections.abc import Iterable
 from typing import Any
 
 __all__ = ["write_result"]

@@ -41,7 +41,7 @@ def _exit(signum: int, frame: object) -> None:
   try:
     sys.stdout.flush()
     sys.stderr.flush()
-  except Exception:  # noqa: BLE001 (the signal may have interrupted a write to them)
+  except Exception:
     pass
   os.write(2, f"{message(signum)}\n".encode())
   os._exit(EXIT_CODE)

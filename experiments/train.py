@@ -18,28 +18,28 @@ What keeps a run safe lives in small modules: the workdir lock
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import logging
 import pathlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from adderjax import data, models, ops
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
 from adderjax.nn import set_exponent
 from adderjax.optim import addernet_sgd
-from experiments.checkpoints import Checkpoints, SaveError, all_finite
 from experiments import adder_p, finished, init_from
-from experiments.guards import NONFINITE_ACTIONS, Diverged, DivergenceGuard
+from experiments.checkpoints import Checkpoints, SaveError
+from experiments.guards import NONFINITE_ACTIONS, Diverged, DivergenceGuard, all_finite
 from experiments.metrics import MetricWriter, ProgressBar, adaptive_lr_scales
 from experiments.preemption import Preempted, PreemptionWatch
 from experiments.workdir_lock import WorkdirLock, check_workdir
@@ -179,6 +179,27 @@ def make_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
   return model
 
 
+def make_state(config: ml_collections.ConfigDict,
+               schedule: optax.Schedule) -> tuple[nnx.Module, nnx.Optimizer]:
+  """The ``(model, optimizer)`` pair the trainer trains and checkpoints, freshly initialised.
+
+  The model is in training mode; its optimizer is `make_optimizer`'s with ``schedule``.
+  """
+  model = make_model(config, rngs=nnx.Rngs(config.seed))
+  model.train()
+  return model, nnx.Optimizer(model, make_optimizer(config, schedule), wrt=nnx.Param)
+
+
+def abstract_state(config: ml_collections.ConfigDict) -> tuple[nnx.Module, nnx.Optimizer]:
+  """`make_state`'s pair with shapes and dtypes in place of values: a checkpoint's structure.
+
+  Restore into ``nnx.state(abstract_state(config))`` and ``nnx.update`` the pair with the
+  result. Nothing is initialised or compiled (which takes seconds for a ResNet); the
+  schedule, which holds no state, is a placeholder.
+  """
+  return nnx.eval_shape(lambda: make_state(config, make_schedule(config, 1, 1)))
+
+
 def logits_of(outputs: Any) -> jax.Array:
   # LeNet++ returns (embedding, logits).
   return (outputs[-1] if isinstance(outputs, tuple) else outputs).astype(jnp.float32)
@@ -191,7 +212,11 @@ def _loss_and_correct(logits: jax.Array, labels: jax.Array, num_classes: int,
   return losses, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
 
-def _load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """The ``(train, eval)`` data sources of ``config``'s dataset, splits and ``data_source``.
+
+  ``config.num_synthetic_examples`` sizes only the synthetic training split.
+  """
   spec = data.DATASETS[config.dataset]
   options = dict(source=config.data_source, data_dir=config.data_dir or None,
                  download=config.download, seed=config.seed)
@@ -226,10 +251,7 @@ class Trainer:
     self.schedule = make_schedule(config, total_steps, steps_per_epoch)
     self.total_steps = total_steps
     self.p_schedule = p_schedule(config)
-    model = make_model(config, rngs=nnx.Rngs(config.seed))
-    model.train()
-    optimizer = nnx.Optimizer(model, make_optimizer(config, self.schedule), wrt=nnx.Param)
-    self.graphdef, state = nnx.split((model, optimizer))
+    self.graphdef, state = nnx.split(make_state(config, self.schedule))
     self.state = jax.device_put(state, self.replicated)
     self.train_step = jax.jit(self._train_step, donate_argnums=0,
                               out_shardings=(self.replicated, self.replicated))
@@ -256,7 +278,8 @@ class Trainer:
     return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite}
 
   def adder_p(self, count: jax.Array | int) -> jax.Array:
-    """The adder layers' exponent for the update after ``count`` updates (config.adder_p_schedule)."""
+    """The adder layers' exponent for the update after ``count`` updates
+    (config.adder_p_schedule)."""
     return self.p_schedule.at(count, total_steps=self.total_steps)
 
   def _eval_step(self, state: nnx.State, batch: dict[str, jax.Array]):
@@ -341,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   check_config(config)
   check_workdir(workdir)
-  train_source, eval_source = _load_sources(config)
+  train_source, eval_source = load_sources(config)
   mesh = make_mesh(config.num_devices)
   batch_size, eval_batch_size = config.batch_size, config.eval_batch_size
   for field, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -384,7 +407,7 @@ def _save_after_error(checkpoints: Checkpoints, guard: DivergenceGuard, step: in
     checkpoints.save(step, state)
   except Diverged as e:
     logger.error("Stopped by %s; step %d not saved: %s", reason, step, e)
-  except Exception as e:  # noqa: BLE001 (the state may have been donated to the failed step)
+  except Exception as e:
     logger.error("Stopped by %s; could not save step %d (%s: %s); the last checkpoint is step "
                  "%d.", reason, step, type(e).__name__, str(e).splitlines()[0], saved_step)
   else:

@@ -6,12 +6,13 @@ and `experiments.export`.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 import functools
 import itertools
 import json
 import logging
 import pathlib
-from collections.abc import Callable
 from typing import Any
 
 from flax import nnx
@@ -20,14 +21,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from adderjax import data
+from adderjax import data, quant
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
 from experiments.checkpoints import CheckpointError, Checkpoints
-from experiments.train import (_load_sources, logits_of, make_model, make_optimizer,
-                               make_schedule)
+from experiments.train import abstract_state, load_sources, logits_of
 
-__all__ = ["TrainedRun", "accuracy", "calibration_batches", "float_reference",
-           "load_newest_good_run", "load_run"]
+__all__ = ["TrainedRun", "accuracy", "add_run_arguments", "calibration_batches",
+           "float_reference", "load_newest_good_run", "load_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class TrainedRun:
 
   @functools.cached_property
   def _sources(self) -> tuple[Any, Any]:
-    return _load_sources(self.config)
+    return load_sources(self.config)
 
   @property
   def train_source(self) -> Any:
@@ -88,15 +88,8 @@ def load_run(workdir: str | pathlib.Path, *, step: int | None = None) -> Trained
     raise FileNotFoundError(f"{config_path} is missing: --workdir must be a trainer workdir "
                             "(python -m experiments.main --workdir=...).")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-
-  def model_and_optimizer():
-    model = make_model(config, rngs=nnx.Rngs(config.seed))
-    # The checkpoint holds (model, optimizer): restore into the same structure.
-    return model, nnx.Optimizer(model, make_optimizer(config, make_schedule(config, 1, 1)),
-                                wrt=nnx.Param)
-
-  # Shapes only: initial values would compile every initialiser (seconds for a ResNet).
-  model, optimizer = nnx.eval_shape(model_and_optimizer)
+  # The checkpoint holds the trainer's (model, optimizer): restore into the same structure.
+  model, optimizer = abstract_state(config)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                       nnx.state((model, optimizer)))
@@ -144,12 +137,36 @@ def load_newest_good_run(workdir: str | pathlib.Path) -> TrainedRun:
       return load_run(workdir, step=step)
     except (CheckpointError, ValueError) as e:
       problem = (str(e).splitlines() or [type(e).__name__])[0]
-    except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise many kinds)
+    except Exception as e:
       problem = f"it cannot be restored ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
     logger.warning("Skipping checkpoint %d of %s: %s", step, workdir, problem)
     problems.append(f"step {step}: {problem}")
   raise CheckpointError(f"No checkpoint in {workdir / 'checkpoints'} can be restored: "
                         + "; ".join(problems) + ".")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, several_methods: bool = False) -> None:
+  """Adds the options that pick a run's checkpoint and how `adderjax.quant.quantize` treats it.
+
+  ``--workdir``, ``--step``, ``--method``, ``--groups``, ``--keep_float`` and
+  ``--calibration_batches``, as `experiments.quantize` and `experiments.export` take them.
+
+  Args:
+    parser: the command's parser.
+    several_methods: whether ``--method`` takes several methods (a list, default
+      ``["nie2022"]``) rather than one (default ``"nie2022"``).
+  """
+  parser.add_argument("--workdir", required=True, help="A trainer workdir (experiments.main).")
+  if several_methods:
+    parser.add_argument("--method", nargs="+", default=["nie2022"], choices=quant.METHODS)
+  else:
+    parser.add_argument("--method", default="nie2022", choices=quant.METHODS)
+  parser.add_argument("--groups", type=int, default=4, help="Scale groups per layer (nie2022).")
+  parser.add_argument("--keep_float", nargs="*", default=[],
+                      help="Adder layers to leave in float, by path (e.g. conv1 fc3).")
+  parser.add_argument("--calibration_batches", type=int, default=10,
+                      help="Training batches for calibration and BatchNorm statistics.")
+  parser.add_argument("--step", type=int, default=None, help="Checkpoint (default: newest).")
 
 
 def calibration_batches(run: TrainedRun, num_batches: int) -> list[jax.Array]:

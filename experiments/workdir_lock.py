@@ -50,7 +50,7 @@ def check_unlocked(workdir: str | pathlib.Path, *, process_index: int = 0) -> No
   """
   path = pathlib.Path(workdir) / f"process_{process_index}.lock"
   try:
-    file = open(path, encoding="utf-8")  # noqa: SIM115 (closed below)
+    file = open(path, encoding="utf-8")
   except OSError:
     return  # No lock file yet (or unreadable): WorkdirLock decides later.
   with file:
@@ -96,7 +96,7 @@ class WorkdirLock:
     """
     try:
       self.workdir.mkdir(parents=True, exist_ok=True)
-      file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held while locked)
+      file = open(self.path, "a+", encoding="utf-8")
     except OSError as e:
       raise WorkdirError(f"The workdir {self.workdir} cannot be used: {e.strerror} "
                          f"({e.filename}); choose another --workdir.") from None

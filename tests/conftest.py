@@ -5,7 +5,8 @@ anything imports jax. The tests' processes (pytest-xdist's workers and the
 trainer runs they start) share one persistent compilation cache, a fresh
 folder per session: most of the suite's time is XLA compiling the same small
 programs (a model's random initialisation compiles one per parameter shape,
-about 0.4 s each; ResNet-20 took 18 s to build, 1.5 s from the cache). Tests never download: the download cache is a fresh
+about 0.4 s each; ResNet-20 took 18 s to build, 1.5 s from the cache). Tests never download:
+the download cache is a fresh
 folder, no mirror is configured, and host names other than this machine's
 and the loopback's do not resolve, as on an offline machine (the download
 tests use a server on 127.0.0.1).

@@ -270,7 +270,8 @@ def test_read_metrics_bad_files(tmp_path):
 def test_read_metrics_skips_an_unfinished_last_line_with_a_warning(tmp_path):
   """What a run killed mid-write left with an older trainer: half a record, no newline."""
   path = tmp_path / "metrics.jsonl"
-  path.write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_loss": 1.0}\n{"step": 99, "tra')
+  path.write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_loss": 1.0}\n'
+                  '{"step": 99, "tra')
   with pytest.warns(RuntimeWarning, match=rf"{path}:3 is an unfinished record .*step.: 99, .tra"):
     records = analysis.read_metrics(tmp_path)
   assert [r["step"] for r in records] == [1, 2]

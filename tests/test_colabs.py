@@ -35,10 +35,11 @@ def _errors(notebook):
           if output.get("output_type") == "error"]
 
 
-def test_the_five_notebooks_are_there():
-  assert [p.name for p in NOTEBOOKS] == ["costs_and_speed.ipynb", "multi_device.ipynb",
-                                         "paper_figures.ipynb", "pretrained.ipynb",
-                                         "quickstart.ipynb"]
+def test_the_readme_lists_every_notebook():
+  readme = (ROOT / "README.md").read_text()
+  listed = set(re.findall(r"\]\(colabs/([\w-]+\.ipynb)\)", readme))
+  assert {p.name for p in NOTEBOOKS} == listed
+  assert SCRIPT_NOTEBOOK in listed
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name != SCRIPT_NOTEBOOK],

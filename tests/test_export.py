@@ -43,7 +43,7 @@ def lenet_and_images():
 
 def test_float_and_quantized_exports_run_without_adderjax(lenet_and_images, tmp_path):
   model, images = lenet_and_images
-  qmodel, _ = quant.quantize(model, [jnp.asarray(images)], bits=8, groups=1)
+  qmodel, _ = quant.quantize(model, [jnp.asarray(images)], bits=8, scale_groups=1)
   paths = [tmp_path / "float.jaxexport", tmp_path / "int8.jaxexport"]
   spec = export.save(model, paths[0], input_shape=(28, 28, 1), mean=(0.1307,), std=(0.3081,),
                      metadata={"model": "lenet5_bn"})

@@ -1,4 +1,5 @@
-"""adderjax.export.save_c and adderjax.quant.lower: the integer program, its C build, its accuracy."""
+"""adderjax.export.save_c and adderjax.quant.lower: the integer program, its C build, its
+accuracy."""
 
 import os
 import pathlib
@@ -97,7 +98,8 @@ def trained_lenet(mnist):
 @pytest.fixture(scope="module")
 def lenet_program(trained_lenet, mnist):
   images, _ = mnist
-  qmodel, _ = quant.quantize(trained_lenet, [_normalise(images[4000:4256])], bits=8, groups=4)
+  qmodel, _ = quant.quantize(trained_lenet, [_normalise(images[4000:4256])], bits=8,
+                             scale_groups=4)
   program = quant.lower(qmodel, input_shape=MNIST.image_shape, mean=MNIST.mean, std=MNIST.std)
   return qmodel, program
 
@@ -384,7 +386,7 @@ def test_export_imports_the_c_generator_only_when_used():
 
 
 def test_fixed_point_overflow_names_the_layer():
-  from adderjax.quant import integer_program  # noqa: PLC0415
+  from adderjax.quant import integer_program
 
   assert integer_program._fixed_point(0.75, 2 ** 20, "fc") == (3 * 2 ** 29, 31)
   with pytest.raises(ValueError, match="layer fc: inputs up to"):

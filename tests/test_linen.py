@@ -9,25 +9,13 @@ import numpy as np
 import optax
 import pytest
 
-from adderjax.linen import AdderConv
-from adderjax.linen import AdderDense
-from adderjax.ops import adder_conv
-from adderjax.ops import adder_dense
-from adderjax.optim import adder_kernel_mask
-from adderjax.optim import addernet_sgd
+from adderjax.linen import AdderConv, AdderDense
+from adderjax.ops import adder_conv, adder_dense
+from adderjax.optim import adder_kernel_mask, addernet_sgd
+from tests._util import normal, np_init
 from tests.ops.loop_reference import adder_conv_and_grads
 
 KEY = jax.random.key(0)
-
-
-def _normal(shape: tuple[int, ...], seed: int = 0) -> jax.Array:
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
-def _np_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-  # JAX's RNG compiles anew, slowly, for each shape; NumPy keeps the tests fast.
-  del key
-  return _normal(shape).astype(dtype)
 
 
 def _shapes(module: nn.Module, x: jax.Array) -> dict:
@@ -44,7 +32,7 @@ def test_param_names_and_shapes():
       "params": {"adder_kernel": (3, 5), "bias": (5,)}}
 
 
-def test_default_kernel_init_is_standard_normal():
+def test_default_kernel_init_is_standardnormal():
   params = AdderConv(64, 3).init(KEY, jnp.zeros((1, 3, 3, 64)))
   kernel = np.asarray(params["params"]["adder_kernel"])
   assert abs(kernel.mean()) < 0.02
@@ -60,16 +48,16 @@ def test_default_kernel_init_is_standard_normal():
     ],
 )
 def test_conv_matches_op_on_adder_kernel(options, op_options):
-  layer = AdderConv(4, 3, kernel_init=_np_init, **options)
-  x = _normal((2, 7, 6, 4))
+  layer = AdderConv(4, 3, kernel_init=np_init, **options)
+  x = normal((2, 7, 6, 4))
   params = layer.init(KEY, x)
   np.testing.assert_array_equal(
       layer.apply(params, x), adder_conv(x, params["params"]["adder_kernel"], **op_options))
 
 
 def test_conv_circular_padding_wraps_the_input():
-  layer = AdderConv(3, (3, 4), strides=2, padding="CIRCULAR", kernel_init=_np_init)
-  x = _normal((1, 6, 7, 2))
+  layer = AdderConv(3, (3, 4), strides=2, padding="CIRCULAR", kernel_init=np_init)
+  x = normal((1, 6, 7, 2))
   params = layer.init(KEY, x)
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 2), (0, 0)), mode="wrap")
   want = adder_conv(padded, params["params"]["adder_kernel"], strides=2, padding="VALID")
@@ -79,8 +67,8 @@ def test_conv_circular_padding_wraps_the_input():
 
 
 def test_conv_batch_dims_bias_and_dtype():
-  layer = AdderConv(3, 3, use_bias=True, kernel_init=_np_init, bias_init=nn.initializers.ones)
-  x = _normal((2, 2, 5, 5, 2))
+  layer = AdderConv(3, 3, use_bias=True, kernel_init=np_init, bias_init=nn.initializers.ones)
+  x = normal((2, 2, 5, 5, 2))
   params = layer.init(KEY, x)
   y = layer.apply(params, x)
   assert y.shape == (2, 2, 5, 5, 3)
@@ -97,7 +85,7 @@ def test_conv_batch_dims_bias_and_dtype():
 
 
 def test_dense_matches_numpy_and_op():
-  layer = AdderDense(2, kernel_init=_np_init)
+  layer = AdderDense(2, kernel_init=np_init)
   x = np.array([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]], np.float32)
   params = layer.init(KEY, x)
   w = np.asarray(params["params"]["adder_kernel"])
@@ -146,14 +134,14 @@ class _Net(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = AdderConv(4, 3, use_bias=True, kernel_init=_np_init)(x).mean((1, 2))
-    return AdderDense(2, kernel_init=_np_init)(h)
+    h = AdderConv(4, 3, use_bias=True, kernel_init=np_init)(x).mean((1, 2))
+    return AdderDense(2, kernel_init=np_init)(h)
 
 
 def test_addernet_sgd_step_uses_the_adaptive_rate_on_adder_kernels():
   lr, eta = 0.05, 0.2
   model = _Net()
-  x = _normal((2, 5, 5, 3))
+  x = normal((2, 5, 5, 3))
   params = model.init(KEY, x)["params"]
   assert adder_kernel_mask(params) == {
       "AdderConv_0": {"adder_kernel": True, "bias": False},
@@ -191,8 +179,8 @@ def test_implementation_may_be_a_pallas_instance():
 
 
 def test_p_as_attribute_or_traced_call_argument():
-  x = _normal((1, 4, 5, 2))
-  layer = AdderConv(3, 2, padding="VALID", kernel_init=_np_init, p=2.0)
+  x = normal((1, 4, 5, 2))
+  layer = AdderConv(3, 2, padding="VALID", kernel_init=np_init, p=2.0)
   params = jax.jit(layer.init)(KEY, x)
   w = np.asarray(params["params"]["adder_kernel"])
 
@@ -212,7 +200,7 @@ def test_p_as_attribute_or_traced_call_argument():
   for p in (1.5, 2.0):
     np.testing.assert_allclose(apply(params, x, jnp.float32(p)), oracle(p), rtol=1e-5)
   assert len(traces) == 1
-  dense = AdderDense(2, kernel_init=_np_init)
+  dense = AdderDense(2, kernel_init=np_init)
   h = x.reshape(20, 2)
   dense_params = dense.init(KEY, h)
   kernel = np.asarray(dense_params["params"]["adder_kernel"])

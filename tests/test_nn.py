@@ -1,5 +1,7 @@
 """Tests for the Flax NNX adder layers in adderjax.nn."""
 
+import functools
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -7,34 +9,21 @@ import numpy as np
 import optax
 import pytest
 
-from adderjax.nn import AdderConv
-from adderjax.nn import AdderDense
-from adderjax.nn import AdderExponent
-from adderjax.nn import AdderKernel
-from adderjax.nn import float32_statistics
-from adderjax.nn import set_exponent
-from adderjax.ops import adder_conv
-from adderjax.ops import adder_dense
+from adderjax.nn import (
+  AdderConv,
+  AdderDense,
+  AdderExponent,
+  AdderKernel,
+  float32_statistics,
+  set_exponent,
+)
+from adderjax.ops import adder_conv, adder_dense
 from adderjax.optim import addernet_sgd
+from tests._util import chex_variants, normal, np_init, np_init_layer
 from tests.ops.loop_reference import adder_conv_and_grads
 
-
-def _normal(shape: tuple[int, ...], seed: int = 0) -> jax.Array:
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
-def _np_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-  # JAX's RNG compiles anew, slowly, for each shape; NumPy keeps the tests fast.
-  del key
-  return _normal(shape).astype(dtype)
-
-
-def _conv(*args, **kwargs) -> AdderConv:
-  return AdderConv(*args, kernel_init=_np_init, rngs=nnx.Rngs(0), **kwargs)
-
-
-def _dense(*args, **kwargs) -> AdderDense:
-  return AdderDense(*args, kernel_init=_np_init, rngs=nnx.Rngs(0), **kwargs)
+_conv = functools.partial(np_init_layer, AdderConv)
+_dense = functools.partial(np_init_layer, AdderDense)
 
 
 # AdderConv: values and shapes
@@ -51,7 +40,7 @@ def _dense(*args, **kwargs) -> AdderDense:
 )
 def test_conv_matches_op_on_own_kernel(options, op_padding):
   layer = _conv(4, 6, (3, 2), **options)
-  x = _normal((2, 7, 6, 4))
+  x = normal((2, 7, 6, 4))
   want = adder_conv(
       x,
       layer.kernel[...],
@@ -80,7 +69,7 @@ def test_conv_matches_op_on_own_kernel(options, op_padding):
 def test_conv_output_shape_matches_nnx_conv(options):
   x = jnp.zeros((2, 9, 8, 3))
   layer = _conv(3, 5, 3, **options)
-  conv = nnx.Conv(3, 5, (3, 3), kernel_init=_np_init, rngs=nnx.Rngs(0), **options)
+  conv = nnx.Conv(3, 5, (3, 3), kernel_init=np_init, rngs=nnx.Rngs(0), **options)
   assert jax.eval_shape(layer, x).shape == jax.eval_shape(conv, x).shape
 
 
@@ -90,7 +79,7 @@ def test_conv_output_shape_matches_nnx_conv(options):
 )
 def test_conv_circular_and_reflect_pad_the_input(mode, np_mode, strides, out_hw):
   layer = _conv(2, 3, (3, 4), strides=strides, padding=mode)
-  x = _normal((1, 6, 7, 2))
+  x = normal((1, 6, 7, 2))
   # A (3, 4) kernel takes (1, 1) rows and (1, 2) columns, as nnx.Conv pads.
   padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 2), (0, 0)), mode=np_mode)
   want = adder_conv(jnp.asarray(padded), layer.kernel[...], strides=strides, padding="VALID")
@@ -111,9 +100,10 @@ def test_conv_matches_numpy():
   np.testing.assert_allclose(layer(jnp.asarray(x)), want, rtol=1e-6)
 
 
-def test_conv_leading_batch_dims_and_unbatched_input():
-  layer = _conv(3, 4, 3, strides=2)
-  x = _normal((2, 3, 6, 6, 3))
+@chex_variants(with_jit=True, without_jit=True)
+def test_conv_leading_batch_dims_and_unbatched_input(variant):
+  layer = variant(_conv(3, 4, 3, strides=2))
+  x = normal((2, 3, 6, 6, 3))
   flat = layer(x.reshape(6, 6, 6, 3))
   y = layer(x)
   assert y.shape == (2, 3, 3, 3, 4)
@@ -128,7 +118,7 @@ def test_conv_bias_is_an_ordinary_param_added_to_the_output():
   assert type(layer.bias) is nnx.Param
   np.testing.assert_array_equal(layer.bias[...], jnp.zeros(3))
   layer.bias[...] = jnp.array([1.0, -2.0, 3.0])
-  x = _normal((1, 4, 4, 2))
+  x = normal((1, 4, 4, 2))
   want = adder_conv(x, layer.kernel[...]) + jnp.array([1.0, -2.0, 3.0])
   np.testing.assert_allclose(layer(x), want, rtol=1e-6)
   assert _conv(2, 3, 3).bias is None
@@ -141,7 +131,7 @@ def test_conv_feature_groups_kernel_shape():
 
 
 def test_conv_dtypes():
-  x = _normal((1, 5, 5, 2))
+  x = normal((1, 5, 5, 2))
   bf16 = _conv(2, 3, 3, dtype=jnp.bfloat16, use_bias=True, bias_init=nnx.initializers.ones)
   assert bf16.kernel.dtype == jnp.float32
   # The input is rounded to the compute dtype, the kernel and the output are not.
@@ -171,21 +161,22 @@ def test_conv_input_with_wrong_channels_raises():
 # AdderDense
 
 
-def test_dense_matches_numpy_and_op():
+@chex_variants(with_jit=True, without_jit=True)
+def test_dense_matches_numpy_and_op(variant):
   layer = _dense(3, 2)
   assert layer.kernel.shape == (3, 2)
   x = np.array([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]], np.float32)
   w = np.asarray(layer.kernel[...])
   want = -np.abs(x[:, :, None] - w[None]).sum(1)
-  np.testing.assert_allclose(layer(jnp.asarray(x)), want, rtol=1e-6)
-  np.testing.assert_array_equal(layer(jnp.asarray(x)),
-                                adder_dense(jnp.asarray(x), layer.kernel[...]))
+  got = variant(layer)(jnp.asarray(x))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_array_equal(got, adder_dense(jnp.asarray(x), layer.kernel[...]))
 
 
 def test_dense_shapes_bias_and_dtypes():
   layer = _dense(4, 3, use_bias=True, bias_init=nnx.initializers.ones)
   assert type(layer.bias) is nnx.Param
-  x = _normal((2, 5, 4))
+  x = normal((2, 5, 4))
   y = layer(x)
   assert y.shape == (2, 5, 3)
   np.testing.assert_allclose(y, adder_dense(x, layer.kernel[...]) + 1.0, rtol=1e-6)
@@ -205,9 +196,9 @@ def test_dense_shapes_bias_and_dtypes():
 class _Mixed(nnx.Module):
 
   def __init__(self, rngs: nnx.Rngs):
-    self.conv = AdderConv(1, 4, 3, use_bias=True, kernel_init=_np_init, rngs=rngs)
+    self.conv = AdderConv(1, 4, 3, use_bias=True, kernel_init=np_init, rngs=rngs)
     self.bn = nnx.BatchNorm(4, momentum=0.9, rngs=rngs)
-    self.fc = AdderDense(4, 3, use_bias=True, kernel_init=_np_init, rngs=rngs)
+    self.fc = AdderDense(4, 3, use_bias=True, kernel_init=np_init, rngs=rngs)
     self.head = nnx.Linear(3, 2, rngs=rngs)
 
 
@@ -228,7 +219,7 @@ def test_state_filter_finds_exactly_the_adder_kernels():
         lambda: AdderDense(256, 128, rngs=nnx.Rngs(0)),
     ],
 )
-def test_default_kernel_init_is_standard_normal(layer):
+def test_default_kernel_init_is_standardnormal(layer):
   kernel = np.asarray(layer().kernel[...])
   assert abs(kernel.mean()) < 0.02
   assert 0.97 < kernel.std() < 1.03
@@ -318,8 +309,8 @@ def test_without_p_there_is_no_exponent_variable():
 class _Tiny(nnx.Module):
 
   def __init__(self, rngs: nnx.Rngs):
-    self.conv = AdderConv(1, 2, 1, kernel_init=_np_init, rngs=rngs)
-    self.fc = AdderDense(2, 2, kernel_init=_np_init, rngs=rngs)
+    self.conv = AdderConv(1, 2, 1, kernel_init=np_init, rngs=rngs)
+    self.fc = AdderDense(2, 2, kernel_init=np_init, rngs=rngs)
 
 
 def test_set_exponent_in_a_jitted_step_compiles_once():
@@ -341,7 +332,7 @@ def test_set_exponent_in_a_jitted_step_compiles_once():
     optimizer.update(model, nnx.grad(loss)(model))
     return loss(model)
 
-  x = _normal((2, 3, 3, 1))
+  x = normal((2, 3, 3, 1))
   for p in (2.0, 1.5, 1.0, 1.7):
     step(model, optimizer, x, jnp.float32(p))
     assert float(model.conv.p[...]) == float(model.fc.p[...]) == float(np.float32(p))
@@ -353,7 +344,8 @@ def test_set_exponent_in_a_jitted_step_compiles_once():
 
 def test_set_exponent_checks_p_and_needs_the_variables_under_jit():
   model = _Mixed(nnx.Rngs(0))
-  for bad, match in ((0.9, r"p must be in \[1, 2\], got p=0.9"), (jnp.ones(3), "p must be a scalar")):
+  for bad, match in ((0.9, r"p must be in \[1, 2\], got p=0.9"),
+                     (jnp.ones(3), "p must be a scalar")):
     with pytest.raises(ValueError, match=match):
       set_exponent(model, bad)
   with pytest.raises(ValueError, match="conv was built without p"):

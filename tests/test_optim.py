@@ -1,5 +1,6 @@
 """Tests for adderjax.optim against independent NumPy computations."""
 
+import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -8,12 +9,14 @@ import optax
 import pytest
 
 from adderjax.nn import AdderKernel
-from adderjax.optim import adder_kernel_mask
-from adderjax.optim import addernet_sgd
-from adderjax.optim import only_adder_kernels
-from adderjax.optim import OnlyAdderKernelsState
-from adderjax.optim import scale_by_adaptive_lr
-from adderjax.optim import ScaleByAdaptiveLrState
+from adderjax.optim import (
+  OnlyAdderKernelsState,
+  ScaleByAdaptiveLrState,
+  adder_kernel_mask,
+  addernet_sgd,
+  only_adder_kernels,
+  scale_by_adaptive_lr,
+)
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -172,7 +175,7 @@ def test_only_adder_kernels_with_nothing_selected():
   grads = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
   tx = only_adder_kernels(scale_by_adaptive_lr())
   updates, _ = tx.update(grads, tx.init(grads))
-  jax.tree.map(np.testing.assert_array_equal, updates, grads)
+  chex.assert_trees_all_equal(updates, grads)
 
 
 def test_only_adder_kernels_remembers_nnx_types_from_init():
@@ -327,8 +330,7 @@ def test_inject_hyperparams_addernet_sgd_trains_like_the_plain_transform():
       optax.inject_hyperparams(addernet_sgd)(learning_rate=0.1))
   assert want_losses[0] > want_losses[-1]
   np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
-  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(params, want_params, rtol=1e-6, atol=1e-7)
   hyperparams = optimizer.opt_state.hyperparams
   assert float(hyperparams["learning_rate"][...]) == pytest.approx(0.1)
   assert float(hyperparams["eta"][...]) == pytest.approx(0.2)
@@ -342,8 +344,7 @@ def test_inject_hyperparams_scale_by_adaptive_lr_matches_the_plain_transform():
   losses, params, _ = _train_losses(
       tx(optax.inject_hyperparams(scale_by_adaptive_lr)(eta=0.3)))
   np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
-  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(params, want_params, rtol=1e-6, atol=1e-7)
 
 
 def test_array_learning_rate_under_jit_and_vmap():
@@ -357,13 +358,12 @@ def test_array_learning_rate_under_jit_and_vmap():
   want = jax.jit(lambda: addernet_sgd(0.1, eta=0.3).update(
       grads, addernet_sgd(0.1).init(params), params)[0])()
   for got in (step(jnp.asarray(0.1)), jax.jit(step)(jnp.asarray(0.1))):
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(a, b, rtol=1e-6)
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
   # A learning-rate sweep in one call: the updates scale with the rate.
   swept = jax.jit(jax.vmap(step))(jnp.asarray([0.1, 0.3]))
-  for a, b in zip(jax.tree.leaves(swept), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a[0], b, rtol=1e-6)
-    np.testing.assert_allclose(a[1], 3 * np.asarray(b), rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], swept), want, rtol=1e-6)
+  chex.assert_trees_all_close(jax.tree.map(lambda a: a[1], swept),
+                              jax.tree.map(lambda b: 3 * b, want), rtol=1e-5, atol=1e-7)
 
 
 def test_multi_steps_accumulates_the_mean_gradient():

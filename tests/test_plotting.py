@@ -38,7 +38,8 @@ def test_feature_scatter_2d_and_3d():
   xs, ys, zs = ax3.collections[2]._offsets3d
   np.testing.assert_allclose(np.stack([xs, ys, zs], 1), deep[12:15])
   assert fig.get_suptitle() == "Figure 1"
-  with pytest.raises(ValueError, match=r"features\['x'\] must be \(20, 2\) or \(20, 3\).*\(20, 4\)"):
+  with pytest.raises(ValueError,
+                     match=r"features\['x'\] must be \(20, 2\) or \(20, 3\).*\(20, 4\)"):
     plotting.feature_scatter({"x": rng.normal(size=(20, 4))}, labels)
 
 
@@ -97,7 +98,8 @@ def test_learning_curves_from_workdirs(tmp_path):
     lines = [{"step": s, "train_loss": scale / s} for s in (10, 20, 30)]
     lines.append({"step": 30, "eval_accuracy": 0.9 / scale})
     (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-  fig = plotting.learning_curves({"adaptive": tmp_path / "adaptive", "none": str(tmp_path / "none")})
+  fig = plotting.learning_curves({"adaptive": tmp_path / "adaptive",
+                                  "none": str(tmp_path / "none")})
   _render(fig)
   loss_ax, accuracy_ax = fig.axes
   assert loss_ax.get_title() == "training loss" and loss_ax.get_yscale() == "log"
@@ -161,3 +163,21 @@ def test_import_error_names_the_extra(monkeypatch):
   monkeypatch.delitem(sys.modules, "adderjax.plotting")
   with pytest.raises(ImportError, match=r"pip install 'adderjax\[plot\]'"):
     importlib.import_module("adderjax.plotting")
+
+
+def test_attack_curves_draw_each_model_in_increasing_epsilon():
+  fig = plotting.attack_curves(
+      {"FGSM": {"CNN": {0.2: 0.1, 0.0: 0.99, 0.1: 0.6}, "AdderNet": {0.0: 0.98, 0.1: 0.7}},
+       "PGD-7": {"CNN": {0.0: 0.99, 0.1: 0.3}}}, title="attacks")
+  _render(fig)
+  fgsm_ax, pgd_ax = fig.axes
+  cnn, adder = fgsm_ax.get_lines()
+  assert (cnn.get_xdata().tolist() == [0.0, 0.1, 0.2]
+          and cnn.get_ydata().tolist() == [0.99, 0.6, 0.1])
+  assert adder.get_ydata().tolist() == [0.98, 0.7]
+  assert [t.get_text() for t in fgsm_ax.get_legend().get_texts()] == ["CNN", "AdderNet"]
+  assert (fgsm_ax.get_title(), pgd_ax.get_title()) == ("FGSM", "PGD-7")
+  with pytest.raises(ValueError, match=r"accuracies\['FGSM'\]\['CNN'\]\[0.1\] must lie in"):
+    plotting.attack_curves({"FGSM": {"CNN": {0.1: 60.0}}})
+  with pytest.raises(ValueError, match="Nothing to plot"):
+    plotting.attack_curves({})

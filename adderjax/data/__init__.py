@@ -52,8 +52,8 @@ from adderjax.data.pipeline import (
     steps_per_epoch,
     train_batches,
 )
-from adderjax.data.sources import SOURCES, ArraySource, Source, load_source, parse_split
 from adderjax.data.remote import REMOTES, DownloadError, data_home, download, is_downloaded
+from adderjax.data.sources import SOURCES, ArraySource, Source, load_source, parse_split
 from adderjax.data.specs import DATASETS, DatasetSpec
 
 __all__ = [

@@ -12,8 +12,8 @@ reads the image knows; :func:`random_resized_crop_box` turns them into a box.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+import math
 
 import numpy as np
 

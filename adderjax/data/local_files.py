@@ -15,7 +15,8 @@ import zlib
 
 import numpy as np
 
-__all__ = ["DataError", "load_cifar_python", "load_mnist_idx", "mnist_arrays", "parse_idx", "read_idx"]
+__all__ = ["DataError", "load_cifar_python", "load_mnist_idx", "mnist_arrays", "parse_idx",
+           "read_idx"]
 
 PathLike = str | os.PathLike
 

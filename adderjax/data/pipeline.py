@@ -15,11 +15,11 @@ padded with zero images whose ``"mask"`` is False.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 import concurrent.futures
 import dataclasses
 import functools
 import sys
-from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax

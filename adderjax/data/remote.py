@@ -26,11 +26,13 @@ Example:
   >>> data.is_downloaded("mnist", splits=("test",), data_dir=tempfile.mkdtemp())
   False
   >>> directory = data.download("mnist")  # doctest: +SKIP
-  >>> source = data.load_source("mnist", "train", source="idx", data_dir=directory)  # doctest: +SKIP
+  >>> source = data.load_source("mnist", "train", source="idx",
+  ...                           data_dir=directory)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 import contextlib
 import dataclasses
 import hashlib
@@ -43,10 +45,9 @@ import sys
 import tarfile
 import tempfile
 import time
+from typing import IO
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
-from typing import IO
 
 from adderjax._paths import user_cache_dir
 from adderjax.data.local_files import DataError
@@ -118,7 +119,8 @@ class Remote:
   unpacks_to: str = ""
 
 
-_MNIST_TRAIN = (RemoteFile("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873", 9912422),
+_MNIST_TRAIN = (RemoteFile("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                           9912422),
                 RemoteFile("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432", 28881))
 _MNIST_TEST = (RemoteFile("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3", 1648877),
                RemoteFile("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c", 4542))
@@ -264,7 +266,8 @@ def download(dataset: str, *, splits: Sequence[str] | None = None,
     base_urls = ((mirror,) if mirror else ()) + remote.base_urls
   elif isinstance(base_urls, str) or not base_urls or not all(
       isinstance(u, str) and u for u in base_urls):
-    raise ValueError(f"base_urls must be a non-empty sequence of URLs, got base_urls={base_urls!r}.")
+    raise ValueError("base_urls must be a non-empty sequence of URLs, "
+                     f"got base_urls={base_urls!r}.")
   directory = pathlib.Path(data_dir).expanduser() if data_dir else dataset_dir(dataset)
   directory.mkdir(parents=True, exist_ok=True)
   show = sys.stderr.isatty() if progress is None else progress

@@ -38,7 +38,12 @@ from adderjax.models.convert import TORCH_MODELS, from_torch
 from adderjax.models.inference import inference_function
 from adderjax.models.layers import KINDS
 from adderjax.models.lenet import LeNet5BN, LeNetPP, lenet5_bn, lenet_pp
-from adderjax.models.pretrained_models import PRETRAINED, PretrainedModel, pretrained, pretrained_names
+from adderjax.models.pretrained_models import (
+    PRETRAINED,
+    PretrainedModel,
+    pretrained,
+    pretrained_names,
+)
 from adderjax.models.registry import INPUT_SHAPES, MODELS, get, input_shape, names
 from adderjax.models.resnet import (
     BasicBlock,

@@ -1,14 +1,15 @@
-"""Recomputing BatchNorm running statistics over training batches, or shifting them to a derived model."""
+"""Recomputing BatchNorm running statistics over training batches, or shifting them to a derived
+model."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
+import functools
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 __all__ = ["recompute_batch_norm_stats", "shift_batch_norm_stats"]
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax
 from flax import nnx
+import jax
 
 __all__ = ["inference_function"]
 

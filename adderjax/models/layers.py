@@ -25,8 +25,8 @@ from flax.typing import Dtype, PaddingLike
 import jax
 import jax.numpy as jnp
 
-from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense, float32_statistics
 from adderjax._checks import positive_int as check_positive_int
+from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense, float32_statistics
 from adderjax.ops.dispatch import ImplementationLike, check_implementation
 from adderjax.ops.spec import GradMode, check_grad_mode
 
@@ -70,8 +70,8 @@ def batch_norm(features: int, *, rngs: nnx.Rngs, dtype: Dtype | None = None,
 
   It normalises in float32 whatever ``dtype`` is, and returns ``dtype``
   (:func:`adderjax.nn.float32_statistics`): an adder output's offset is too
-  large for half precision. ``model.train()`` and ``model.eval()`` switch it between batch statistics
-  (updating the running ones) and the running statistics.
+  large for half precision. ``model.train()`` and ``model.eval()`` switch it between batch
+  statistics (updating the running ones) and the running statistics.
 
   Args:
     features: the number of channels.

@@ -17,15 +17,15 @@ import jax
 import jax.numpy as jnp
 
 from adderjax._checks import is_int
+from adderjax.models.layers import (
+  Kind,
+  Layers,
+  check_inputs,
+  check_positive_int,
+  max_pool,
+)
 from adderjax.ops import ImplementationLike
 from adderjax.ops.spec import GradMode
-from adderjax.models.layers import (
-    Kind,
-    Layers,
-    check_inputs,
-    check_positive_int,
-    max_pool,
-)
 
 __all__ = ["LeNet5BN", "LeNetPP", "lenet5_bn", "lenet_pp"]
 

@@ -26,8 +26,8 @@ from collections.abc import Mapping
 import dataclasses
 import hashlib
 import importlib.resources
-import pathlib
 from importlib.resources.abc import Traversable
+import pathlib
 from types import MappingProxyType
 from typing import Any
 

@@ -19,16 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from adderjax._checks import is_int
+from adderjax.models.layers import (
+  Kind,
+  Layers,
+  check_inputs,
+  check_positive_int,
+  global_average_pool,
+  max_pool,
+)
 from adderjax.ops import ImplementationLike
 from adderjax.ops.spec import GradMode
-from adderjax.models.layers import (
-    Kind,
-    Layers,
-    check_inputs,
-    check_positive_int,
-    global_average_pool,
-    max_pool,
-)
 
 __all__ = [
     "BasicBlock",

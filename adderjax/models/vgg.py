@@ -9,9 +9,9 @@ from flax.typing import Dtype
 import jax
 import jax.numpy as jnp
 
+from adderjax.models.layers import Kind, Layers, check_inputs, check_positive_int, max_pool
 from adderjax.ops import ImplementationLike
 from adderjax.ops.spec import GradMode
-from adderjax.models.layers import Kind, Layers, check_inputs, check_positive_int, max_pool
 
 __all__ = ["VGGSmall", "vgg_small"]
 

@@ -3,7 +3,7 @@
 The integer layers of `adderjax.quant` sum ``|a_q - m w_q|`` (``m = 2`` for
 unsigned inputs, 1 for signed ones) in int32. The XLA loops do it in int32
 lanes, at the float adder's rate at best; the FFI handlers of
-``csrc/adder_int_cpu.cc``, built into the library of `adderjax.ops.cpu_native`,
+``csrc/adder_int_cpu.cc``, built into the library of `adderjax.ops.native_build`,
 do it in narrower lanes, exactly:
 
 - ``"uint8"`` (bits <= 8): ``vpsadbw``, 32 pairs per AVX2 instruction. Unsigned
@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adderjax.ops import cpu_native
+from adderjax.ops import native_build
 from adderjax.ops.spec import ConvSpec
 
-__all__ = ["Lanes", "integer_adder", "lanes_for"]
+__all__ = ["Lanes", "integer_forward", "lanes_for"]
 
 Lanes = Literal["uint8", "int16"]
 
@@ -56,7 +56,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _channels_per_vector() -> int:
-  return int(cpu_native._load()[0].AdderjaxIntegerChannelsPerVector())
+  return int(native_build.load()[0].AdderjaxIntegerChannelsPerVector())
 
 
 def _pad_groups(a, group_sizes: Sequence[int], multiple: int, fill: int = 0):
@@ -105,37 +105,40 @@ def _filters(kernel: jax.Array, group_sizes: Sequence[int], lanes: Lanes,
   return packed.astype(dtype), _pad_groups(constant, group_sizes, n)
 
 
-def integer_adder(x: jax.Array, quantizer: jax.Array, kernel: jax.Array,
-                  group_sizes: Sequence[int], spec: ConvSpec, *, lanes: Lanes, signed: bool,
-                  channels: Sequence[int] | None = None,
-                  epilogue: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
+def integer_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *, quantizer: jax.Array,
+                    group_sizes: Sequence[int], lanes: Lanes, signed: bool,
+                    channels: Sequence[int] | None = None,
+                    epilogue: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
   """``-sum |a_q - m w_q|`` over each patch, each group against its own codes of ``x``.
 
-  The kernel quantizes ``x`` itself, a window of rows at a time, as
+  The native counterpart of `adderjax.ops.xla.integer_forward`, with the same
+  leading arguments, except that ``x`` is the float input: the kernel
+  quantizes it itself, a window of rows at a time, as
   `adderjax.quant.quantize_activations` does: ``clip(round(x * mult_g), lo,
-  hi)``, rounding half to even; the padding is the code of 0.0.
+  hi)``, rounding half to even; the padding is the code of 0.0. The sums are
+  bit for bit those of `adderjax.ops.xla.integer_forward` on the codes.
 
   Args:
     x: the layer's input, ``(B, H, W, C)`` float32, not padded.
+    w: the weight codes ``w_q``, ``(kh, kw, C, O)``, output channels sorted
+      by group (``group_sizes[0]`` of the first, ...).
+    spec: the layer's geometry (``groups == 1``).
     quantizer: ``(G + 2,)`` float32: each group's multiplier
       (`adderjax.quant.activation_multiplier`), then the lowest and the highest
       code.
-    kernel: the weight codes ``w_q``, ``(kh, kw, C, O)``, output channels
-      sorted by group (``group_sizes[0]`` of the first, ...).
     group_sizes: the number of output channels of each group.
-    spec: the layer's geometry (``groups == 1``).
     lanes: `lanes_for` the layer's bits (not None).
     signed: whether the codes are signed (``m = 1``), else unsigned (``m = 2``).
-    channels: where each of ``kernel``'s output channels goes in the result
-      (a permutation of ``range(O)``); None keeps ``kernel``'s order.
+    channels: where each of ``w``'s output channels goes in the result (a
+      permutation of ``range(O)``); None keeps ``w``'s order.
     epilogue: None for the int32 sums, or ``(step, correction, bias)`` of each
-      output channel (float32, ``(O,)``, sorted as ``kernel``) for the float32
+      output channel (float32, ``(O,)``, sorted as ``w``) for the float32
       ``step * acc + correction + bias``.
 
   Returns:
     ``(B, Ho, Wo, O)``, int32 or float32, channels placed by ``channels``.
   """
-  kh, kw, _, out = kernel.shape
+  kh, kw, _, out = w.shape
   batch = x.shape[0]
   ho, wo = spec.output_spatial(x.shape[1:3], (kh, kw))
   out_dtype = jnp.int32 if epilogue is None else jnp.float32
@@ -144,20 +147,20 @@ def integer_adder(x: jax.Array, quantizer: jax.Array, kernel: jax.Array,
   ((top, _), (left, _)) = spec.padding
   # Signed codes in uint8 lanes are shifted by 128, the padding (the code 0) with them.
   shift = 128 if lanes == "uint8" and signed else 0
-  w, constant = _filters(kernel, group_sizes, lanes, signed)
+  packed, constant = _filters(w, group_sizes, lanes, signed)
   n = _channels_per_vector()
   channels = np.arange(out) if channels is None else np.asarray(channels, np.int64)
   if sorted(channels.tolist()) != list(range(out)):
     raise ValueError(f"channels must be a permutation of range({out}), got channels={channels}.")
   # The padding lanes of each group's last vector go nowhere (-1).
   lanes_to_channels = _pad_groups(channels, group_sizes, n, fill=-1)
-  target, _ = cpu_native.INTEGER_TARGETS[(lanes, epilogue is not None)]
+  target, _ = native_build.INTEGER_TARGETS[(lanes, epilogue is not None)]
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((batch, ho, wo, out), out_dtype),
                           vmap_method="sequential")
   (sh, sw), (dh, dw) = spec.strides, spec.dilation
   extra = () if epilogue is None else tuple(
       _pad_groups(jnp.asarray(e, jnp.float32), group_sizes, n) for e in epilogue)
-  return call(jnp.asarray(x, jnp.float32), jnp.asarray(quantizer, jnp.float32), w, constant,
+  return call(jnp.asarray(x, jnp.float32), jnp.asarray(quantizer, jnp.float32), packed, constant,
               *extra, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw),
               dh=np.int64(dh), dw=np.int64(dw), top=np.int64(top), left=np.int64(left),
               shift=np.int64(shift), group_sizes=np.asarray(group_sizes, np.int64),

@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import functools
-from collections.abc import Callable, Sequence
-from typing import Literal, Protocol, TypeAlias, TypeVar
+import types
+from typing import Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from adderjax.ops import cpu_native, lp, pallas_gpu, reference, xla
-from adderjax.ops.pallas_gpu import PallasAdderConv
 from adderjax.ops.spec import ConvSpec, GradMode, check_grad_mode, check_p, conv_spec
 
-__all__ = ["IMPLEMENTATIONS", "Implementation", "ImplementationLike", "ImplementationName",
-           "adder_conv", "adder_dense", "check_implementation"]
+__all__ = ["DEFAULT_ORDER", "IMPLEMENTATIONS", "Implementation", "ImplementationLike",
+           "ImplementationName", "adder_conv", "adder_dense", "check_implementation"]
 
 
+@runtime_checkable
 class Implementation(Protocol):
-  """What an entry of `IMPLEMENTATIONS` provides: a module or an object with these."""
+  """What an `adder_conv` implementation provides.
+
+  An entry of `IMPLEMENTATIONS`, or an object passed as ``implementation=``
+  (a `PallasAdderConv` with its own options, say). It must be hashable
+  (`jax.custom_vjp` takes it as a static argument). The methods are called
+  with operands of one floating dtype (float32, or float64), which they keep.
+  `adderjax.ops.sharding.KernelImplementation` is the base of those made of
+  custom kernels, the XLA loops where they have none.
+  """
+
+  def unsupported_reason(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> str | None:
+    """None where it can run this layer here, else why not.
+
+    One line that completes ``implementation=<the value> ...`` in the error of
+    an explicit request, and says what to use instead.
+    """
 
   def forward(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array: ...
 
@@ -34,80 +50,73 @@ class Implementation(Protocol):
 ImplementationName = Literal["xla", "cpu", "reference", "pallas", "pallas_interpret"]
 """The names of the implementations `adder_conv` ships (keys of `IMPLEMENTATIONS`)."""
 
-ImplementationLike: TypeAlias = ImplementationName | PallasAdderConv | None
+ImplementationLike: TypeAlias = ImplementationName | Implementation | None
 """What ``implementation=`` takes: ``None`` (the fastest that runs here), a name,
-or a `PallasAdderConv` carrying its own kernel options."""
+or an `Implementation` object, such as a `PallasAdderConv` carrying its own
+kernel options."""
 
 
-IMPLEMENTATIONS: dict[str, Implementation] = {
-    "xla": xla,
+IMPLEMENTATIONS: Mapping[str, Implementation] = types.MappingProxyType({
+    "xla": xla.XlaAdderConv(),
     "cpu": cpu_native.NativeCpuAdderConv(),
-    "reference": reference,
+    "reference": reference.ReferenceAdderConv(),
     "pallas": pallas_gpu.PallasAdderConv(),
     "pallas_interpret": pallas_gpu.PallasAdderConv(interpret=True),
-}
-"""Each provides ``forward``, ``input_grad`` and ``weight_grad``, called with
-operands of one floating dtype (float32, or float64) that they keep.
+})
+"""The implementations ``implementation=`` names (read-only; a new backend is
+one module and one line here).
 
+``"xla"`` runs the XLA loops of `adderjax.ops.xla` on any backend;
 ``"cpu"`` runs the native CPU kernels of `adderjax.ops.cpu_native` (built on
 first use) where they apply and the XLA loops elsewhere;
+``"reference"`` the broadcasting oracle of `adderjax.ops.reference`;
 ``"pallas"`` compiles the kernels of `adderjax.ops.pallas_gpu` for a GPU;
 ``"pallas_interpret"`` runs the same kernels in Pallas' interpreter on any
 backend (slow: for tests and debugging). Where this JAX lacks Pallas' Triton
 lowering (`adderjax.ops.pallas_gpu.UNAVAILABLE_REASON`), both raise when
 asked for by name, and ``None`` runs ``"xla"``."""
 
+DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
+    "cpu": ("cpu", "xla"),
+    "gpu": ("pallas", "xla"),
+})
+"""What ``implementation=None`` tries, per JAX default backend: the first whose
+``unsupported_reason`` is None. Other backends run ``"xla"``."""
+
+_OTHER_BACKENDS = ("xla",)
+
 PaddingLike = str | Sequence[tuple[int, int]]
 
 
 def check_implementation(implementation: object) -> ImplementationLike:
   """Returns ``implementation`` if `adder_conv` accepts it, else raises a ValueError naming it."""
-  if (implementation is not None and not isinstance(implementation, PallasAdderConv)
-      and (not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS)):
-    raise ValueError(f"implementation must be None or one of {tuple(IMPLEMENTATIONS)}, or a "
-                     f"PallasAdderConv instance, got implementation={implementation!r}.")
-  return implementation  # type: ignore[return-value]
-
-
-def _gpu_backend() -> bool:
-  return jax.default_backend() == "gpu"
+  if isinstance(implementation, str):
+    if implementation in IMPLEMENTATIONS:
+      return implementation  # type: ignore[return-value]
+  elif implementation is None or isinstance(implementation, Implementation):
+    return implementation
+  raise ValueError(f"implementation must be None or one of {tuple(IMPLEMENTATIONS)}, or an "
+                   f"Implementation object such as a PallasAdderConv instance, got "
+                   f"implementation={implementation!r}.")
 
 
 def _resolve_implementation(implementation: ImplementationLike, x: jax.Array, w: jax.Array,
                             spec: ConvSpec) -> Implementation:
-  """The implementation to run: ``None`` becomes the fastest that can run here.
+  """The implementation to run, ``implementation`` being checked already.
 
-  ``None`` is ``"pallas"`` on a GPU backend when this JAX has Pallas' Triton
-  lowering and the kernels support the layer, ``"cpu"`` on a CPU backend when
-  the native kernels are built, else ``"xla"``. An explicit Pallas or ``"cpu"``
-  implementation that cannot run raises and says why.
+  ``None`` becomes the first of `DEFAULT_ORDER` that can run the layer here
+  (``"xla"`` always can); a named or given implementation that cannot raises
+  its reason.
   """
-  implementation = check_implementation(implementation)
-  on_cpu = not _gpu_backend() and jax.default_backend() == "cpu"
   if implementation is None:
-    if on_cpu:
-      return IMPLEMENTATIONS["cpu" if cpu_native.available() else "xla"]
-    usable = (_gpu_backend() and pallas_gpu.UNAVAILABLE_REASON is None
-              and pallas_gpu.unsupported_reason(x.shape, w.shape, spec) is None)
-    return IMPLEMENTATIONS["pallas" if usable else "xla"]
+    for name in DEFAULT_ORDER.get(jax.default_backend(), _OTHER_BACKENDS):
+      if IMPLEMENTATIONS[name].unsupported_reason(x, w, spec) is None:
+        return IMPLEMENTATIONS[name]
+    return IMPLEMENTATIONS["xla"]
   impl = IMPLEMENTATIONS[implementation] if isinstance(implementation, str) else implementation
-  if isinstance(impl, cpu_native.NativeCpuAdderConv):
-    cpu_native.check_usable()
-  if isinstance(impl, PallasAdderConv):
-    if pallas_gpu.UNAVAILABLE_REASON is not None:
-      raise ValueError(f"implementation={implementation!r} runs Pallas kernels, but "
-                       f"{pallas_gpu.UNAVAILABLE_REASON}. Use implementation='xla' (or None, "
-                       f"which picks it).")
-    if not impl.interpret and not _gpu_backend():
-      raise ValueError(
-          f"implementation={implementation!r} compiles Triton kernels for a GPU, but JAX's "
-          f"default backend is {jax.default_backend()!r}. Use implementation='pallas_interpret' "
-          f"to run the same kernels in Pallas' interpreter, or 'xla' (or None, which picks "
-          f"'xla' here).")
-    reason = pallas_gpu.unsupported_reason(x.shape, w.shape, spec)
-    if reason is not None:
-      raise ValueError(f"implementation={implementation!r} cannot run this layer: {reason}. "
-                       f"Use implementation='xla'.")
+  reason = impl.unsupported_reason(x, w, spec)
+  if reason is not None:
+    raise ValueError(f"implementation={implementation!r} {reason}")
   return impl
 
 
@@ -298,9 +307,9 @@ def adder_conv(
       ``"pallas"`` (the GPU kernels of `adderjax.ops.pallas_gpu`; a GPU
       backend only), ``"pallas_interpret"`` (the same kernels in Pallas'
       interpreter, any backend; slow, for tests and debugging),
-      ``"reference"`` (the broadcasting oracle; small shapes only), or a
-      `PallasAdderConv` instance: the kernels with its options (tiles,
-      warps, ``method``, ``interpret``).
+      ``"reference"`` (the broadcasting oracle; small shapes only), or an
+      `Implementation` object, such as a `PallasAdderConv` instance: the
+      kernels with its options (tiles, warps, ``method``, ``interpret``).
     preferred_element_type: the result's dtype; None (default) for the
       accumulation dtype, float32 or float64. A half-precision type here
       rounds the output (see above).
@@ -343,24 +352,22 @@ def adder_conv(
   spec = conv_spec(x, w, strides=strides, padding=padding, rhs_dilation=rhs_dilation,
                    feature_group_count=feature_group_count)
   p_value = None if p is None else check_p(p)
-  if not x.shape[0]:  # An empty batch: the empty result, whatever the implementation.
-    check_grad_mode(grad_mode)
-    check_implementation(implementation)
-    out_hw = spec.output_spatial(x.shape[1:3], w.shape[:2])
-    return jnp.zeros((0, *out_hw, w.shape[3]), _output_dtype(x, w, preferred_element_type))
-  if p is None or p_value == 1:
-    return _adder_conv(x, w, spec, check_grad_mode(grad_mode),
-                       _resolve_implementation(implementation, x, w, spec),
-                       _output_dtype(x, w, preferred_element_type))
+  grad_mode = check_grad_mode(grad_mode)
   implementation = check_implementation(implementation)
+  out_dtype = _output_dtype(x, w, preferred_element_type)
+  if not x.shape[0]:  # An empty batch: the empty result, whatever the implementation.
+    out_hw = spec.output_spatial(x.shape[1:3], w.shape[:2])
+    return jnp.zeros((0, *out_hw, w.shape[3]), out_dtype)
+  if p is None or p_value == 1:
+    return _adder_conv(x, w, spec, grad_mode, _resolve_implementation(implementation, x, w, spec),
+                       out_dtype)
   kernels = lp.KERNELS["reference" if implementation == "reference" else "xla"]
   if p_value is None:  # Traced: the L1 implementation is one of the branches.
     l1, branch = _resolve_implementation(implementation, x, w, spec), "switch"
   else:
     l1, branch = None, "square" if p_value == 2 else "general"
-  return _lp_adder_conv(x, w, jnp.asarray(p, _compute_dtype(x, w)), spec,
-                        check_grad_mode(grad_mode), l1, kernels, branch,
-                        _output_dtype(x, w, preferred_element_type))
+  return _lp_adder_conv(x, w, jnp.asarray(p, _compute_dtype(x, w)), spec, grad_mode, l1, kernels,
+                        branch, out_dtype)
 
 
 def adder_dense(

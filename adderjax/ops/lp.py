@@ -1,4 +1,5 @@
-"""Kernels for adder layers with an exponent: ``-sum |X - F|^p``, 1 < p <= 2, and its exact gradient.
+"""Kernels for adder layers with an exponent: ``-sum |X - F|^p``, 1 < p <= 2, and its exact
+gradient.
 
 The lp adders of the papers that followed AdderNet (Chen et al., "Adder Neural
 Networks", TPAMI, arXiv:2105.14202; Liu et al., "Winograd Algorithm for
@@ -21,12 +22,12 @@ Operands arrive in one dtype, ``p`` as a scalar of that dtype; the caller casts.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
+import dataclasses
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from adderjax.ops import reference, xla
 from adderjax.ops.spec import ConvSpec

@@ -54,7 +54,7 @@ Where the code is, the tokamax way:
 - this module: `PallasAdderConv`, the kernels' options and the entry point
   of `adderjax.ops.adder_conv`, and `unsupported_reason`;
 - `adderjax.ops.pallas_kernels`: the kernels and their ``pallas_call``;
-- `adderjax.ops.pallas_reference`: their geometry and jnp references;
+- `adderjax.ops.window_geometry`: their window geometry and jnp references;
 - `adderjax.ops.sharding`: the multi-device wrapper shared with the native
   CPU kernels (XLA cannot partition a custom call, so under a mesh the
   kernels run per batch shard).
@@ -67,17 +67,18 @@ with that reason.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 from collections.abc import Sequence
+import dataclasses
+import functools
+import importlib
 from typing import Any, Literal
 
 import jax
 
 from adderjax._checks import is_int
-from adderjax.ops import sharding, xla
-from adderjax.ops.pallas_reference import next_power_of_2
+from adderjax.ops import sharding
 from adderjax.ops.spec import ConvSpec, GradMode
+from adderjax.ops.window_geometry import next_power_of_2
 
 __all__ = ["DEFAULT", "FORWARD_METHODS", "MIN_PROGRAMS", "UNAVAILABLE_REASON", "PallasAdderConv",
            "unsupported_reason"]
@@ -99,20 +100,6 @@ UNAVAILABLE_REASON: str | None = _unavailable_reason()
 XLA implementations run."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Kernel:
-  """A Pallas kernel bound to a layer and options: hashable, for `sharding.per_batch_shard`."""
-
-  kind: str
-  spec: ConvSpec
-  options: PallasAdderConv
-
-  def __call__(self, *operands: jax.Array) -> jax.Array:
-    from adderjax.ops import pallas_kernels  # imports the Triton lowering
-    kernel = pallas_kernels.forward if self.kind == "forward" else pallas_kernels.input_grad
-    return kernel(*operands, spec=self.spec, options=self.options)
-
-
 FORWARD_METHODS = ("abs", "max")
 MIN_PROGRAMS = 256
 """The default ``block_m`` shrinks (to 16 at least) until a launch has this many
@@ -125,13 +112,19 @@ def _is_power_of_2(n: int) -> bool:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PallasAdderConv:
+class PallasAdderConv(sharding.KernelImplementation):
   """The adder kernels with their launch options, as an `adder_conv` implementation.
 
   `adderjax.ops.IMPLEMENTATIONS` holds ``"pallas"`` (compiled for the GPU)
   and ``"pallas_interpret"`` (the same kernels in Pallas' interpreter, on any
   backend, for tests and debugging). Other instances can be built to tune the
-  options, called directly or registered under a new name.
+  options, called directly or passed as ``implementation=``.
+
+  The kernels compute the forward pass and the ``"full_precision"`` input
+  gradient; the ``"unclipped"`` input gradient (a transposed convolution),
+  the ``"sign"`` one and the weight gradient (a convolution's, at
+  ``Precision.HIGHEST``) are those of `adderjax.ops.xla`
+  (`adderjax.ops.sharding.KernelImplementation`).
 
   Attributes:
     interpret: run the kernels in Pallas' interpreter instead of compiling them.
@@ -180,25 +173,32 @@ class PallasAdderConv:
     if self.method not in FORWARD_METHODS:
       raise ValueError(f"method must be one of {FORWARD_METHODS}, got method={self.method!r}.")
 
-  def forward(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
-    """``-sum |Xpad - F|`` over each patch, (B, Ho, Wo, O): `pallas_kernels.forward`."""
-    return sharding.per_batch_shard(_Kernel("forward", spec, self), "forward", x, w)
+  def unsupported_reason(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> str | None:
+    """Why the kernels cannot run this layer here, or None.
 
-  def input_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
-                 grad_mode: GradMode) -> jax.Array:
-    """The input gradient: the kernel `pallas_kernels.input_grad` for ``"full_precision"``.
-
-    ``"unclipped"`` (a transposed convolution) and ``"sign"`` use
-    `adderjax.ops.xla.input_grad`.
+    Without Pallas' Triton lowering (`UNAVAILABLE_REASON`), compiled on a
+    backend other than GPU, or past the kernels' int32 offsets (the module's
+    `unsupported_reason`).
     """
-    if grad_mode != "full_precision":
-      return xla.input_grad(x, w, g, spec, grad_mode)
-    return sharding.per_batch_shard(_Kernel("input_grad", spec, self), "input_grad", x, w, g)
+    if UNAVAILABLE_REASON is not None:
+      return (f"runs Pallas kernels, but {UNAVAILABLE_REASON}. Use implementation='xla' (or None, "
+              f"which picks it).")
+    if not self.interpret and jax.default_backend() != "gpu":
+      return (f"compiles Triton kernels for a GPU, but JAX's default backend is "
+              f"{jax.default_backend()!r}. Use implementation='pallas_interpret' to run the same "
+              f"kernels in Pallas' interpreter, or 'xla' (or None, which picks 'xla' here).")
+    reason = unsupported_reason(x.shape, w.shape, spec)
+    return None if reason is None else f"cannot run this layer: {reason}. Use implementation='xla'."
 
-  def weight_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
-                  grad_mode: GradMode) -> jax.Array:
-    """The filter gradient: `adderjax.ops.xla.weight_grad` (a convolution's, at HIGHEST)."""
-    return xla.weight_grad(x, w, g, spec, grad_mode)
+  def has_kernel(self, kind: sharding.KernelName, dtype, grad_mode: GradMode | None) -> bool:
+    del dtype  # float32 and float64 alike
+    return kind == "forward" or (kind == "input_grad" and grad_mode == "full_precision")
+
+  def kernel(self, kind: sharding.KernelName):
+    """`pallas_kernels.forward` or `pallas_kernels.input_grad` with these options."""
+    from adderjax.ops import pallas_kernels  # imports the Triton lowering
+    run = pallas_kernels.forward if kind == "forward" else pallas_kernels.input_grad
+    return functools.partial(run, options=self)
 
   def tiles(self, rows: int, columns: int, groups: int = 1) -> tuple[int, int]:
     """The ``(block_m, block_n)`` for ``groups`` outputs of ``rows x columns`` each."""

@@ -2,7 +2,7 @@
 
 `forward` and `input_grad` (``grad_mode="full_precision"``) each launch an
 "L1 GEMM" with implicit im2col; `adderjax.ops.pallas_gpu` explains them and
-`adderjax.ops.pallas_reference` holds their geometry and jnp references.
+`adderjax.ops.window_geometry` holds their window geometry and jnp references.
 Both take their launch options as a `adderjax.ops.pallas_gpu.PallasAdderConv`.
 This module imports Pallas' Triton lowering: import it only where that is
 available (`adderjax.ops.pallas_gpu.UNAVAILABLE_REASON` is ``None``).
@@ -15,20 +15,20 @@ import math
 from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
 
-from adderjax.ops.pallas_reference import (
-    ForwardGeometry,
-    InputGradGeometry,
-    forward_geometry,
-    input_grad_phases,
-    next_power_of_2,
-    patch_offsets,
-)
 from adderjax.ops.spec import ConvSpec
+from adderjax.ops.window_geometry import (
+  ForwardGeometry,
+  InputGradGeometry,
+  forward_geometry,
+  input_grad_phases,
+  next_power_of_2,
+  patch_offsets,
+)
 
 if TYPE_CHECKING:
   from adderjax.ops.pallas_gpu import PallasAdderConv

@@ -10,13 +10,15 @@ The gradients are the formulas of the paper applied to that broadcast; the
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from adderjax.ops.spec import ConvSpec
 
-__all__ = ["forward", "input_grad", "lp_forward", "lp_input_grad", "lp_weight_grad", "unfold",
-           "weight_grad"]
+__all__ = ["ReferenceAdderConv", "forward", "input_grad", "lp_forward", "lp_input_grad",
+           "lp_weight_grad", "unfold", "weight_grad"]
 
 
 def unfold(x: jax.Array, kernel_hw: tuple[int, int], spec: ConvSpec) -> jax.Array:
@@ -89,6 +91,18 @@ def _input_grad_of(factor: jax.Array, x: jax.Array, g: jax.Array, w_shape: tuple
   dpatches = dpatches.reshape(*dpatches.shape[:5], -1)
   _, unfold_vjp = jax.vjp(lambda v: unfold(v, (kh, kw), spec), x)
   return unfold_vjp(dpatches)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceAdderConv:
+  """``implementation="reference"`` of `adderjax.ops.adder_conv`: the broadcasts above."""
+
+  def unsupported_reason(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> None:
+    """None: it runs any layer (that fits in memory)."""
+
+  forward = staticmethod(forward)
+  input_grad = staticmethod(input_grad)
+  weight_grad = staticmethod(weight_grad)
 
 
 def lp_forward(x: jax.Array, w: jax.Array, p: jax.Array, spec: ConvSpec) -> jax.Array:

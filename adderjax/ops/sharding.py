@@ -13,25 +13,33 @@ there. :func:`per_batch_shard` keeps the batch split instead:
   `jax.custom_batching.custom_vmap` rule (custom_partitioning cannot be
   batched itself). On one device both lower to the plain kernel.
 
-A kernel is a hashable callable (so its partitioned wrapper is built once)
-of ``(x, w)`` (``kind="forward"``) or ``(x, w, g)`` (``kind="input_grad"`` and
-``kind="weight_grad"``). A weight gradient sums over the batch: each device
-sums its shard and a ``psum`` over the batch's mesh axes adds the shards up,
-the result replicated.
+The implementations made of such kernels (`adderjax.ops.cpu_native`,
+`adderjax.ops.pallas_gpu`) derive from :class:`KernelImplementation`: each says
+which kernels it has (``has_kernel``) and gives them (``kernel``); the base
+class runs those per batch shard, as a :class:`BoundKernel`, and everything
+else with the XLA loops of `adderjax.ops.xla`. A kernel of kind ``"forward"``
+takes ``(x, w)``, ``"input_grad"`` and ``"weight_grad"`` take ``(x, w, g)``. A
+weight gradient sums over the batch: each device sums its shard and a ``psum``
+over the batch's mesh axes adds the shards up, the result replicated.
 """
-
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+import dataclasses
+import functools
 from typing import Literal
 
 import jax
 from jax import custom_batching
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding
+from jax.typing import DTypeLike
 
-__all__ = ["KernelName", "explicit_batch_axes", "per_batch_shard"]
+from adderjax.ops import xla
+from adderjax.ops.spec import ConvSpec, GradMode
+
+__all__ = ["BoundKernel", "KernelImplementation", "KernelName", "explicit_batch_axes",
+           "per_batch_shard"]
 
 KernelName = Literal["forward", "input_grad", "weight_grad"]
 
@@ -50,6 +58,70 @@ _SHARDING_RULES = {
 _SUMMED_OVER_BATCH = ("weight_grad",)
 
 
+class KernelImplementation:
+  """An `adder_conv` implementation made of custom kernels, the XLA loops where it has none.
+
+  A subclass (hashable: a frozen dataclass) defines `has_kernel` and `kernel`,
+  and `unsupported_reason` where it cannot run everywhere; ``forward``,
+  ``input_grad`` and ``weight_grad`` are this class's: each runs the kernel
+  per batch shard (`per_batch_shard`) where `has_kernel` says so, else the
+  XLA loops (`adderjax.ops.xla`), so a backend decides what it covers in one
+  place and never calls the loops itself.
+  """
+
+  def unsupported_reason(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> str | None:
+    """Why this implementation cannot run the layer here, or None (the default: it can).
+
+    The reason completes ``implementation=<the value> ...`` in `adder_conv`'s error: one line
+    saying what is missing and what to use instead.
+    """
+    del x, w, spec
+    return None
+
+  def has_kernel(self, kind: KernelName, dtype: DTypeLike, grad_mode: GradMode | None) -> bool:
+    """Whether a kernel computes ``kind`` for ``dtype`` operands (forward: ``grad_mode=None``)."""
+    raise NotImplementedError
+
+  def kernel(self, kind: KernelName) -> Callable[..., jax.Array]:
+    """The kernel of ``kind``: a function of the operands and ``spec=`` (a `ConvSpec`)."""
+    raise NotImplementedError
+
+  def forward(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
+    """``-sum |Xpad - F|`` over each patch: ``(B, Ho, Wo, O)``."""
+    if self.has_kernel("forward", x.dtype, None):
+      return per_batch_shard(BoundKernel(self, "forward", spec), x, w)
+    return xla.forward(x, w, spec)
+
+  def input_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                 grad_mode: GradMode) -> jax.Array:
+    """The input gradient of ``grad_mode`` (`adderjax.ops.xla.input_grad`): ``x``'s shape."""
+    if self.has_kernel("input_grad", x.dtype, grad_mode):
+      return per_batch_shard(BoundKernel(self, "input_grad", spec), x, w, g)
+    return xla.input_grad(x, w, g, spec, grad_mode)
+
+  def weight_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                  grad_mode: GradMode) -> jax.Array:
+    """The filter gradient of ``grad_mode`` (`adderjax.ops.xla.weight_grad`): ``w``'s shape."""
+    if self.has_kernel("weight_grad", x.dtype, grad_mode):
+      return per_batch_shard(BoundKernel(self, "weight_grad", spec), x, w, g)
+    return xla.weight_grad(x, w, g, spec, grad_mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundKernel:
+  """One kernel of an implementation bound to a layer's geometry.
+
+  Hashable, so that its partitioned wrapper is built once per layer.
+  """
+
+  implementation: KernelImplementation
+  kind: KernelName
+  spec: ConvSpec
+
+  def __call__(self, *operands: jax.Array) -> jax.Array:
+    return self.implementation.kernel(self.kind)(*operands, spec=self.spec)
+
+
 def explicit_batch_axes(x: jax.Array):
   """``(mesh, batch axes)`` if ``x``'s type carries an explicit sharding, else ``None``.
 
@@ -62,20 +134,18 @@ def explicit_batch_axes(x: jax.Array):
   return mesh, sharding.spec[0] if sharding.spec else None
 
 
-def per_batch_shard(kernel: Callable[..., jax.Array], kind: KernelName,
-                    *operands: jax.Array) -> jax.Array:
+def per_batch_shard(kernel: BoundKernel, *operands: jax.Array) -> jax.Array:
   """Runs ``kernel(*operands)`` per batch shard; see the module docstring.
 
   Args:
-    kernel: A hashable callable of the operands.
-    kind: ``"forward"`` (operands ``x, w``), ``"input_grad"`` or ``"weight_grad"``
-      (``x, w, g``).
-    *operands: The kernel's operands, the batch leading ``x`` (and ``g``).
+    kernel: The kernel; its ``kind`` says which operands carry the batch.
+    *operands: ``x, w`` (``kind="forward"``) or ``x, w, g``, the batch leading ``x`` and ``g``.
 
   Returns:
     The kernel's result: batch-sharded as ``x``, or (a weight gradient)
     summed over the whole batch and replicated.
   """
+  kind = kernel.kind
   explicit = explicit_batch_axes(operands[0])
   if explicit is not None:
     mesh, axes = explicit
@@ -88,7 +158,7 @@ def per_batch_shard(kernel: Callable[..., jax.Array], kind: KernelName,
     return jax.shard_map(_summed(kernel, axes) if summed else kernel, mesh=mesh,
                          in_specs=in_specs, out_specs=jax.P() if summed else batched,
                          check_vma=False)(*operands)
-  return _auto_partitioned(kernel, kind)(*operands)
+  return _auto_partitioned(kernel)(*operands)
 
 
 def _summed(kernel: Callable[..., jax.Array], axes) -> Callable[..., jax.Array]:
@@ -99,7 +169,9 @@ def _summed(kernel: Callable[..., jax.Array], axes) -> Callable[..., jax.Array]:
 
 
 @functools.cache
-def _auto_partitioned(kernel: Callable[..., jax.Array], kind: KernelName) -> Callable:
+def _auto_partitioned(kernel: BoundKernel) -> Callable:
+  kind = kernel.kind
+
   def fn(*operands):  # positional only: custom_partitioning binds the signature
     return kernel(*operands)
 

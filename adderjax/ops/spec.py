@@ -7,14 +7,14 @@ their inputs and `jax.custom_vjp` can take it as a static argument.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import numbers
-from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from adderjax._checks import ZERO_PADDINGS, canonical_padding, positive_int, positive_pair
 

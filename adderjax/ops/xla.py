@@ -26,21 +26,27 @@ often a step streams the accumulator through memory:
   ``sum g * (X - F)`` is a convolution's weight gradient minus
   ``F * sum(g)``. So is the unclipped input gradient.
 
-Operands arrive in one dtype (float32 for half-precision inputs); the caller casts.
+What the functions take: `forward`, `input_grad` and `weight_grad` (and the
+``factor_*`` loops) take operands of one floating dtype, float32 or float64
+(`adder_conv` casts half precision to float32 first), and keep it;
+`integer_forward` takes integer operands and sums in int32, exactly (the
+integer layers of `adderjax.quant`). `XlaAdderConv` is ``implementation="xla"``
+of `adderjax.ops.adder_conv`: these loops on any backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from adderjax.ops.spec import ConvSpec
 
-__all__ = ["MAX_CHUNK", "MAX_TERMS", "MAX_TILE", "MIN_CHUNK", "factor_input_grad",
-           "factor_weight_grad", "forward", "input_grad", "weight_grad"]
+__all__ = ["MAX_CHUNK", "MAX_TERMS", "MAX_TILE", "MIN_CHUNK", "XlaAdderConv", "factor_input_grad",
+           "factor_weight_grad", "forward", "input_grad", "integer_forward", "weight_grad"]
 
 MAX_CHUNK = 16
 MIN_CHUNK = 8
@@ -175,6 +181,71 @@ def forward(x: jax.Array, w: jax.Array, spec: ConvSpec,
   acc = _batch_zeros(x, (tiles, x.shape[0], *out_hw, groups, tile), batch_axis=1)
   acc = lax.fori_loop(0, kh * count * tiles, step, acc)
   return -_untile(acc, per_group).reshape(*acc.shape[1:4], out)
+
+
+def integer_forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
+  """``-sum |Xpad - F|`` over each patch of integer operands, in int32: ``(B, Ho, Wo, O)``.
+
+  The loops of `forward` on integers: subtract, abs and add, exact as long as
+  every partial sum fits int32 (the caller bounds the codes: the integer
+  layers of `adderjax.quant` sum ``|a_q - m w_q|`` of at most 16 bits each).
+  The zero padding is the integer 0.
+
+  Args:
+    x: ``(B, H, W, C)`` of an integer dtype (codes), not padded.
+    w: ``(kh, kw, C // groups, O)`` of an integer dtype.
+    spec: the layer's geometry (`adderjax.ops.spec.conv_spec` of float
+      stand-ins of the same shapes).
+
+  Returns:
+    The int32 sums, ``(B, Ho, Wo, O)``.
+
+  Raises:
+    TypeError: for an operand that is not of an integer dtype.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from adderjax.ops import xla
+    >>> from adderjax.ops.spec import ConvSpec
+    >>> spec = ConvSpec(strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1)
+    >>> x = jnp.array([3, -1], jnp.int32).reshape(1, 1, 1, 2)
+    >>> w = jnp.array([1, 2], jnp.int8).reshape(1, 1, 2, 1)
+    >>> xla.integer_forward(x, w, spec)  # -(|3 - 1| + |-1 - 2|)
+    Array([[[[-5]]]], dtype=int32)
+  """
+  for name, a in (("x", x), ("w", w)):
+    if not jnp.issubdtype(a.dtype, jnp.integer):
+      raise TypeError(f"{name} must have an integer dtype (use forward for floats), got "
+                      f"{name} of dtype {a.dtype}.")
+  return forward(x.astype(jnp.int32), w.astype(jnp.int32), spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaAdderConv:
+  """``implementation="xla"`` of `adderjax.ops.adder_conv`: the loops of this module.
+
+  It runs every layer on every backend, in float32 or float64.
+  """
+
+  def unsupported_reason(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> str | None:
+    """None: the loops run any layer anywhere."""
+    del x, w, spec
+    return None
+
+  def forward(self, x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
+    """`forward`."""
+    return forward(x, w, spec)
+
+  def input_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                 grad_mode: str) -> jax.Array:
+    """`input_grad`."""
+    return input_grad(x, w, g, spec, grad_mode)
+
+  def weight_grad(self, x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                  grad_mode: str) -> jax.Array:
+    """`weight_grad`."""
+    return weight_grad(x, w, g, spec, grad_mode)
 
 
 def _conv(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:

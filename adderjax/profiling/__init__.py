@@ -7,7 +7,8 @@ multiply-accumulate; ``AdderConv``/``AdderDense``: two additions;
 ``BinaryConv``/``BinaryDense``: one XNOR and one addition), with a row per
 layer call; the projections and the attention of ``nnx.MultiHeadAttention``
 too (the query-key scores as additions for
-:func:`adderjax.nn.adder_attention`, as products otherwise). :func:`estimate_energy` prices them with the 45 nm figures of
+:func:`adderjax.nn.adder_attention`, as products otherwise). :func:`estimate_energy` prices
+them with the 45 nm figures of
 Horowitz (ISSCC 2014), :func:`estimate_latency` with the paper's VIA Nano 2000
 cycles. ``python -m adderjax.profiling MODEL [--compare]`` prints both for the
 models of :mod:`adderjax.models`.
@@ -97,12 +98,22 @@ official code adds.
 """
 
 from adderjax.profiling.cli import main, profile
-from adderjax.profiling.costs import (CYCLE_TABLES, ENERGY_TABLES, Cost, EnergyTable,
-                                      estimate_energy, estimate_latency)
-from adderjax.profiling.counting import (COUNTED_LAYERS, LAYER_KINDS, LayerCount, OpCounts,
-                                         count_ops)
-from adderjax.profiling.report import (format_comparison, format_cost, format_layers,
-                                       format_totals, human)
+from adderjax.profiling.costs import (
+                                      CYCLE_TABLES,
+                                      ENERGY_TABLES,
+                                      Cost,
+                                      EnergyTable,
+                                      estimate_energy,
+                                      estimate_latency,
+)
+from adderjax.profiling.counting import COUNTED_LAYERS, OPS, LayerCount, OpCounts, count_ops
+from adderjax.profiling.report import (
+                                      format_comparison,
+                                      format_cost,
+                                      format_layers,
+                                      format_totals,
+                                      human,
+)
 
 __all__ = [
     "COUNTED_LAYERS",
@@ -110,9 +121,9 @@ __all__ = [
     "Cost",
     "ENERGY_TABLES",
     "EnergyTable",
-    "LAYER_KINDS",
     "LayerCount",
     "OpCounts",
+    "OPS",
     "count_ops",
     "estimate_energy",
     "estimate_latency",

@@ -26,13 +26,13 @@ filters; for a dense layer it is the leading (non-feature) output dims times
 ``out_features`` times ``kernel.size``).
 
 The attention inside every :class:`flax.nnx.MultiHeadAttention` is counted
-too, as two rows per call, paths ``"<attention>.scores"`` and
-``"<attention>.values"`` (``layer_type`` ``"attention"``, no parameters):
+too, as two rows per call, paths ``"<attention>/scores"`` and
+``"<attention>/values"`` (``layer_type`` ``"attention"``, no parameters):
 the query-key similarity, ``batch * heads * q_length * kv_length * depth``
-MACs, of kind ``"adder"`` for :func:`adderjax.nn.adder_attention`
+MACs, of op ``"adder"`` for :func:`adderjax.nn.adder_attention`
 (subtraction and accumulation, as in an adder layer) and ``"mac"`` for any
 other ``attention_fn`` (dot products); and the weighted sum of the values,
-``batch * heads * q_length * kv_length * v_depth`` MACs of kind ``"mac"``
+``batch * heads * q_length * kv_length * v_depth`` MACs of op ``"mac"``
 (softmax weights times values, in adder attention too).
 
 Only these are counted, as in the paper: bias adds, BatchNorm, LayerNorm,
@@ -61,19 +61,19 @@ import jax.numpy as jnp
 from adderjax._checks import positive_int
 from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense, adder_attention
 
-__all__ = ["COUNTED_LAYERS", "LAYER_KINDS", "LayerCount", "OpCounts", "count_ops"]
+__all__ = ["COUNTED_LAYERS", "OPS", "LayerCount", "OpCounts", "count_ops"]
 
-LAYER_KINDS = ("mac", "adder", "binary")
-"""The kinds of counted layer: multiply-accumulate, adder, binary."""
+OPS = ("mac", "adder", "binary")
+"""The operations a counted layer's MACs stand for: multiply-accumulate, adder, binary."""
 
 COUNTED_LAYERS: Mapping[type, str] = MappingProxyType({
     nnx.Conv: "mac", nnx.Linear: "mac", nnx.LinearGeneral: "mac", AdderConv: "adder",
     AdderDense: "adder", BinaryConv: "binary", BinaryDense: "binary",
 })
-"""The layer classes :func:`count_ops` counts, mapped to their kind."""
+"""The layer classes :func:`count_ops` counts, mapped to their op (one of :data:`OPS`)."""
 
 
-# (multiplications, additions, xnor) for one multiply-accumulate of each kind.
+# (multiplications, additions, xnor) for one multiply-accumulate of each op.
 _OPS_PER_MAC = {"mac": (1, 1, 0), "adder": (0, 2, 0), "binary": (0, 1, 1)}
 
 
@@ -82,10 +82,12 @@ class LayerCount:
   """The operations of one call of one layer, per example.
 
   Attributes:
-    path: the layer's attribute path in the model, such as ``"layer1.0.conv1"``
+    path: the layer's attribute path in the model, joined by ``"/"`` as in
+      :class:`adderjax.quant.LayerReport`, such as ``"layer1/0/conv1"``
       (``""`` for the model itself).
     layer_type: the layer's class name, such as ``"AdderConv"``.
-    kind: ``"mac"``, ``"adder"`` or ``"binary"``.
+    op: the operation its MACs stand for: ``"mac"`` (multiply-accumulate),
+      ``"adder"`` or ``"binary"``.
     call: 0 for the layer's first call in the traced forward pass, 1 for its
       second, and so on.
     output_shape: the shape of the layer's output in the trace, batch dims
@@ -100,7 +102,7 @@ class LayerCount:
 
   path: str
   layer_type: str
-  kind: str
+  op: str
   call: int
   output_shape: tuple[int, ...]
   macs: int
@@ -118,7 +120,7 @@ class OpCounts:
     multiplications: multiplications per example.
     additions: additions per example.
     xnor: XNOR operations per example.
-    macs: multiply-accumulates (of all kinds) per example.
+    macs: multiply-accumulates (of all ops) per example.
     params: the number of elements of all the model's :class:`flax.nnx.Param`
       variables (BatchNorm scales and biases included, batch statistics not).
     layers: one :class:`LayerCount` per call of a counted layer, in call
@@ -132,39 +134,39 @@ class OpCounts:
   params: int
   layers: tuple[LayerCount, ...]
 
-  def macs_by_kind(self) -> dict[str, int]:
-    """Returns the MACs per example of each kind, ``{"mac": .., "adder": .., "binary": ..}``."""
-    totals = dict.fromkeys(LAYER_KINDS, 0)
+  def macs_by_op(self) -> dict[str, int]:
+    """Returns the MACs per example of each op, ``{"mac": .., "adder": .., "binary": ..}``."""
+    totals = dict.fromkeys(OPS, 0)
     for row in self.layers:
-      totals[row.kind] += row.macs
+      totals[row.op] += row.macs
     return totals
 
 
-def _kind_of(module: Any, kinds: Mapping[type, str]) -> str | None:
-  """The kind of the most derived registered class ``module`` is an instance of."""
+def _op_of(module: Any, layer_ops: Mapping[type, str]) -> str | None:
+  """The op of the most derived registered class ``module`` is an instance of."""
   best = None
-  for cls, kind in kinds.items():
+  for cls, op in layer_ops.items():
     if isinstance(module, cls) and (best is None or issubclass(cls, best[0])):
-      best = (cls, kind)
+      best = (cls, op)
   return None if best is None else best[1]
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
-  return ".".join(str(p) for p in path)
+  return "/".join(str(p) for p in path)
 
 
 def _param_count(node: Any) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(node, nnx.Param)))
 
 
-def _check_kinds(extra_layers: Any) -> dict[type, str]:
+def _check_layer_ops(extra_layers: Any) -> dict[type, str]:
   if not isinstance(extra_layers, Mapping):
-    raise ValueError(f"extra_layers must map layer classes to one of {LAYER_KINDS}, "
+    raise ValueError(f"extra_layers must map layer classes to one of {OPS}, "
                      f"got extra_layers={extra_layers!r}.")
-  for cls, kind in extra_layers.items():
-    if not (isinstance(cls, type) and issubclass(cls, nnx.Module)) or kind not in LAYER_KINDS:
-      raise ValueError(f"extra_layers must map nnx.Module subclasses to one of {LAYER_KINDS}, "
-                       f"got {cls!r}: {kind!r} in extra_layers.")
+  for cls, op in extra_layers.items():
+    if not (isinstance(cls, type) and issubclass(cls, nnx.Module)) or op not in OPS:
+      raise ValueError(f"extra_layers must map nnx.Module subclasses to one of {OPS}, "
+                       f"got {cls!r}: {op!r} in extra_layers.")
   return {**COUNTED_LAYERS, **extra_layers}
 
 
@@ -245,13 +247,13 @@ def _recording(classes: set[type], paths: Mapping[int, str],
 
 @dataclasses.dataclass(frozen=True)
 class _AttentionPart:
-  """A row of an attention call: its kind and the MACs per element of its output shape."""
+  """A row of an attention call: its op and the MACs per element of its output shape."""
 
-  kind: str
+  op: str
   per_output: int
 
 
-def _attention_kind(attention_fn: Any) -> str:
+def _attention_op(attention_fn: Any) -> str:
   while isinstance(attention_fn, functools.partial):
     attention_fn = attention_fn.func
   return "adder" if attention_fn is adder_attention else "mac"
@@ -261,12 +263,12 @@ def _recording_attention(attention_fn: Callable[..., Any], path: str,
                          calls: list[tuple[str, Any, tuple[int, ...]]]) -> Callable[..., Any]:
   """``attention_fn``, appending its two rows (scores, weighted values) to ``calls``."""
 
-  prefix = f"{path}." if path else ""
+  prefix = f"{path}/" if path else ""
 
   def attend(query, key, value, *args, **kwargs):
     *batch, q_length, heads, depth = query.shape
     kv_length = key.shape[-3]
-    calls.append((f"{prefix}scores", _AttentionPart(_attention_kind(attention_fn), depth),
+    calls.append((f"{prefix}scores", _AttentionPart(_attention_op(attention_fn), depth),
                   (*batch, heads, q_length, kv_length)))
     calls.append((f"{prefix}values", _AttentionPart("mac", kv_length),
                   (*batch, q_length, heads, value.shape[-1])))
@@ -275,7 +277,7 @@ def _recording_attention(attention_fn: Callable[..., Any], path: str,
   return attend
 
 
-def _row(path: str, layer: Any, kind: str, call: int, shape: tuple[int, ...], batch_size: int,
+def _row(path: str, layer: Any, op: str, call: int, shape: tuple[int, ...], batch_size: int,
          params: int) -> LayerCount:
   if isinstance(layer, _AttentionPart):
     per_output = layer.per_output
@@ -289,9 +291,9 @@ def _row(path: str, layer: Any, kind: str, call: int, shape: tuple[int, ...], ba
     raise ValueError(f"batch_size={batch_size} does not divide the {total} MACs of the layer "
                      f"{path!r} (output shape {shape}); pass the number of examples in x.")
   macs = total // batch_size
-  muls, adds, xnor = (macs * n for n in _OPS_PER_MAC[kind])
+  muls, adds, xnor = (macs * n for n in _OPS_PER_MAC[op])
   layer_type = "attention" if isinstance(layer, _AttentionPart) else type(layer).__name__
-  return LayerCount(path=path, layer_type=layer_type, kind=kind, call=call,
+  return LayerCount(path=path, layer_type=layer_type, op=op, call=call,
                     output_shape=shape, macs=macs, multiplications=muls, additions=adds,
                     xnor=xnor, params=params if call == 0 else 0)
 
@@ -357,7 +359,7 @@ def count_ops(
       (default: ``x.shape[0]``).
     apply: how to run the model, ``apply(model, x)`` (default:
       ``model(x)``); its output may be any pytree of arrays.
-    extra_layers: more layer classes to count, mapped to ``"mac"``,
+    extra_layers: more layer classes to count, mapped to their op, ``"mac"``,
       ``"adder"`` or ``"binary"``. Their instances need a ``kernel``
       parameter whose last dim is the output features, must do
       ``kernel.size / kernel.shape[-1]`` MACs per output element, and must
@@ -376,12 +378,12 @@ def count_ops(
       raise ValueError(f"x must have a leading batch dim, or pass batch_size; got x={x!r}.")
     batch_size = x.shape[0]
   batch_size = positive_int(batch_size, "batch_size")
-  kinds = _check_kinds({} if extra_layers is None else extra_layers)
+  layer_ops = _check_layer_ops({} if extra_layers is None else extra_layers)
   run = apply if apply is not None else (lambda m, inputs: m(inputs))
 
   layer_params = {}
   for path, module in nnx.iter_modules(model):
-    if _kind_of(module, kinds) is not None:
+    if _op_of(module, layer_ops) is not None:
       layer_params[_path_name(path)] = _param_count(module)
 
   graphdef, state = nnx.split(model)
@@ -393,7 +395,7 @@ def count_ops(
     clone.eval()  # Running BatchNorm statistics, no Dropout: the same layer calls, traced faster.
     paths, classes = {}, set()
     for path, module in nnx.iter_modules(clone):
-      if _kind_of(module, kinds) is not None:
+      if _op_of(module, layer_ops) is not None:
         paths[id(module)] = _path_name(path)
         classes.add(type(module))
       if isinstance(module, nnx.MultiHeadAttention):
@@ -405,9 +407,9 @@ def count_ops(
       call = seen.get(path, 0)
       seen[path] = call + 1
       if isinstance(layer, _AttentionPart):
-        rows.append(_row(path, layer, layer.kind, call, shape, batch_size, 0))
+        rows.append(_row(path, layer, layer.op, call, shape, batch_size, 0))
       else:
-        rows.append(_row(path, layer, _kind_of(layer, kinds), call, shape, batch_size,
+        rows.append(_row(path, layer, _op_of(layer, layer_ops), call, shape, batch_size,
                          layer_params[path]))
     return out
 

@@ -83,10 +83,10 @@ def format_layers(counts: OpCounts) -> str:
   rows = []
   for r in counts.layers:
     name = (r.path or "(model)") + (f" #{r.call + 1}" if r.call else "")
-    rows.append([name, r.layer_type, r.kind, "x".join(map(str, r.output_shape[1:])),
+    rows.append([name, r.layer_type, r.op, "x".join(map(str, r.output_shape[1:])),
                  human(r.macs), human(r.multiplications), human(r.additions), human(r.xnor),
                  human(r.params)])
-  header = ["layer", "type", "kind", "output", "MACs", "muls", "adds", "xnor", "params"]
+  header = ["layer", "type", "op", "output", "MACs", "muls", "adds", "xnor", "params"]
   return _table(header, rows, left=4)
 
 

@@ -100,7 +100,8 @@ def observe_inputs(
     thresholds: Sequence[jax.Array] | None = None,
     apply: Callable[[nnx.Module, Any], Any] | None = None,
 ) -> tuple[list[InputRange], list[jax.Array]]:
-  """Runs ``model`` (in eval mode) on ``batches`` and summarizes the inputs of the layers at ``paths``.
+  """Runs ``model`` (in eval mode) on ``batches`` and summarizes the inputs of the layers at
+  ``paths``.
 
   The model is wrapped in place while it runs and restored afterwards.
 

@@ -61,7 +61,7 @@ Example (pixels in [0, 1], no normalisation):
   >>> from adderjax import models, quant
   >>> model = models.lenet5_bn(kind="adder", rngs=nnx.Rngs(0))
   >>> pixels = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), np.uint8)
-  >>> qmodel, _ = quant.quantize(model, [pixels / np.float32(255)], bits=8, groups=2)
+  >>> qmodel, _ = quant.quantize(model, [pixels / np.float32(255)], bits=8, scale_groups=2)
   >>> program = quant.lower(qmodel, input_shape=(28, 28, 1))
   >>> logits = program.run(pixels)
   >>> logits.shape, logits.dtype
@@ -132,7 +132,7 @@ class Tensor:
     shape: ``(height, width, channels)``.
     kind: ``"codes"`` (input codes of an adder layer) or ``"wide"``
       (fixed point, ``value = t * 2^-fraction_bits``, int32).
-    groups: codes: the number of copies (scale groups of the consumer).
+    scale_groups: codes: the number of copies (the scale groups of the consumer).
     bits: codes: their bits.
     signed: codes: signed quantizer.
     fraction_bits: wide: the fixed point's fraction bits.
@@ -145,15 +145,15 @@ class Tensor:
   kind: str
   low: np.ndarray
   high: np.ndarray
-  groups: int = 1
+  scale_groups: int = 1
   bits: int = 0
   signed: bool = False
   fraction_bits: int = 0
 
   @property
   def size(self) -> int:
-    """Elements per image (all groups)."""
-    return self.groups * math.prod(self.shape)
+    """Elements per image (all scale groups)."""
+    return self.scale_groups * math.prod(self.shape)
 
 
 @dataclasses.dataclass(eq=False)
@@ -305,7 +305,8 @@ class IntegerProgram:
     """
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8 or pixels.shape[1:] != self.input_shape or pixels.ndim != 4:
-      raise ValueError(f"pixels must be uint8 of shape (N, {', '.join(map(str, self.input_shape))}), "
+      raise ValueError("pixels must be uint8 of shape "
+                       f"(N, {', '.join(map(str, self.input_shape))}), "
                        f"got {pixels.dtype} of shape {pixels.shape}.")
     out = [self._run(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
     if not out:
@@ -525,8 +526,9 @@ class _Lowering:
     per_unit = levels / (scales * (2 if signed else 1))
     lo, hi = (-2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, levels)
     shape = self.shape(value)
-    out = self.tensor(path + "/codes", shape=shape, kind="codes", groups=len(scales), bits=bits,
-                      signed=signed, low=np.full(shape[-1], lo), high=np.full(shape[-1], hi))
+    out = self.tensor(path + "/codes", shape=shape, kind="codes", scale_groups=len(scales),
+                      bits=bits, signed=signed, low=np.full(shape[-1], lo),
+                      high=np.full(shape[-1], hi))
     if value is None:
       x = self.pixel_values()
       table = np.clip(np.round(x[None] * per_unit[:, None, None]), lo, hi).astype(np.int64)
@@ -554,10 +556,10 @@ class _Lowering:
   def layer(self, value: str | None, layer: Any, path: str, bn: Any = None, bn_path: str = "",
             relu: bool = False) -> str:
     """A sum layer (adder or multiplicative, conv or dense), its BatchNorm and ReLU folded in."""
-    from flax import nnx  # noqa: PLC0415
+    from flax import nnx
 
-    from adderjax.nn import AdderConv, AdderDense  # noqa: PLC0415
-    from adderjax.quant.layers import QuantizedAdderConv, QuantizedAdderDense  # noqa: PLC0415
+    from adderjax.nn import AdderConv, AdderDense
+    from adderjax.quant.layers import QuantizedAdderConv, QuantizedAdderDense
 
     if isinstance(layer, (AdderConv, AdderDense)):
       raise ValueError(f"layer {path} is a float {type(layer).__name__} (left in float, "
@@ -600,7 +602,7 @@ class _Lowering:
     bias = getattr(layer, "bias", None)
     bias = np.zeros(cout) if bias is None else np.asarray(bias[...], np.float64)
     if adder:
-      from adderjax.quant.quantizers import input_multiplier  # noqa: PLC0415
+      from adderjax.quant.quantizers import input_multiplier
 
       codes = self.codes(value, layer, path)
       t = self.tensors[codes]
@@ -694,7 +696,7 @@ class _Lowering:
 
 
 def _check_relu(activation: Any, path: str) -> None:
-  from flax import nnx  # noqa: PLC0415
+  from flax import nnx
 
   if activation is not nnx.relu:
     name = getattr(activation, "__name__", type(activation).__name__)
@@ -714,7 +716,7 @@ def _lower_lenet(lw: _Lowering, model: Any) -> str:
 
 
 def _lower_basic_block(lw: _Lowering, block: Any, x: str, path: str) -> str:
-  from adderjax.models.resnet import BasicBlock, Downsample  # noqa: PLC0415
+  from adderjax.models.resnet import BasicBlock, Downsample
 
   if type(block) is not BasicBlock:
     raise ValueError(f"unsupported module {path} ({type(block).__module__}."
@@ -793,15 +795,15 @@ def lower(model: Any, *, input_shape: Sequence[int], mean: Sequence[float] | Non
     >>> from adderjax import models, quant
     >>> model = models.lenet5_bn(kind="adder", rngs=nnx.Rngs(0))
     >>> pixels = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), np.uint8)
-    >>> qmodel, _ = quant.quantize(model, [pixels / np.float32(255)], bits=8, groups=2)
+    >>> qmodel, _ = quant.quantize(model, [pixels / np.float32(255)], bits=8, scale_groups=2)
     >>> program = quant.lower(qmodel, input_shape=(28, 28, 1))
     >>> [type(op).__name__ for op in program.operations[:4]]
     ['InputTable', 'AdderSum', 'MaxPool', 'Quantize']
     >>> program.predict(pixels).shape
     (8,)
   """
-  from adderjax.models.lenet import LeNet5BN  # noqa: PLC0415
-  from adderjax.models.resnet import CifarResNet  # noqa: PLC0415
+  from adderjax.models.lenet import LeNet5BN
+  from adderjax.models.resnet import CifarResNet
 
   shape = tuple(input_shape) if isinstance(input_shape, Sequence) else ()
   if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):

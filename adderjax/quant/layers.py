@@ -2,8 +2,8 @@
 
 Each output channel belongs to a group ``g`` with scale ``s_g``; the layer
 quantizes its input once per group (`quantize_activations`), accumulates
-``-sum |a_q - m w_q|`` over the fan-in in int32 with the XLA loops of
-`adderjax.ops.xla` (integer operands: subtract, abs, add), and only then
+``-sum |a_q - m w_q|`` over the fan-in in int32 with the XLA loops
+(`adderjax.ops.xla.integer_forward`: subtract, abs, add), and only then
 returns to floating point: ``y = step_g * acc + b_c (+ bias)``. The layers
 run anywhere XLA does and export with `jax.export`.
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from adderjax._layer_common import pad_input
 from adderjax.ops import cpu_native, cpu_native_int, xla
-from adderjax.ops.spec import conv_spec
+from adderjax.ops.spec import ConvSpec, conv_spec
 from adderjax.quant.quantizers import (
     activation_code_range,
     activation_multiplier,
@@ -83,7 +83,7 @@ class _QuantizedAdder(nnx.Module):
                correction: np.ndarray, *, bits: int, signed_inputs: bool,
                bias: jax.Array | None, implementation: str | None = None):
     channel_group = np.asarray(channel_group, np.int64)
-    groups = len(scales)
+    scale_groups = len(scales)
     # The kernel is kept sorted by group, so that each group is a static slice.
     order = np.argsort(channel_group, kind="stable")
     storage = jnp.int8 if bits <= 8 else jnp.int16
@@ -92,7 +92,7 @@ class _QuantizedAdder(nnx.Module):
     self.correction = QuantizedConstant(jnp.asarray(correction, jnp.float32))
     self.channel_group = QuantizedConstant(jnp.asarray(channel_group, jnp.int32))
     self.bias = nnx.data(None) if bias is None else QuantizedConstant(jnp.asarray(bias))
-    self.group_sizes = tuple(int(np.sum(channel_group == g)) for g in range(groups))
+    self.group_sizes = tuple(int(np.sum(channel_group == g)) for g in range(scale_groups))
     self.inverse_order = tuple(int(i) for i in np.argsort(order))
     self.bits = QuantizedConstant(jnp.asarray(bits, jnp.int32))
     self.signed_inputs = signed_inputs
@@ -104,7 +104,7 @@ class _QuantizedAdder(nnx.Module):
     return self.kernel[...].astype(jnp.int32)[..., jnp.asarray(self.inverse_order)]
 
   def _native(self) -> bool:
-    """Whether this call runs the native kernels (see ``implementation``)."""
+    """Whether this call runs the native kernels (see ``implementation``, checked here)."""
     implementation = check_implementation(self.implementation)
     if implementation == "xla":
       return False
@@ -131,17 +131,15 @@ class _QuantizedAdder(nnx.Module):
   def _restore_order(self, y: jax.Array) -> jax.Array:
     return jnp.take(y, jnp.asarray(self.inverse_order, jnp.int32), axis=-1)
 
-  def _accumulate(self, x: jax.Array, spec_of) -> jax.Array:
+  def _accumulate(self, x: jax.Array, spec: ConvSpec, *, native: bool) -> jax.Array:
     """``-sum |a_q - m w_q|`` of each output channel, int32, original channel order."""
-    if self._native():
-      return self._native_call(x, spec_of)
+    if native:
+      return self._native_call(x, spec)
     codes = self._codes(x)
-    m = input_multiplier(self.signed_inputs)
-    kernel = self.kernel[...].astype(jnp.int32) * m
+    kernel = self.kernel[...].astype(jnp.int32) * input_multiplier(self.signed_inputs)
     sums, start = [], 0
     for g, size in enumerate(self.group_sizes):
-      w = kernel[..., start:start + size]
-      sums.append(xla.forward(codes[g], w, spec_of(codes[g], w)))
+      sums.append(xla.integer_forward(codes[g], kernel[..., start:start + size], spec))
       start += size
     return self._restore_order(jnp.concatenate(sums, axis=-1))
 
@@ -153,7 +151,7 @@ class _QuantizedAdder(nnx.Module):
     y = acc.astype(jnp.float32) * self._channel_step() + self.correction[...]
     return y if self.bias is None else y + self.bias[...]
 
-  def _output(self, x: jax.Array, spec_of) -> jax.Array:
+  def _output(self, x: jax.Array, spec: ConvSpec, *, native: bool) -> jax.Array:
     """The layer's float output: the native kernels' fused epilogue, or the sums dequantized.
 
     The epilogue rounds as XLA's fusion of `_dequantize` does (the product and
@@ -161,19 +159,19 @@ class _QuantizedAdder(nnx.Module):
     give the same floats when jitted; a zero bias where there is none adds
     nothing (``y + 0 = y``).
     """
-    if not self._native():
-      return self._dequantize(self._accumulate(x, spec_of))
+    if not native:
+      return self._dequantize(self._accumulate(x, spec, native=False))
     order = self._sorted_channels()
     bias = jnp.zeros_like(self.correction[...]) if self.bias is None else self.bias[...]
     epilogue = tuple(jnp.asarray(a, jnp.float32)[order]
                      for a in (self._channel_step(), self.correction[...], bias))
-    return self._native_call(x, spec_of, epilogue)
+    return self._native_call(x, spec, epilogue)
 
-  def _native_call(self, x: jax.Array, spec_of, epilogue=None) -> jax.Array:
+  def _native_call(self, x: jax.Array, spec: ConvSpec, epilogue=None) -> jax.Array:
     """The native kernels' int32 sums, or with ``epilogue`` their float outputs, original order."""
-    return cpu_native_int.integer_adder(
-        x.astype(jnp.float32), self._quantizer(), self.kernel[...], self.group_sizes,
-        spec_of(x, self.kernel[...]), lanes=self.lanes, signed=self.signed_inputs,
+    return cpu_native_int.integer_forward(
+        x.astype(jnp.float32), self.kernel[...], spec, quantizer=self._quantizer(),
+        group_sizes=self.group_sizes, lanes=self.lanes, signed=self.signed_inputs,
         channels=self._sorted_channels(), epilogue=epilogue)
 
   def _sorted_channels(self) -> np.ndarray:
@@ -222,17 +220,14 @@ class QuantizedAdderConv(_QuantizedAdder):
     Args:
       inputs: ``(batch, height, width, in_features)`` floats.
     """
-    return self._accumulate(*self._padded(inputs))
+    return self._accumulate(*self._padded(inputs), native=self._native())
 
-  def _padded(self, inputs: jax.Array):
-    """The input (padded here for the periodic and reflecting modes) and its ``spec_of``."""
+  def _padded(self, inputs: jax.Array) -> tuple[jax.Array, ConvSpec]:
+    """The input (padded here for the periodic and reflecting modes) and the layer's spec on it."""
     x, padding = pad_input(inputs, self.kernel.shape[:2], self.kernel_dilation, self.padding)
-
-    def spec_of(codes, w):
-      return conv_spec(_float_struct(codes), _float_struct(w), strides=self.strides,
-                       padding=padding, rhs_dilation=self.kernel_dilation, feature_group_count=1)
-
-    return x, spec_of
+    spec = conv_spec(_float_struct(x), _float_struct(self.kernel), strides=self.strides,
+                     padding=padding, rhs_dilation=self.kernel_dilation, feature_group_count=1)
+    return x, spec
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """The layer's output, ``(*batch, out_height, out_width, out_features)`` floats."""
@@ -241,7 +236,7 @@ class QuantizedAdderConv(_QuantizedAdder):
                        f"shape {tuple(inputs.shape)}.")
     batch_shape = inputs.shape[:-3]
     x = inputs.reshape((math.prod(batch_shape),) + inputs.shape[-3:])
-    y = self._output(*self._padded(x))
+    y = self._output(*self._padded(x), native=self._native())
     return y.reshape(batch_shape + y.shape[1:])
 
 
@@ -275,28 +270,27 @@ class QuantizedAdderDense(_QuantizedAdder):
 
   def accumulate(self, inputs: jax.Array) -> jax.Array:
     """The int32 sums ``-sum_k |a_q[k] - m w_q[k, n]|``, ``(..., out_features)``."""
-    acc = self._accumulate(*self._as_pixels(inputs))
+    native = self._native()
+    acc = self._accumulate(*self._as_pixels(inputs, native), native=native)
     return acc.reshape(*inputs.shape[:-1], acc.shape[-1])
 
-  def _as_pixels(self, inputs: jax.Array):
-    """The inputs as 1x1 convolution inputs, and their ``spec_of``.
+  def _as_pixels(self, inputs: jax.Array, native: bool) -> tuple[jax.Array, ConvSpec]:
+    """The inputs as 1x1 convolution inputs, and the layer's spec on them.
 
     An image per row for the XLA loops; one row of pixels for the native
     kernels, whose tiles span consecutive pixels of a row.
     """
     features = inputs.shape[-1]
-    shape = (1, 1, -1, features) if self._native() else (-1, 1, 1, features)
-
-    def spec_of(codes, w):
-      return conv_spec(_float_struct(codes), _float_struct(w), strides=1, padding="VALID",
-                       rhs_dilation=1, feature_group_count=1)
-
-    return inputs.reshape(shape), spec_of
+    x = inputs.reshape((1, 1, -1, features) if native else (-1, 1, 1, features))
+    spec = conv_spec(_float_struct(x), _float_struct(self.kernel), strides=1, padding="VALID",
+                     rhs_dilation=1, feature_group_count=1)
+    return x, spec
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """The layer's output, ``(..., out_features)`` floats."""
     if inputs.ndim < 1 or inputs.shape[-1] != self.in_features:
       raise ValueError(f"inputs must have shape (..., {self.in_features}), got shape "
                        f"{tuple(inputs.shape)}.")
-    y = self._output(*self._as_pixels(inputs))
+    native = self._native()
+    y = self._output(*self._as_pixels(inputs, native), native=native)
     return y.reshape(*inputs.shape[:-1], y.shape[-1])

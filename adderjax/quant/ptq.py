@@ -41,13 +41,13 @@ class LayerReport:
     kind: ``"conv"`` or ``"dense"``.
     input_range: the calibrated range of ``|x|``.
     signed_inputs: whether inputs were negative in calibration (signed quantizer).
-    scales: each group's scale ``s_g``.
-    group_sizes: the number of output channels in each group.
+    scales: each scale group's scale ``s_g``.
+    group_sizes: the number of output channels in each scale group.
     weight_clipped_fraction: the fraction of weights clipped (exactly
       compensated by ``b_c`` for inputs within the scale).
     activation_clipped_fraction: the fraction of the layer's inputs, in the
       quantized model on the calibration batches, above their group's scale
-      (averaged over the groups by their number of channels).
+      (averaged over the scale groups by their number of channels).
   """
 
   path: str
@@ -60,7 +60,8 @@ class LayerReport:
   activation_clipped_fraction: float
 
   @property
-  def groups(self) -> int:
+  def scale_groups(self) -> int:
+    """The number of scale groups of the layer's output channels."""
     return len(self.scales)
 
 
@@ -75,12 +76,12 @@ class QuantizationReport:
   def format(self) -> str:
     """A plain-text table, one line per layer."""
     lines = [f"{self.method}, {self.bits} bits",
-             f"{'layer':<22} {'kind':<5} {'range':>8} {'sign':>4} {'groups':>6} "
+             f"{'layer':<22} {'kind':<5} {'range':>8} {'sign':>4} {'scale groups':>12} "
              f"{'scales':<32} {'w clip':>7} {'a clip':>7}"]
     for r in self.layers:
       scales = ", ".join(f"{s:.3g}" for s in r.scales)
       lines.append(f"{r.path:<22} {r.kind:<5} {r.input_range:>8.3g} "
-                   f"{'+-' if r.signed_inputs else '+':>4} {r.groups:>6} {scales:<32} "
+                   f"{'+-' if r.signed_inputs else '+':>4} {r.scale_groups:>12} {scales:<32} "
                    f"{r.weight_clipped_fraction:>7.2%} {r.activation_clipped_fraction:>7.2%}")
     return "\n".join(lines)
 
@@ -98,13 +99,13 @@ def _check_method(method: Any) -> Method:
   return method
 
 
-def _group_scales(max_abs: np.ndarray, input_range: float, groups: int,
+def _group_scales(max_abs: np.ndarray, input_range: float, scale_groups: int,
                   method: Method) -> tuple[np.ndarray, np.ndarray]:
   """``(channel_group, scales)`` of one layer from each output channel's ``max |w|``."""
   if method == "shared_scale":
     labels = np.zeros(max_abs.shape, np.int64)
     return labels, np.array([max(float(max_abs.max()), RANGE_FLOOR)])
-  labels, _ = kmeans_1d(max_abs, groups)
+  labels, _ = kmeans_1d(max_abs, scale_groups)
   group_max = np.array([max_abs[labels == g].max() for g in range(labels.max() + 1)])
   # A group whose weights reach beyond the inputs' range takes that range, and
   # the clamp of its weights is compensated exactly.
@@ -134,7 +135,7 @@ def quantize(
     calibration_batches: Iterable[Any],
     *,
     bits: int = 8,
-    groups: int = 4,
+    scale_groups: int = 4,
     method: Method = "nie2022",
     percentile: float = DEFAULT_PERCENTILE,
     keep_float: Collection[str] = (),
@@ -149,8 +150,8 @@ def quantize(
 
   1. the range of its inputs: per calibration batch (model in eval mode) the
      ``percentile`` of ``|x|``, the running max over batches, floored at 1e-3;
-  2. its output channels grouped into ``groups`` groups by their ``max |w|``
-     (`kmeans_1d`), one scale ``s_g`` per group for its weights and the
+  2. its output channels grouped into ``scale_groups`` groups by their
+     ``max |w|`` (`kmeans_1d`), one scale ``s_g`` per group for its weights and the
      inputs it sees: the group's ``max |w|``, or the input range where that
      is smaller, the weights then clipped to ``[-s_g, s_g]`` and the exact
      correction ``b_c = -sum max(|w| - s_g, 0)`` added to each output channel;
@@ -166,7 +167,7 @@ def quantize(
 
   ``method="shared_scale"`` is the QSSF baseline: one scale per layer, the
   layer's ``max |w|``, for weights and inputs (inputs above it clip), no
-  groups and no clamp.
+  scale groups and no clamp.
 
   Inputs that can be negative: the method assumes inputs in ``[0, s_g]``
   (after a ReLU). A layer whose calibration inputs include a negative value
@@ -190,7 +191,7 @@ def quantize(
       marks); iterated up to three times (calibration, BatchNorm statistics,
       the clipping report).
     bits: the bits of weights and activations, 2 to 16.
-    groups: the number of scale groups per layer (``"nie2022"``).
+    scale_groups: the number of scale groups per layer (``"nie2022"``).
     method: ``"nie2022"`` or ``"shared_scale"``.
     percentile: the percentile of ``|x|`` taken per calibration batch.
     keep_float: the paths of adder layers to leave in floating point, as
@@ -209,11 +210,11 @@ def quantize(
     `QuantizationReport` with one `LayerReport` per adder layer.
 
   Raises:
-    ValueError: for ``bits`` outside 2..16, a bad ``groups``, ``method``,
-      ``percentile`` or ``recompute_batch_norm``, no calibration batch, a mapping batch without ``"image"``
-      (and no ``apply``), a model without adder layers, a
-      ``keep_float`` path that is not an adder layer, or a layer whose int32
-      sum could overflow.
+    ValueError: for ``bits`` outside 2..16, a bad ``scale_groups``, ``method``,
+      ``percentile`` or ``recompute_batch_norm``, no calibration batch, a
+      mapping batch without ``"image"`` (and no ``apply``), a model without
+      adder layers, a ``keep_float`` path that is not an adder layer, or a
+      layer whose int32 sum could overflow.
 
   Example:
     >>> import jax.numpy as jnp
@@ -222,14 +223,14 @@ def quantize(
     >>> model = nnx.Sequential(nn.AdderDense(4, 3, rngs=nnx.Rngs(0)), nnx.relu,
     ...                        nn.AdderDense(3, 2, rngs=nnx.Rngs(1)))
     >>> batches = [jnp.linspace(-1.0, 1.0, 8 * 4).reshape(8, 4)]
-    >>> qmodel, report = quant.quantize(model, batches, bits=8, groups=2)
-    >>> [(r.path, r.signed_inputs, r.groups) for r in report.layers]
+    >>> qmodel, report = quant.quantize(model, batches, bits=8, scale_groups=2)
+    >>> [(r.path, r.signed_inputs, r.scale_groups) for r in report.layers]
     [('layers/0', True, 2), ('layers/2', False, 2)]
     >>> type(qmodel.layers[0]).__name__, qmodel(batches[0]).shape
     ('QuantizedAdderDense', (8, 2))
   """
   bits = check_bits(bits)
-  groups = positive_int(groups, "groups")
+  scale_groups = positive_int(scale_groups, "scale_groups")
   if not isinstance(recompute_batch_norm, bool) and recompute_batch_norm != "shift":
     raise ValueError(f"recompute_batch_norm must be 'shift', True or False, got "
                      f"recompute_batch_norm={recompute_batch_norm!r}.")
@@ -270,7 +271,7 @@ def quantize(
       raise ValueError(f"layer {_path_name(path)} sums {fan_in} terms of up to 2^{bits + 1}: "
                        f"bits={bits} could overflow int32.")
     max_abs = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)
-    labels, scales = _group_scales(max_abs, input_range.range, groups, method)
+    labels, scales = _group_scales(max_abs, input_range.range, scale_groups, method)
     channel_scale = scales[labels]
     clipped, correction = clamp_weights(jnp.asarray(w), jnp.asarray(channel_scale))
     codes = np.asarray(quantize_weights(clipped, jnp.asarray(channel_scale), bits))

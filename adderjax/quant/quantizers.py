@@ -74,7 +74,8 @@ def activation_multiplier(scale: jax.Array | float, bits: int, *,
 
 
 def activation_code_range(bits: int, *, signed: bool = False) -> tuple:
-  """The codes' ``(lowest, highest)``: ``(0, 2^b - 1)``, or ``(-2^(b-1), 2^(b-1) - 1)`` if signed."""
+  """The codes' ``(lowest, highest)``: ``(0, 2^b - 1)``, or ``(-2^(b-1), 2^(b-1) - 1)`` if
+  signed."""
   if signed:
     return -2 ** (bits - 1), 2 ** (bits - 1) - 1
   return 0, _levels(bits)

@@ -9,7 +9,8 @@ The argument after the colon is ``GRAD_MODE,ADDER_LR``:
   ``fixed`` (a fixed increased rate, the paper's ILR: the adder kernels'
   gradients times ``adder_lr_multiplier``) or ``none`` (the global rate only).
 
-    python -m experiments.main --config=experiments/configs/ablation_lenet5_bn.py:sign,fixed --workdir=/tmp/ablation_sign_fixed
+    python -m experiments.main --config=experiments/configs/ablation_lenet5_bn.py:sign,fixed \\
+        --workdir=/tmp/ablation_sign_fixed
 
 The paper does not give ILR's factor. ``FIXED_MULTIPLIER`` is the median of
 the adaptive factors (``adaptive_lr_scale/*`` in metrics.jsonl) that the

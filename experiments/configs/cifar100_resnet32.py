@@ -1,6 +1,7 @@
 """ResNet-32 on CIFAR-100 (Table 3).
 
-    python -m experiments.main --config=experiments/configs/cifar100_resnet32.py:adder --workdir=/tmp/cifar100_resnet32
+    python -m experiments.main --config=experiments/configs/cifar100_resnet32.py:adder \\
+        --workdir=/tmp/cifar100_resnet32
 
 The argument after the colon is the network: adder (default), conv or binary.
 """
@@ -8,5 +9,5 @@ The argument after the colon is the network: adder (default), conv or binary.
 from experiments.configs import common
 
 
-def get_config(variant: str = "adder"):
-  return common.cifar("cifar100", "resnet32", variant)
+def get_config(kind: str = "adder"):
+  return common.cifar("cifar100", "resnet32", kind)

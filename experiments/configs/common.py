@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import ml_collections
 
+# adderjax.models.KINDS (tests/experiments/test_configs.py checks they agree), written out here so
+# that loading a config does not import JAX: the command line answers some errors before that.
+KINDS = ("adder", "conv", "binary")
 PAPER = ("Chen et al., AdderNet: Do We Really Need Multiplications in Deep Learning?, "
          "CVPR 2020, https://arxiv.org/abs/1912.13200")
 OFFICIAL_CODE = "https://github.com/huawei-noah/AdderNet (main.py, resnet20.py)"
 
-VARIANTS = ("adder", "conv", "binary")
-"""The network kinds a paper row compares: AdderNet, CNN and BNN."""
 
+def check_kind(kind: str) -> str:
+  """Returns the network ``kind`` (empty means ``"adder"``) or raises a ValueError naming it.
 
-def check_variant(variant: str) -> str:
-  """Returns ``variant`` (empty means ``"adder"``) or raises a ValueError naming it."""
-  variant = variant or "adder"
-  if variant not in VARIANTS:
-    raise ValueError(f"The config argument must be one of {VARIANTS}, got {variant!r}.")
-  return variant
+  The kinds are those of the models, :data:`adderjax.models.KINDS`: the
+  AdderNet, the CNN and the BNN that a paper row compares.
+  """
+  kind = kind or "adder"
+  if kind not in KINDS:
+    raise ValueError(f"The config argument (the network kind) must be one of {KINDS}, "
+                     f"got {kind!r}.")
+  return kind
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -88,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # 0: at the end of every epoch.
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
-  config.bn_recompute_batches = 0  # Training batches to recompute BatchNorm statistics on before eval.
+  config.bn_recompute_batches = 0  # Training batches to recompute BatchNorm stats on before eval.
   config.num_devices = 0  # Local devices to use; 0: all of them.
   config.on_nonfinite = "stop"  # A non-finite loss or state: "stop" the run, or "skip" the step.
   config.max_consecutive_skips = 10  # With "skip": stop after this many skipped steps in a row.
@@ -102,12 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def mnist_lenet5_bn(variant: str) -> ml_collections.ConfigDict:
+def mnist_lenet5_bn(kind: str) -> ml_collections.ConfigDict:
   """LeNet-5-BN on MNIST: the paper's Section 4.1 (cosine rate from 0.1, 50 epochs)."""
   config = base_config()
   config.reference = f"{PAPER}, Section 4.1 (MNIST) and Table 1."
   config.model = "lenet5_bn"
-  config.kind = check_variant(variant)
+  config.kind = check_kind(kind)
   config.dataset = "mnist"
   config.data_source = "idx"  # The four IDX files, downloaded once into the cache.
   config.download = True
@@ -117,13 +122,14 @@ def mnist_lenet5_bn(variant: str) -> ml_collections.ConfigDict:
   return config
 
 
-def cifar(dataset: str, model: str, variant: str) -> ml_collections.ConfigDict:
-  """A CIFAR row: the official code's recipe (SGD 0.9, wd 5e-4, batch 256, lr 0.05 cosine, 400 epochs, eta 0.2)."""
+def cifar(dataset: str, model: str, kind: str) -> ml_collections.ConfigDict:
+  """A CIFAR row: the official code's recipe (SGD 0.9, wd 5e-4, batch 256, lr 0.05 cosine,
+  400 epochs, eta 0.2)."""
   config = base_config()
   config.reference = (f"{PAPER}, Section 4.2 and Table 3; recipe of the official code, "
                       f"{OFFICIAL_CODE}.")
   config.model = model
-  config.kind = check_variant(variant)
+  config.kind = check_kind(kind)
   config.dataset = dataset
   config.data_source = "cifar_python"  # The "python version" archive, downloaded once.
   config.download = True
@@ -137,12 +143,12 @@ def cifar(dataset: str, model: str, variant: str) -> ml_collections.ConfigDict:
   return config
 
 
-def imagenet(model: str, variant: str) -> ml_collections.ConfigDict:
+def imagenet(model: str, kind: str) -> ml_collections.ConfigDict:
   """An ImageNet row: the paper's Section 4.3 (cosine rate, 150 epochs)."""
   config = base_config()
   config.reference = f"{PAPER}, Section 4.3 and Table 4."
   config.model = model
-  config.kind = check_variant(variant)
+  config.kind = check_kind(kind)
   config.dataset = "imagenet2012"
   config.batch_size = 256
   config.num_epochs = 150.0

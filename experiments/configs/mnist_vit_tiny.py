@@ -1,6 +1,7 @@
 """vit_tiny on the bundled MNIST: adder attention (Shu et al., NeurIPS 2021) against dot products.
 
-    python -m experiments.main --config=experiments/configs/mnist_vit_tiny.py:adder --workdir=/tmp/mnist_vit_tiny
+    python -m experiments.main --config=experiments/configs/mnist_vit_tiny.py:adder \\
+        --workdir=/tmp/mnist_vit_tiny
 
 The argument after the colon is the network: adder (default: adder attention
 and adder MLPs), conv (dot-product attention, ordinary MLPs) or binary.
@@ -13,8 +14,8 @@ train on and the other 2,000 to test on, so that the run needs no network;
 from experiments.configs import common
 
 
-def get_config(variant: str = "adder"):
-  config = common.mnist_lenet5_bn(variant)
+def get_config(kind: str = "adder"):
+  config = common.mnist_lenet5_bn(kind)
   config.reference = ("Shu et al., Adder Attention for Vision Transformer, NeurIPS 2021; "
                       "a small ViT (Dosovitskiy et al., ICLR 2021) on MNIST, no paper row.")
   config.model = "vit_tiny"

@@ -10,10 +10,10 @@ before each evaluation; about 20 s on a 2-core CPU.
 from experiments.configs import common
 
 
-def get_config(variant: str = "adder"):
+def get_config(kind: str = "adder"):
   config = common.base_config()
   config.reference = "Smoke test; no paper recipe."
-  config.kind = common.check_variant(variant)
+  config.kind = common.check_kind(kind)
   config.model = "lenet5_bn"
   config.dataset = "mnist"
   config.data_source = "synthetic"

@@ -6,11 +6,11 @@ It listens on 127.0.0.1 only, on a port the OS picks, in a daemon thread.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 import contextlib
 import http.server
 import socket
 import threading
-from collections.abc import Iterator
 
 
 class FileServer:
@@ -30,7 +30,7 @@ class FileServer:
 
     class Handler(http.server.BaseHTTPRequestHandler):
 
-      def do_GET(self):  # noqa: N802 (the name http.server calls)
+      def do_GET(self):
         name = self.path.rsplit("/", 1)[-1]
         server.requests[name] += 1
         failure = server.failures[name].pop(0) if server.failures[name] else None

@@ -33,7 +33,8 @@ def test_normalize():
   pixels = images.astype(np.float32)
   assert aug.normalize(pixels, mean, std, out=pixels) is pixels
   np.testing.assert_array_equal(pixels, out)
-  np.testing.assert_allclose(aug.normalize(np.array([0.0, 51.0]), (0.2,), (0.2,)), [-1, 0], atol=1e-6)
+  np.testing.assert_allclose(aug.normalize(np.array([0.0, 51.0]), (0.2,), (0.2,)), [-1, 0],
+                             atol=1e-6)
 
 
 def reference_crop_flip(image: np.ndarray, offset, flip: bool, pad: int = 4) -> np.ndarray:
@@ -73,7 +74,8 @@ def test_random_resized_crop_box_within_bounds_and_ranges():
     top, left, h, w = aug.random_resized_crop_box(1000, 1000, row[:1])
     areas.append(h * w / 1e6)
     ratios.append(w / h)
-  assert 0.079 <= min(areas) and max(areas) <= 1.0 and np.mean(areas) == pytest.approx(0.54, abs=0.05)
+  assert (0.079 <= min(areas) and max(areas) <= 1.0
+          and np.mean(areas) == pytest.approx(0.54, abs=0.05))
   assert 0.74 <= min(ratios) and max(ratios) <= 1.34
 
 

@@ -163,7 +163,8 @@ def test_cifar100_python_batches_use_fine_labels(tmp_path):
                                    b"coarse_labels": [19, 0, 1, 2]})
   test = data.load_source("cifar100", "test", source="cifar_python", data_dir=tmp_path)
   np.testing.assert_array_equal(test.labels, [99, 0, 5, 42])
-  np.testing.assert_array_equal(test.images[2, 3, 4], rows[2, [3 * 32 + 4 + 1024 * c for c in range(3)]])
+  np.testing.assert_array_equal(test.images[2, 3, 4],
+                                rows[2, [3 * 32 + 4 + 1024 * c for c in range(3)]])
 
 
 class _Mkdir:

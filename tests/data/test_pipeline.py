@@ -98,13 +98,15 @@ def test_same_seed_same_batches_other_seed_other_batches():
   assert sorted_labels[0].shape == sorted_labels[2].shape
 
 
-@pytest.mark.parametrize("dataset, shape", [("cifar10", (32, 32, 3)), ("imagenet2012", (20, 24, 3))])
+@pytest.mark.parametrize("dataset, shape",
+                         [("cifar10", (32, 32, 3)), ("imagenet2012", (20, 24, 3))])
 def test_resume_equals_the_run_from_zero(dataset, shape):
   source = indexed(20, shape)
   kwargs = dict(global_batch_size=8, seed=3, image_size=16 if dataset == "imagenet2012" else None)
   run = take(data.train_batches(dataset, source, **kwargs, **ONE), 7)  # Epochs of 2 steps.
   for start in (1, 2, 3, 6):
-    resumed = take(data.train_batches(dataset, source, start_step=start, **kwargs, **ONE), 7 - start)
+    resumed = take(data.train_batches(dataset, source, start_step=start, **kwargs, **ONE),
+                   7 - start)
     assert_batches_equal(resumed, run[start:])
 
 

@@ -256,4 +256,5 @@ def test_files_in_a_read_only_directory_are_used_as_they_are(mnist_server, tmp_p
   finally:
     directory.chmod(0o755)
   assert sum(mnist_server.requests.values()) == 0
-  assert listing(directory) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]  # No lock.
+  assert listing(directory) == ["t10k-images-idx3-ubyte.gz",
+                                "t10k-labels-idx1-ubyte.gz"]  # No lock.

@@ -42,7 +42,8 @@ def test_numpy_matches_jax_without_antialiasing(in_shape, out_shape, box):
   image = np.random.default_rng(2).integers(0, 256, in_shape, dtype=np.uint8)
   out = resize.resize_numpy(image, *out_shape, box=box)
   assert out.dtype == np.float32 and out.shape == (*out_shape, in_shape[2])
-  np.testing.assert_allclose(out, resize_reference.resize(image, *out_shape, box, antialias=False), atol=2e-3)
+  np.testing.assert_allclose(out, resize_reference.resize(image, *out_shape, box, antialias=False),
+                             atol=2e-3)
   np.testing.assert_array_equal(resize.resize(image, *out_shape, box=box, backend="numpy"), out)
 
 
@@ -53,7 +54,8 @@ def test_pil_matches_jax_with_antialiasing(in_shape, out_shape, box):
   out = resize.resize_pil(image, *out_shape, box=box)
   assert out.dtype == np.uint8 and out.shape == (*out_shape, in_shape[2])
   # Pillow rounds to uint8.
-  np.testing.assert_allclose(out, resize_reference.resize(image, *out_shape, box, antialias=True), atol=1.0)
+  np.testing.assert_allclose(out, resize_reference.resize(image, *out_shape, box, antialias=True),
+                             atol=1.0)
   as_float = resize.resize(image, *out_shape, box=box, backend="pil")
   assert as_float.dtype == np.float32
   np.testing.assert_array_equal(as_float, out)

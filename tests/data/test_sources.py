@@ -30,7 +30,8 @@ def test_parse_split(split, expected):
   assert data.parse_split(split) == expected
 
 
-@pytest.mark.parametrize("split", ["dev", "train[1:2:3]", "train[a:]", "Train", "train[:5", 3, None])
+@pytest.mark.parametrize("split",
+                         ["dev", "train[1:2:3]", "train[a:]", "Train", "train[:5", 3, None])
 def test_bad_split_names_split(split):
   with pytest.raises(ValueError, match="split="):
     data.parse_split(split)
@@ -40,7 +41,8 @@ def test_bad_split_names_split(split):
 
 @pytest.mark.parametrize("split, rows", [
     ("test", slice(0, 200)), ("test[:50]", slice(0, 50)), ("test[50:]", slice(50, 200)),
-    ("test[10:20]", slice(10, 20)), ("test[-30:-10]", slice(170, 190)), ("test[:25%]", slice(0, 50)),
+    ("test[10:20]", slice(10, 20)), ("test[-30:-10]", slice(170, 190)),
+    ("test[:25%]", slice(0, 50)),
     ("test[25%:30%]", slice(50, 60)), ("test[20:10]", slice(20, 20)),
 ])
 def test_split_slices(split, rows):
@@ -63,7 +65,8 @@ def test_synthetic_source(dataset, shape):
   test = data.load_source(dataset, "test", source="synthetic")
   assert isinstance(train, data.ArraySource)
   assert train.images.shape == (1024, *shape) and train.images.dtype == np.uint8
-  assert len(test) == 256 and len(data.load_source(dataset, "validation", source="synthetic")) == 256
+  assert (len(test) == 256
+          and len(data.load_source(dataset, "validation", source="synthetic")) == 256)
   num_classes = data.DATASETS[dataset].num_classes
   assert train.labels.min() >= 0 and train.labels.max() < num_classes
   # Balanced classes.

@@ -3,12 +3,12 @@
 import importlib
 import pathlib
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
-from adderjax import data
+from adderjax import data, models
 from experiments import train
 from experiments.configs import ablation_lenet5_bn, common
 
@@ -16,7 +16,8 @@ CONFIG_DIR = pathlib.Path(__file__).parents[2] / "experiments" / "configs"
 PAPER_ROWS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
                     if p.stem not in ("__init__", "common", "ablation_lenet5_bn", "smoke",
                                       "mnist_vit_tiny"))
-ABLATIONS = [f"{g},{lr}" for g in ablation_lenet5_bn.GRAD_MODES for lr in ablation_lenet5_bn.ADDER_LRS]
+ABLATIONS = [f"{g},{lr}" for g in ablation_lenet5_bn.GRAD_MODES
+             for lr in ablation_lenet5_bn.ADDER_LRS]
 
 
 def load(name, arg):
@@ -26,12 +27,20 @@ def load(name, arg):
 def test_every_paper_row_has_a_config():
   assert PAPER_ROWS == sorted(
       ["mnist_lenet5_bn", "imagenet_resnet18", "imagenet_resnet50"]
-      + [f"{d}_{m}" for d in ("cifar10", "cifar100") for m in ("resnet20", "resnet32", "vgg_small")])
+      + [f"{d}_{m}" for d in ("cifar10", "cifar100")
+         for m in ("resnet20", "resnet32", "vgg_small")])
 
 
-CASES = ([(row, variant) for row in PAPER_ROWS for variant in common.VARIANTS]
+def test_the_configs_kinds_are_the_models_kinds():
+  # common.py writes them out so that loading a config does not import JAX.
+  assert common.KINDS == models.KINDS
+  with pytest.raises(ValueError, match=r"must be one of \('adder', 'conv', 'binary'\), got 'cnn'"):
+    common.check_kind("cnn")
+
+
+CASES = ([(row, kind) for row in PAPER_ROWS for kind in models.KINDS]
          + [("ablation_lenet5_bn", arg) for arg in ABLATIONS] + [("smoke", "adder")]
-         + [("mnist_vit_tiny", variant) for variant in common.VARIANTS])
+         + [("mnist_vit_tiny", kind) for kind in models.KINDS])
 
 
 @pytest.mark.parametrize("name, arg", CASES)
@@ -116,9 +125,9 @@ def test_cifar_and_mnist_configs_download_their_data(tmp_path, monkeypatch):
     monkeypatch.setenv(remote.ENV_MIRROR, server.url)
     cifar = load("cifar10_resnet20", "adder")
     assert (cifar.data_source, cifar.download, cifar.data_dir) == ("cifar_python", True, "")
-    train_source, eval_source = train._load_sources(cifar)
+    train_source, eval_source = train.load_sources(cifar)
     assert (len(train_source), len(eval_source)) == (20, 4)
     mnist = load("mnist_lenet5_bn", "conv")
     assert (mnist.data_source, mnist.download) == ("idx", True)
-    assert [len(s) for s in train._load_sources(mnist)] == [24, 12]
+    assert [len(s) for s in train.load_sources(mnist)] == [24, 12]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10", "mnist"]

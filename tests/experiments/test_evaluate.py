@@ -8,10 +8,10 @@ import re
 import shutil
 import tarfile
 
+from flax import nnx
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from adderjax import data, models
 from adderjax.data import remote

@@ -8,9 +8,18 @@ import pytest
 from adderjax import data
 from experiments import train
 from experiments.checkpoints import Checkpoints
-from experiments.guards import Diverged, DivergenceGuard
+from experiments.guards import Diverged, DivergenceGuard, all_finite
 
 from .test_train import final_params, smoke_config
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_all_finite_looks_at_every_floating_leaf_and_only_those(bad):
+  tree = {"w": jnp.ones((2, 3)), "count": jnp.int32(7), "half": jnp.zeros(2, jnp.bfloat16)}
+  assert bool(all_finite(tree))
+  assert bool(all_finite({"count": jnp.int32(-1)})) and bool(all_finite({}))
+  assert not bool(all_finite({**tree, "half": jnp.array([0.0, bad], jnp.bfloat16)}))
+  assert not bool(jax.jit(all_finite)({**tree, "w": tree["w"].at[1, 2].set(bad)}))
 
 
 def test_stop_names_the_first_non_finite_step():

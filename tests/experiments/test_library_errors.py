@@ -7,10 +7,10 @@ import sys
 import threading
 import time
 
+from absl import logging as absl_logging
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import logging as absl_logging
 
 from experiments.checkpoints import Checkpoints, SaveError
 from experiments.library_errors import LibraryErrors

@@ -151,7 +151,8 @@ def console_loggers():
 
 @pytest.mark.usefixtures("console_loggers")
 def test_console_lines_are_bare_messages_and_warnings_stay_visible():
-  """absl's handler headed the eval and resume lines with ``I1203 09:04:55.426517 ... train.py:418]``."""
+  """absl's handler headed the eval and resume lines with
+  ``I1203 09:04:55.426517 ... train.py:418]``."""
   stream = io.StringIO()
   console.configure(stream)
   console.configure(stream)  # Again: still one handler, each line once.
@@ -164,7 +165,8 @@ def test_console_lines_are_bare_messages_and_warnings_stay_visible():
 
 
 def finished_workdir(workdir, step=20):
-  """A workdir whose run ended at ``step``: its last checkpoint and evaluation, as a run leaves them."""
+  """A workdir whose run ended at ``step``: its last checkpoint and evaluation, as a run leaves
+  them."""
   (workdir / "checkpoints" / str(step)).mkdir(parents=True)
   (workdir / "checkpoints" / str(step) / finished.DIGEST_FILE).write_text('{"files": {}}')
   records = [{"step": step, "time": 0.0, "train_loss": 0.3},

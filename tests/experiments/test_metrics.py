@@ -39,7 +39,8 @@ def test_an_unfinished_last_record_is_cut_off_when_the_file_is_opened(tmp_path, 
     writer = MetricWriter(tmp_path, enabled=True)
   writer.write(2, {"train_loss": 1.5})
   writer.close()
-  assert "Dropped the unfinished last record of" in caplog.text and '{"step": 99, "tra' in caplog.text
+  assert ("Dropped the unfinished last record of" in caplog.text
+          and '{"step": 99, "tra' in caplog.text)
   lines = path.read_text().splitlines()
   assert lines[0] == '{"step": 1, "train_loss": 2.0}' and len(lines) == 2
   with warnings.catch_warnings():

@@ -1,5 +1,6 @@
 """experiments.quantize and experiments.export on a tiny trained run."""
 
+import argparse
 import json
 import shutil
 
@@ -12,7 +13,7 @@ from experiments import quantize as quantize_cli
 from experiments import train
 from experiments.checkpoints import DIGEST_FILE, CheckpointError
 from experiments.configs import smoke
-from experiments.trained import accuracy, load_run
+from experiments.trained import accuracy, add_run_arguments, load_run
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,17 @@ def test_export_cli_writes_the_c_program(workdir, tmp_path, capsys):
   assert "#define MODEL_INPUT_SIZE 784" in (out_dir / "model.h").read_text()
   with pytest.raises(SystemExit):
     export_cli.main(["--workdir", str(workdir), "--c", str(out_dir)])  # --c needs --bits
+
+
+@pytest.mark.parametrize("several_methods, method", [(True, ["nie2022"]), (False, "nie2022")])
+def test_run_arguments_defaults(several_methods, method):
+  parser = argparse.ArgumentParser()
+  add_run_arguments(parser, several_methods=several_methods)
+  assert vars(parser.parse_args(["--workdir", "W"])) == {
+      "workdir": "W", "method": method, "groups": 4, "keep_float": [],
+      "calibration_batches": 10, "step": None}
+  with pytest.raises(SystemExit):
+    parser.parse_args([])  # --workdir is required.
 
 
 def test_missing_workdir_is_explained(tmp_path):

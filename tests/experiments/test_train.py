@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+from flax import nnx
 import jax
 import numpy as np
 import pytest
@@ -210,6 +211,16 @@ def test_bfloat16_compute_trains(tmp_path, monkeypatch):
 def test_adder_p_schedule_is_checked_with_the_config():
   with pytest.raises(ValueError, match="config.adder_p_schedule='constant:1.5' sets the exponent"):
     train.check_config(smoke_config(adder_p_schedule="constant:1.5", kind="conv"))
+
+
+def test_abstract_state_is_the_structure_the_trainer_checkpoints():
+  config = smoke_config(adder_p_schedule="constant:1.5")
+  state = train.Trainer(config, train.make_mesh(0), 10, 5).state
+  abstract = nnx.state(train.abstract_state(config))
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  assert ([(x.shape, x.dtype) for x in jax.tree.leaves(abstract)]
+          == [(x.shape, x.dtype) for x in jax.tree.leaves(state)])
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
 
 
 def snapshot(directory):

@@ -1,13 +1,14 @@
-"""recompute_batch_norm_stats against the concatenated batches' statistics; shift_batch_norm_stats."""
+"""recompute_batch_norm_stats against the concatenated batches' statistics;
+shift_batch_norm_stats."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from adderjax.nn import AdderConv
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats, shift_batch_norm_stats
+from adderjax.nn import AdderConv
 
 
 class TwoNorms(nnx.Module):

@@ -7,11 +7,11 @@ the model (8-17% agreement with float32 before the layers kept them). The
 official CIFAR-10 ResNet-20 must agree with its float32 self.
 """
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from adderjax import models, quant
 from adderjax.models import PRETRAINED, pretrained

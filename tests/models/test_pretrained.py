@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from adderjax import models
-from adderjax.models import PRETRAINED, from_torch, pretrained, pretrained_names
-from adderjax.models import pretrained_models
+from adderjax.models import PRETRAINED, from_torch, pretrained, pretrained_models, pretrained_names
 from tests.models.official import generators
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -8,14 +8,16 @@ import functools
 import math
 import zlib
 
+import chex
 import jax
+from jax import lax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from jax import lax
-from jax.test_util import check_grads
 
 from adderjax.ops import GRAD_MODES, adder_conv, adder_dense
+from tests._util import chex_variants
 from tests.ops.loop_reference import adder_conv_and_grads
 
 
@@ -197,10 +199,11 @@ class AdderConvTestBase:
       fn = lambda x, w: self.conv(x, w, strides=(1, 2), feature_group_count=2, grad_mode="sign")
       check_grads(fn, (jnp.asarray(x), jnp.asarray(w)), order=1, modes=["rev"], eps=1e-3)
 
-  def test_default_grad_mode_is_full_precision_with_hardtanh(self):
+  @chex_variants(with_jit=True, without_jit=True)
+  def test_default_grad_mode_is_full_precision_with_hardtanh(self, variant):
     x = jnp.asarray([[[[0.0]]]])
     w = jnp.asarray([[[[3.0]]]])
-    dx, dw = jax.grad(lambda x, w: self.conv(x, w, padding="VALID").sum(), (0, 1))(x, w)
+    dx, dw = variant(jax.grad(lambda x, w: self.conv(x, w, padding="VALID").sum(), (0, 1)))(x, w)
     assert float(dx.squeeze()) == 1.0    # HardTanh(3 - 0) = 1
     assert float(dw.squeeze()) == -3.0   # X - F = 0 - 3
 
@@ -252,9 +255,8 @@ class AdderConvTestBase:
     batched = jax.jit(jax.vmap(jax.value_and_grad(loss, (0, 1))))(xs, ws)
     single_step = jax.jit(jax.value_and_grad(loss, (0, 1)))
     for k in range(3):
-      single = single_step(xs[k], ws[k])
-      for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
-        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-4)
+      chex.assert_trees_all_close(jax.tree.map(lambda a, k=k: a[k], batched),
+                                  single_step(xs[k], ws[k]), rtol=1e-5, atol=1e-4)
     # Only the input batched, a shared kernel: the usual per-example case.
     y, y1 = jax.jit(lambda xs: (jax.vmap(lambda x: self.conv(x, ws[0]))(xs),
                                 self.conv(xs[1], ws[0])))(xs)
@@ -266,9 +268,9 @@ class AdderConvTestBase:
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
     loss = lambda x, w: jnp.sum(self.conv(jax.nn.relu(x), w) ** 2) * 1e-3
     plain = jax.grad(loss, (0, 1))(x, w)
+    # Eager remat is not a variant: it would add ~5 s per implementation.
     remat = jax.jit(jax.grad(jax.checkpoint(loss), (0, 1)))(x, w)
-    for a, b in zip(plain, remat):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(remat, plain, rtol=1e-5, atol=1e-5)
 
   def test_adder_dense_matches_loop_reference(self):
     rng = np.random.default_rng(5)
@@ -300,9 +302,9 @@ class TestXla(AdderConvTestBase):
     # = 302 MB here; the loops need a padded input and a few windows.
     x = jax.ShapeDtypeStruct((16, 32, 32, 32), jnp.float32)
     w = jax.ShapeDtypeStruct((3, 3, 32, 64), jnp.float32)
-    loss = lambda x, w: jnp.sum(adder_conv(x, w) ** 2)
+    loss = lambda x, w: jnp.sum(self.conv(x, w) ** 2)
     io_bytes = (math.prod(x.shape) + 2 * math.prod((16, 32, 32, 64))) * 4
-    for fn in (adder_conv, jax.grad(loss, (0, 1))):
+    for fn in (self.conv, jax.grad(loss, (0, 1))):
       temp = jax.jit(fn).lower(x, w).compile().memory_analysis().temp_size_in_bytes
       assert temp < 4 * io_bytes, (fn, temp, io_bytes)
 

@@ -1,4 +1,5 @@
-"""The native CPU kernels of adderjax.ops.cpu_native: the shared test base, the build and its fallback."""
+"""The native CPU kernels of adderjax.ops.cpu_native: the shared test base, the build and its
+fallback."""
 
 import logging
 import os
@@ -9,22 +10,26 @@ import subprocess
 import sys
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from adderjax.ops import adder_conv, cpu_native, xla
+from adderjax.ops import adder_conv, cpu_native, native_build, xla
 from adderjax.ops.spec import conv_spec
+from tests.ops.loop_reference import adder_conv_and_grads
 from tests.ops.test_adder_conv import AdderConvTestBase
 
 NATIVE = jax.default_backend() == "cpu" and cpu_native.available()
 REPO = pathlib.Path(__file__).parents[2]
 
 
-@pytest.mark.skipif(not NATIVE, reason=f"native kernels unavailable: "
-                    f"{cpu_native.unavailable_reason() if jax.default_backend() == 'cpu' else 'not a CPU backend'}")
+@pytest.mark.skipif(not NATIVE, reason="native kernels unavailable: "
+                    + (cpu_native.unavailable_reason() if jax.default_backend() == "cpu"
+                       else "not a CPU backend"))
 class TestCpuNative(AdderConvTestBase):
   implementation = "cpu"
 
@@ -142,8 +147,7 @@ class TestCpuNative(AdderConvTestBase):
     step = jax.jit(jax.value_and_grad(loss, (0, 1)), out_shardings=replicated)
     x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
     sharded = step(x_sharded, jax.device_put(w, replicated))
-    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    chex.assert_trees_all_close(sharded, single, rtol=1e-5, atol=1e-4)
     # Each device runs its own shard: the compiled step gathers nothing, and the weight
     # gradient's shards are summed by one all-reduce.
     grad = jax.jit(jax.grad(loss, (0, 1)))
@@ -186,26 +190,41 @@ def test_other_builds_give_what_the_xla_loops_give_for_non_finite_inputs(flags):
 def test_the_avx512_sources_compile_on_an_avx2_machine():
   """The AVX-512 paths (the float and the integer kernels') cannot run here, but they must
   compile: a syntax-only pass over the sources with AVX-512 enabled (a few seconds)."""
-  compiler = cpu_native._compiler()
+  compiler = native_build.compiler()
   if compiler is None:
     pytest.skip("no C++ compiler")
   csrc = REPO / "adderjax" / "ops" / "csrc"
   completed = subprocess.run(
-      [*compiler, "-fsyntax-only", "-std=c++17", "-march=x86-64-v4", "-Wno-attributes",
-       f"-I{jax.ffi.include_dir()}", *(str(csrc / name) for name in cpu_native._SOURCES)],
+      [*compiler, "-fsyntax-only", "-std=c++17", "-march=x86-64-v4",
+       f"-I{jax.ffi.include_dir()}", *(str(csrc / name) for name in native_build.SOURCES)],
       capture_output=True, text=True, timeout=300, check=False)
   assert completed.returncode == 0, completed.stderr[-3000:]
 
 
+def test_the_build_compiles_and_keys_every_source_file():
+  """Each file of csrc/ is compiled (a .cc) or included (a .h), and is part of the cache key."""
+  csrc = {p.name for p in (REPO / "adderjax" / "ops" / "csrc").iterdir() if p.is_file()}
+  assert {n for n in csrc if n.endswith(".cc")} == set(native_build.SOURCES)
+  assert {n for n in csrc if n.endswith(".h")} == set(native_build.HEADERS)
+  assert csrc == set(native_build.SOURCES + native_build.HEADERS)
+
+
 def test_float64_uses_the_xla_loops():
+  """The default (the native kernels for float32 here) and "cpu" run float64 in the loops."""
+  rng = np.random.default_rng(7)
   with jax.enable_x64(True):
-    x = jnp.ones((1, 4, 4, 2), jnp.float64)
-    w = jnp.zeros((3, 3, 2, 2), jnp.float64)
-    text = jax.jit(lambda x, w: adder_conv(x, w, implementation="xla")).lower(x, w).as_text()
-    assert "adderjax_adder_forward" not in text
-    if NATIVE:
-      text = jax.jit(lambda x, w: adder_conv(x, w, implementation="cpu")).lower(x, w).as_text()
-      assert "adderjax_adder_forward" not in text
+    x = jnp.asarray(rng.normal(size=(1, 4, 4, 2)), jnp.float64)
+    w = jnp.asarray(rng.normal(size=(3, 3, 2, 2)), jnp.float64)
+    want, _, _ = adder_conv_and_grads(x, w, None, strides=(1, 1), padding=((1, 1), (1, 1)),
+                                      dilation=(1, 1), groups=1, grad_mode="full_precision")
+    for implementation in (None, "cpu") if NATIVE else (None,):
+      lowered = jax.jit(lambda x, w, i=implementation: adder_conv(x, w, implementation=i)).lower(
+          x, w)
+      assert "adderjax_adder_forward" not in lowered.as_text()
+      y = lowered.compile()(x, w)
+      # float32 kernels, or operands rounded to float32, would be ~1e-7 off.
+      assert y.dtype == jnp.float64
+      np.testing.assert_allclose(y, want, rtol=1e-12, err_msg=str(implementation))
 
 
 def _fake_compiler(tmp_path: pathlib.Path, body: str) -> str:

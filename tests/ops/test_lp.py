@@ -4,9 +4,9 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 from adderjax.ops import adder_conv, adder_dense, cpu_native
 from tests.ops.loop_reference import adder_conv_and_grads

@@ -9,13 +9,15 @@ CPU jaxlib), which catches what only the Triton lowering rejects.
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from adderjax.ops import adder_conv, dispatch, pallas_gpu, pallas_reference, reference
+from adderjax.ops import adder_conv, pallas_gpu, reference, window_geometry
 from adderjax.ops.spec import conv_spec
 from tests.ops.test_adder_conv import HAND_PICKED, AdderConvTestBase, _case_id
 
@@ -60,8 +62,8 @@ class TestPallasInterpret(AdderConvTestBase):
     batched = jax.jit(jax.vmap(step))(xs, ws)
     single = jax.jit(step)
     for k in range(2):
-      for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(single(xs[k], ws[k]))):
-        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-4)
+      chex.assert_trees_all_close(jax.tree.map(lambda a, k=k: a[k], batched),
+                                  single(xs[k], ws[k]), rtol=1e-5, atol=1e-4)
     # Only the input batched, a shared kernel: the usual per-example case.
     y = jax.jit(jax.vmap(lambda x: self.conv(x, ws[0])))(xs)
     np.testing.assert_allclose(y[0], batched[0][1][0], rtol=1e-6, atol=1e-5)
@@ -82,8 +84,8 @@ def test_jnp_references_of_the_kernels_match_the_oracle(case):
 
   @jax.jit  # one compilation instead of one per eager op
   def both(x, w, g):
-    return ((pallas_reference.forward_reference(x, w, spec=spec), reference.forward(x, w, spec)),
-            (pallas_reference.input_grad_reference(x, w, g, spec=spec),
+    return ((window_geometry.forward_reference(x, w, spec=spec), reference.forward(x, w, spec)),
+            (window_geometry.input_grad_reference(x, w, g, spec=spec),
              reference.input_grad(x, w, g, spec, "full_precision")))
 
   (y, want_y), (dx, want_dx) = both(x, w, g)
@@ -132,7 +134,7 @@ def test_default_implementation_is_pallas_on_gpu(monkeypatch):
   x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
   uses_pallas = lambda: "pallas_call" in _jaxpr_text(lambda x, w: adder_conv(x, w), x, w)
   assert uses_pallas() == ON_GPU
-  monkeypatch.setattr(dispatch, "_gpu_backend", lambda: True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what every implementation asks
   assert uses_pallas()
   # A layer the kernels cannot run falls back to XLA: shapes only, nothing allocated.
   big_x = jax.ShapeDtypeStruct((2**16, 128, 128, 1), jnp.float32)
@@ -167,11 +169,10 @@ def test_kernels_lower_for_cuda(monkeypatch, case, options):
   # ops, inline PTX) but not Triton's compiler, which needs the CUDA jaxlib.
   x, w, _, _ = _case_operands(case)
   kernels = pallas_gpu.PallasAdderConv(**options)
-  monkeypatch.setitem(dispatch.IMPLEMENTATIONS, "pallas", kernels)
-  monkeypatch.setattr(dispatch, "_gpu_backend", lambda: True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   _, _, strides, padding, dilation, groups = case
   layer = lambda x, w: adder_conv(x, w, strides=strides, padding=padding, rhs_dilation=dilation,
-                                  feature_group_count=groups, implementation="pallas")
+                                  feature_group_count=groups, implementation=kernels)
   step = jax.jit(lambda x, w: jax.vjp(layer, x, w)[1](layer(x, w)))
   text = step.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") >= 2, "forward and input-gradient kernels"
@@ -224,16 +225,17 @@ def test_implementation_takes_a_pallas_instance_with_its_options():
 _WITHOUT_TRITON = """
 import sys
 sys.modules["jax.experimental.pallas.triton"] = None  # import raises ImportError
+import jax
 import jax.numpy as jnp
 import adderjax
 from adderjax.nn import AdderConv
-from adderjax.ops import adder_conv, dispatch, pallas_gpu
+from adderjax.ops import adder_conv, pallas_gpu
 from flax import nnx
 
 assert "Triton lowering" in pallas_gpu.UNAVAILABLE_REASON, pallas_gpu.UNAVAILABLE_REASON
 assert "adderjax.ops.pallas_kernels" not in sys.modules
 x, w = jnp.ones((2, 6, 6, 2)), jnp.zeros((3, 3, 2, 4))
-dispatch._gpu_backend = lambda: True  # None would pick the kernels on a GPU
+jax.default_backend = lambda: "gpu"  # None would pick the kernels on a GPU
 assert float(adder_conv(x, w, padding="VALID")[0, 0, 0, 0]) == -18.0
 layer = AdderConv(2, 4, 3, rngs=nnx.Rngs(0))
 assert layer(x).shape == (2, 6, 6, 4)

@@ -5,13 +5,16 @@ tests/conftest.py gives the CPU backend 8 devices.
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from adderjax.ops import GRAD_MODES, adder_conv, adder_dense
+from tests._util import chex_variants
 
 NUM_DEVICES = 8
 
@@ -55,8 +58,7 @@ def test_named_sharding_step_equals_one_device(devices, axis_type, grad_mode):
   step = jax.jit(jax.value_and_grad(loss), out_shardings=replicated)
   sharded = step(jax.device_put(params, replicated), jax.device_put(images, data),
                  jax.device_put(labels, data))
-  for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+  chex.assert_trees_all_close(sharded, single, rtol=2e-5, atol=1e-6)
 
   # The activations stay split over the batch: no device computes the whole layer.
   y = jax.jit(lambda x, w: adder_conv(x, w))(jax.device_put(images, data),
@@ -65,21 +67,22 @@ def test_named_sharding_step_equals_one_device(devices, axis_type, grad_mode):
   assert {s.data.shape for s in y.addressable_shards} == {(2, 6, 6, 8)}
 
 
-def test_pmap_step_equals_one_device(devices):
+@chex_variants(with_pmap=True)
+def test_pmap_step_equals_one_device(devices, variant):
   params, images, labels = _params_and_batch()
   want = jax.grad(lambda p: _per_example_loss(p, images, labels).mean())(params)
 
+  @variant(axis_name="batch", devices=devices, broadcast_args_to_devices=False, reduce_fn=None)
   def step(params, images, labels):
     grads = jax.grad(lambda p: _per_example_loss(p, images, labels).mean())(params)
     return jax.lax.pmean(grads, "batch")
 
   shard = lambda a: a.reshape(NUM_DEVICES, -1, *a.shape[1:])
   replicate = lambda a: jnp.broadcast_to(a, (NUM_DEVICES, *a.shape))
-  got = jax.pmap(step, axis_name="batch", devices=devices)(
-      jax.tree.map(replicate, params), shard(images), shard(labels))
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g[0], w, rtol=2e-5, atol=1e-6)
-    np.testing.assert_allclose(g[3], w, rtol=2e-5, atol=1e-6)
+  got = step(jax.tree.map(replicate, params), shard(images), shard(labels))
+  for device in (0, 3):
+    chex.assert_trees_all_close(jax.tree.map(lambda a, d=device: a[d], got), want, rtol=2e-5,
+                                atol=1e-6)
 
 
 def _per_example_loss(params, images, labels):

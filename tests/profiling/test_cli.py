@@ -45,7 +45,7 @@ def test_layers_of_resnet20_cnn():
   assert text.startswith("resnet20 (CNN), input 32x32x3, per example\n")
   assert _row(text, "conv1 ") == ["Conv", "mac", "32x32x16", "442.37K", "442.37K", "442.37K",
                                   "0", "432"]
-  assert _row(text, "layer2.0.downsample.conv") == ["Conv", "mac", "16x16x32", "131.07K",
+  assert _row(text, "layer2/0/downsample/conv") == ["Conv", "mac", "16x16x32", "131.07K",
                                                     "131.07K", "131.07K", "0", "512"]
   assert _row(text, "fc") == ["Linear", "mac", "10", "640", "640", "640", "0", "640"]
   assert _row(text, "multiplications") == ["40.81M"]
@@ -62,7 +62,7 @@ def test_input_shape_and_num_classes():
 
 def test_bnn_vgg_small():
   text = _run("vgg_small", "--kind", "binary")
-  assert _row(text, "convs.1") == ["BinaryConv", "binary", "32x32x128", "150.99M", "0",
+  assert _row(text, "convs/1") == ["BinaryConv", "binary", "32x32x128", "150.99M", "0",
                                    "150.99M", "150.99M", "147.46K"]
   # The first convolution and the classifier stay full precision.
   assert _row(text, "xnor") == [human(607_600_640 - 3_538_944 - 81_920)]

@@ -4,8 +4,14 @@ import dataclasses
 
 import pytest
 
-from adderjax.profiling import (CYCLE_TABLES, ENERGY_TABLES, EnergyTable, OpCounts,
-                                estimate_energy, estimate_latency)
+from adderjax.profiling import (
+  CYCLE_TABLES,
+  ENERGY_TABLES,
+  EnergyTable,
+  OpCounts,
+  estimate_energy,
+  estimate_latency,
+)
 
 
 def _counts(multiplications=0, additions=0, xnor=0):

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -36,28 +37,28 @@ def _x(*shape):
     # Dilation 2 grows the receptive field, not the MACs: VALID gives 10 - 5 + 1 = 6.
     (dict(kernel_size=(3, 3), kernel_dilation=2, padding="VALID"), (6, 6), 36),
 ])
-@pytest.mark.parametrize("cls, kind", [(nnx.Conv, "mac"), (AdderConv, "adder"),
-                                       (BinaryConv, "binary")])
-def test_conv_macs(cls, kind, options, out_hw, per_output):
+@pytest.mark.parametrize("cls, op", [(nnx.Conv, "mac"), (AdderConv, "adder"),
+                                     (BinaryConv, "binary")])
+def test_conv_macs(cls, op, options, out_hw, per_output):
   layer = _abstract(lambda rngs: cls(4, 6, rngs=rngs, **options))
   counts = count_ops(layer, _x(3, 10, 10, 4))
   macs = out_hw[0] * out_hw[1] * 6 * per_output
   (row,) = counts.layers
   assert row.output_shape == (3, *out_hw, 6)
-  assert (row.kind, row.macs, counts.macs) == (kind, macs, macs)
+  assert (row.op, row.macs, counts.macs) == (op, macs, macs)
   expected = {"mac": (macs, macs, 0), "adder": (0, 2 * macs, 0), "binary": (0, macs, macs)}
-  assert (counts.multiplications, counts.additions, counts.xnor) == expected[kind]
+  assert (counts.multiplications, counts.additions, counts.xnor) == expected[op]
   assert counts.params == row.params == layer.kernel.size + (6 if cls is nnx.Conv else 0)
 
 
-@pytest.mark.parametrize("cls, kind", [(nnx.Linear, "mac"), (AdderDense, "adder"),
-                                       (BinaryDense, "binary")])
-def test_dense_counts_every_leading_position(cls, kind):
+@pytest.mark.parametrize("cls, op", [(nnx.Linear, "mac"), (AdderDense, "adder"),
+                                     (BinaryDense, "binary")])
+def test_dense_counts_every_leading_position(cls, op):
   layer = _abstract(lambda rngs: cls(12, 5, rngs=rngs))
   # Per example: 7 positions of 12 -> 5.
   counts = count_ops(layer, _x(2, 7, 12))
   assert counts.macs == 7 * 12 * 5
-  assert counts.layers[0].kind == kind
+  assert counts.layers[0].op == op
   assert counts.layers[0].output_shape == (2, 7, 5)
 
 
@@ -82,17 +83,17 @@ class _TwoCallsTwoOutputs(nnx.Module):
 def test_paths_repeated_calls_tuple_output_and_params():
   model = _abstract(_TwoCallsTwoOutputs)
   counts = count_ops(model, _x(5, 16, 16, 1))
-  rows = [(r.path, r.layer_type, r.kind, r.call, r.output_shape[1:], r.macs, r.params)
+  rows = [(r.path, r.layer_type, r.op, r.call, r.output_shape[1:], r.macs, r.params)
           for r in counts.layers]
   assert rows == [
       ("stem", "Conv", "mac", 0, (8, 8, 4), 64 * 9 * 4, 36),
-      ("blocks.0", "AdderConv", "adder", 0, (6, 6, 8), 36 * 9 * 4 * 8, 288),
-      ("blocks.1", "BinaryConv", "binary", 0, (6, 6, 8), 36 * 64, 64),
+      ("blocks/0", "AdderConv", "adder", 0, (6, 6, 8), 36 * 9 * 4 * 8, 288),
+      ("blocks/1", "BinaryConv", "binary", 0, (6, 6, 8), 36 * 64, 64),
       ("head", "Linear", "mac", 0, (8,), 64, 72),
       ("head", "Linear", "mac", 1, (8,), 64, 0),
   ]
   mac, adder, binary = 64 * 36 + 2 * 64, 36 * 288, 36 * 64
-  assert counts.macs_by_kind() == {"mac": mac, "adder": adder, "binary": binary}
+  assert counts.macs_by_op() == {"mac": mac, "adder": adder, "binary": binary}
   assert counts.multiplications == mac
   assert counts.additions == mac + 2 * adder + binary
   assert counts.xnor == binary
@@ -108,7 +109,7 @@ def test_concrete_model_is_left_unchanged():
   before = jax.tree.map(np.asarray, nnx.state(model))
   abstract = count_ops(model, _x(2, 16, 16, 1))
   assert count_ops(model, x) == abstract
-  jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
+  chex.assert_trees_all_equal(nnx.state(model), before)
   # The layers' __call__ are restored after the trace.
   assert "__call__" not in vars(BinaryConv) or BinaryConv.__call__.__qualname__.startswith(
       "BinaryConv.")
@@ -203,12 +204,12 @@ def test_bad_arguments(kwargs, match):
     count_ops(layer, **kwargs)
 
 
-@pytest.mark.parametrize("attention_fn, scores_kind", [
+@pytest.mark.parametrize("attention_fn, scores_op", [
     (nnx.dot_product_attention, "mac"),
     (adder_attention, "adder"),
     (functools.partial(adder_attention, scale=0.1), "adder"),
 ])
-def test_multi_head_attention(attention_fn, scores_kind):
+def test_multi_head_attention(attention_fn, scores_op):
   """Projections (LinearGeneral), the query-key scores and the weighted values, by hand."""
   batch, length, features, heads, depth = 2, 5, 12, 3, 4
   layer = _abstract(lambda rngs: nnx.MultiHeadAttention(
@@ -222,11 +223,11 @@ def test_multi_head_attention(attention_fn, scores_kind):
   assert {rows[p].macs for p in ("query", "key", "value", "out")} == {projection}
   assert {rows[p].layer_type for p in ("query", "key", "value", "out")} == {"LinearGeneral"}
   assert rows["query"].params == features * heads * depth + heads * depth
-  assert (rows["scores"].macs, rows["scores"].kind, rows["scores"].layer_type) == (
-      attention, scores_kind, "attention")
-  assert (rows["values"].macs, rows["values"].kind, rows["values"].params) == (attention, "mac", 0)
+  assert (rows["scores"].macs, rows["scores"].op, rows["scores"].layer_type) == (
+      attention, scores_op, "attention")
+  assert (rows["values"].macs, rows["values"].op, rows["values"].params) == (attention, "mac", 0)
   assert rows["scores"].output_shape == (batch, heads, length, length)
-  adder_macs = attention if scores_kind == "adder" else 0
+  adder_macs = attention if scores_op == "adder" else 0
   assert counts.multiplications == 4 * projection + 2 * attention - adder_macs
   assert counts.additions == 4 * projection + 2 * attention + adder_macs
   assert counts.params == 4 * (features * heads * depth + heads * depth) - heads * depth + features

@@ -102,7 +102,7 @@ def test_resnet50_v1_gives_the_papers_figures():
   # a quarter of the pixels.
   counts = _counts("resnet50", "conv")
   first = {r.path: r.macs for r in counts.layers
-           if r.path in ("layer2.0.conv1", "layer3.0.conv1", "layer4.0.conv1")}
+           if r.path in ("layer2/0/conv1", "layer3/0/conv1", "layer4/0/conv1")}
   assert list(first.values()) == [102_760_448] * 3
   v1 = counts.macs - sum(first.values()) * 3 // 4
   assert v1 == 3_857_973_248
@@ -121,10 +121,10 @@ def test_params(name, params, paper):
 
 def test_layers_of_resnet20():
   rows = _counts("resnet20", "adder").layers
-  assert [r.path for r in rows[:3]] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"]
-  assert [r.kind for r in rows].count("adder") == 20
-  assert (rows[0].kind, rows[-1].kind, rows[-1].path) == ("mac", "mac", "fc")
-  shortcut = next(r for r in rows if r.path == "layer2.0.downsample.conv")
+  assert [r.path for r in rows[:3]] == ["conv1", "layer1/0/conv1", "layer1/0/conv2"]
+  assert [r.op for r in rows].count("adder") == 20
+  assert (rows[0].op, rows[-1].op, rows[-1].path) == ("mac", "mac", "fc")
+  shortcut = next(r for r in rows if r.path == "layer2/0/downsample/conv")
   assert (shortcut.output_shape, shortcut.macs) == ((1, 16, 16, 32), 131_072)
 
 

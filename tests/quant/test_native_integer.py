@@ -129,7 +129,7 @@ def test_conv_sums_are_exact(case):
   _, native_layer, x = _conv_case(case)
   assert native_layer.lanes == ("uint8" if case[-2] <= 8 else "int16")
   layer = native_layer
-  spec = layer._padded(x)[1](x, layer.kernel[...])
+  spec = layer._padded(x)[1]
   _assert_exact(layer, x, (spec.strides, spec.padding, spec.dilation))
 
 
@@ -175,7 +175,8 @@ def test_the_native_kernels_run_and_serve_every_bit_width_of_their_lanes():
   x = _inputs(rng, (1, 6, 6, 8), False)
   text = jax.jit(lambda x: built[8][1](x)).lower(x).as_text()
   assert "adderjax_integer_scaled_u8" in text
-  assert "adderjax_integer_sums_u8" in jax.jit(lambda x: built[8][1].accumulate(x)).lower(x).as_text()
+  assert "adderjax_integer_sums_u8" in (
+      jax.jit(lambda x: built[8][1].accumulate(x)).lower(x).as_text())
   assert "adderjax_integer_scaled_i16" in jax.jit(lambda x: built[12][1](x)).lower(x).as_text()
   assert "adderjax_integer" not in jax.jit(lambda x: built[8][0](x)).lower(x).as_text()
   # The bits stay an array: 2 and 8 bits (both uint8 lanes) share one graph, hence one compile.
@@ -207,7 +208,7 @@ def test_the_model_output_equals_the_xla_loops_and_exports_with_them(tmp_path):
   rng = np.random.default_rng(0)
   model = _small_model(rng)
   images = jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
-  qmodel, _ = quant.quantize(model, [images], bits=6, groups=2, recompute_batch_norm=False)
+  qmodel, _ = quant.quantize(model, [images], bits=6, scale_groups=2, recompute_batch_norm=False)
   assert qmodel.layers[0].implementation is None and qmodel.layers[0].signed_inputs
   on_xla = nnx.clone(qmodel)
   for _, module in nnx.iter_modules(on_xla):

@@ -198,7 +198,7 @@ def _small_model_and_batches():
 @pytest.mark.parametrize("method", ["nie2022", "shared_scale"])
 def test_calibration_and_grouping_match_numpy(method):
   model, batches = _small_model_and_batches()
-  qmodel, report = quant.quantize(model, batches, bits=8, groups=2, method=method,
+  qmodel, report = quant.quantize(model, batches, bits=8, scale_groups=2, method=method,
                                   recompute_batch_norm=False)
   assert isinstance(model.conv1, AdderConv), "the model passed in is left as it was"
   inputs = [[np.asarray(f) for f in model.features(b)] for b in batches]
@@ -238,7 +238,7 @@ def test_calibration_and_grouping_match_numpy(method):
 def test_sixteen_bit_model_is_close_to_float():
   model, batches = _small_model_and_batches()
   # One scale per layer at max |w| (about 3): inputs rarely clip, weights never.
-  qmodel, report = quant.quantize(model, batches, bits=16, groups=1, method="shared_scale",
+  qmodel, report = quant.quantize(model, batches, bits=16, scale_groups=1, method="shared_scale",
                                   recompute_batch_norm=False)
   assert [r.path for r in report.layers] == ["conv1", "convs/0", "fc"]
   assert isinstance(qmodel.convs[0], QuantizedAdderConv)
@@ -252,7 +252,7 @@ def test_resnet_block_with_adder_shortcut_is_quantized():
   block = models.BasicBlock(models.layers.Layers(kind="adder", rngs=nnx.Rngs(0)), 3, 4,
                             strides=2)
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 6, 6, 3)), jnp.float32)
-  qblock, report = quant.quantize(block, [x], bits=8, groups=1, keep_float=["conv1"],
+  qblock, report = quant.quantize(block, [x], bits=8, scale_groups=1, keep_float=["conv1"],
                                   recompute_batch_norm=False)
   assert [r.path for r in report.layers] == ["conv2", "downsample/conv"]
   assert [r.signed_inputs for r in report.layers] == [False, False]
@@ -267,7 +267,7 @@ def test_batch_norm_statistics_move_only_by_what_quantization_changes():
   rng = np.random.default_rng(1)
   calibration = [jnp.asarray(rng.normal(size=(8, 8, 8, 1)), jnp.float32) for _ in range(2)]
   # conv1 stays float: bn1's inputs do not change, so its statistics stay the trained ones.
-  qmodel, _ = quant.quantize(model, calibration, bits=16, groups=1, keep_float=("conv1",))
+  qmodel, _ = quant.quantize(model, calibration, bits=16, scale_groups=1, keep_float=("conv1",))
   recomputed = nnx.clone(model)
   recompute_batch_norm_stats(recomputed, calibration)
   np.testing.assert_array_equal(qmodel.bn1.mean[...], model.bn1.mean[...])
@@ -282,11 +282,11 @@ def test_batch_norm_statistics_move_only_by_what_quantization_changes():
 def test_batches_of_the_data_pipeline_are_taken_as_their_images():
   """adderjax.data yields {"image", "label"}, and "mask" in evaluation batches."""
   model, batches = _small_model_and_batches()
-  want = quant.quantize(model, batches[:1], bits=8, groups=2)
+  want = quant.quantize(model, batches[:1], bits=8, scale_groups=2)
   image = np.asarray(batches[0])
   padded = {"image": np.concatenate([image, np.full_like(image[:3], 50.0)]),
             "label": np.zeros(11, np.int32), "mask": np.array([1] * 8 + [0] * 3)}
-  got = quant.quantize(model, [padded], bits=8, groups=2)
+  got = quant.quantize(model, [padded], bits=8, scale_groups=2)
   assert got.report == want.report  # The padding examples (here huge) changed no range.
   with pytest.raises(ValueError, match=r"calibration_batches\[0\] is a mapping with keys "
                      r"\['images', 'label'\]; pass the model's inputs"):
@@ -298,8 +298,8 @@ def test_bad_arguments_are_named():
   for bits in (1, 17, 8.5, "8"):
     with pytest.raises(ValueError, match="bits"):
       quant.quantize(model, batches, bits=bits)
-  with pytest.raises(ValueError, match="groups"):
-    quant.quantize(model, batches, groups=0)
+  with pytest.raises(ValueError, match="scale_groups=0"):
+    quant.quantize(model, batches, scale_groups=0)
   with pytest.raises(ValueError, match="method"):
     quant.quantize(model, batches, method="qssf")
   with pytest.raises(ValueError, match=r"keep_float names \['conv9'\].*'convs/0'"):

@@ -62,7 +62,7 @@ def _official_modules(repo: pathlib.Path) -> tuple[types.ModuleType, types.Modul
     raise SystemExit(f"{repo / 'resnet50.py'} is not the file of commit d94dc43")
   resnet50 = types.ModuleType("resnet50")
   resnet50.__file__ = str(repo / "resnet50.py")
-  exec(compile(source.replace("1mport torch.nn as nn", "import torch.nn as nn"),  # noqa: S102
+  exec(compile(source.replace("1mport torch.nn as nn", "import torch.nn as nn"),
                resnet50.__file__, "exec"), resnet50.__dict__)
   return resnet20, resnet50
 

@@ -1,5 +1,7 @@
 """Tests for the BNN baseline: adderjax.ops.sign_ste and adderjax.nn.BinaryConv / BinaryDense."""
 
+import functools
+
 from flax import nnx
 import jax
 from jax import lax
@@ -10,16 +12,9 @@ import pytest
 from adderjax.nn import BinaryConv, BinaryDense
 from adderjax.ops import sign_ste
 from adderjax.optim import adder_kernel_mask
+from tests._util import normal_np, np_init, np_init_layer
 
-
-def _normal(shape, seed=0):
-  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def _np_init(key, shape, dtype=jnp.float32):
-  # JAX's RNG compiles anew, slowly, for each shape; NumPy keeps the tests fast.
-  del key
-  return jnp.asarray(_normal(shape, seed=1), dtype)
+_np_init = functools.partial(np_init, seed=1)
 
 
 def _sign(x):
@@ -65,8 +60,7 @@ def test_sign_ste_rejects_non_float_arrays(x):
 # BinaryConv
 
 
-def _conv(*args, **kwargs):
-  return BinaryConv(*args, kernel_init=_np_init, rngs=nnx.Rngs(0), **kwargs)
+_conv = functools.partial(np_init_layer, BinaryConv, seed=1)
 
 
 def _reference_conv(x, w, strides, padding, dilation, groups):
@@ -89,7 +83,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("options, padding", CONV_CASES)
 def test_binary_conv_matches_reference(options, padding):
   layer = _conv(4, 6, (3, 2), **options)
-  x = _normal((2, 7, 6, 4), seed=2)
+  x = normal_np((2, 7, 6, 4), seed=2)
   x[0, 0, 0, :2] = 0.0  # sign(0) = +1
   want = _reference_conv(x, layer.kernel[...], layer.strides, padding, layer.kernel_dilation,
                          layer.feature_group_count)
@@ -103,9 +97,9 @@ def test_binary_conv_matches_reference(options, padding):
 
 def test_binary_conv_straight_through_gradients():
   layer = _conv(3, 5, 3, strides=2)
-  x = 1.5 * _normal((2, 6, 6, 3), seed=3)
+  x = 1.5 * normal_np((2, 6, 6, 3), seed=3)
   w = np.asarray(layer.kernel[...])
-  g = _normal((2, 3, 3, 5), seed=4)
+  g = normal_np((2, 3, 3, 5), seed=4)
 
   def conv(xs, ws):
     return lax.conv_general_dilated(xs, ws, (2, 2), "SAME",
@@ -137,7 +131,7 @@ def test_binary_conv_output_shape_matches_nnx_conv(options):
 
 def test_binary_conv_circular_padding_pads_the_input():
   layer = _conv(2, 3, 3, padding="CIRCULAR")
-  x = _normal((1, 5, 4, 2), seed=5)
+  x = normal_np((1, 5, 4, 2), seed=5)
   padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")
   want = _reference_conv(padded, layer.kernel[...], (1, 1), "VALID", (1, 1), 1)
   np.testing.assert_array_equal(layer(jnp.asarray(x)), want)
@@ -145,7 +139,7 @@ def test_binary_conv_circular_padding_pads_the_input():
 
 def test_binary_conv_batch_dims_bias_and_dtype():
   layer = _conv(3, 4, 3, use_bias=True, bias_init=lambda k, s, d: jnp.full(s, 0.5, d))
-  x = jnp.asarray(_normal((2, 3, 5, 5, 3), seed=6))
+  x = jnp.asarray(normal_np((2, 3, 5, 5, 3), seed=6))
   flat = layer(x.reshape(6, 5, 5, 3))
   y = layer(x)
   assert y.shape == (2, 3, 5, 5, 4)
@@ -188,13 +182,13 @@ def test_binary_conv_bad_input():
 
 def test_binary_dense_matches_numpy_and_straight_through_gradients():
   layer = BinaryDense(5, 3, kernel_init=_np_init, rngs=nnx.Rngs(0))
-  x = 1.5 * _normal((2, 4, 5), seed=7)
+  x = 1.5 * normal_np((2, 4, 5), seed=7)
   x[0, 0, 0] = 0.0
   w = np.asarray(layer.kernel[...])
   got = layer(jnp.asarray(x))
   np.testing.assert_array_equal(got, _sign(x) @ _sign(w))
 
-  g = _normal((2, 4, 3), seed=8)
+  g = normal_np((2, 4, 3), seed=8)
   dlayer, dx = nnx.grad(lambda layer, x: jnp.sum(layer(x) * g), argnums=(0, 1))(
       layer, jnp.asarray(x))
   np.testing.assert_allclose(dx, (g @ _sign(w).T) * (np.abs(x) <= 1), rtol=1e-6)
@@ -230,8 +224,8 @@ def test_binary_conv_is_nnx_conv_on_binarised_operands(options):
   conv.kernel[...] = jnp.asarray(_sign(w))
   if layer.bias is not None:
     layer.bias[...] = conv.bias[...] = jnp.full((6,), 0.25)
-  x = 1.5 * _normal((2, 7, 6, 4), seed=9)
-  g = _normal(jax.eval_shape(layer, jnp.asarray(x)).shape, seed=10)
+  x = 1.5 * normal_np((2, 7, 6, 4), seed=9)
+  g = normal_np(jax.eval_shape(layer, jnp.asarray(x)).shape, seed=10)
   y, (dlayer, dx) = nnx.value_and_grad(lambda m, x: jnp.sum(m(x) * g), argnums=(0, 1))(
       layer, jnp.asarray(x))
   want_y, (dconv, dx_signed) = nnx.value_and_grad(lambda m, x: jnp.sum(m(x) * g),
@@ -249,5 +243,5 @@ def test_binary_dense_is_nnx_linear_on_binarised_operands():
   w = np.asarray(layer.kernel[...])
   linear.kernel[...] = jnp.asarray(_sign(w))
   layer.bias[...] = linear.bias[...] = jnp.full((3,), -0.5)
-  x = 1.5 * _normal((4, 5), seed=11)
+  x = 1.5 * normal_np((4, 5), seed=11)
   np.testing.assert_array_equal(layer(jnp.asarray(x)), linear(jnp.asarray(_sign(x))))

@@ -1,4 +1,4 @@
-"""The geometry of the Pallas adder kernels and their references in plain jnp.
+"""The index geometry of the Pallas adder kernels' windows, and its references in plain jnp.
 
 `adderjax.ops.pallas_kernels` indexes a flat, zero-padded input with the
 offsets computed here (`forward_geometry`, `input_grad_phases`);
@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from adderjax.ops.spec import ConvSpec
 
