@@ -9,6 +9,17 @@
 // channels by (filter column, channel vector) pairs, reduces over the pixels,
 // and shares out the tiles (and, for small layers, chunks of the batch).
 //
+// Tile sizes (a vector is 16 floats with AVX-512, 32 registers; 8 with AVX2, 16 registers):
+//   forward:      kMR = 8 pixels x 1 or 2 vectors of output channels (16 accumulators);
+//   forward, pixels in the lanes (AVX-512 only, or -DADDERJAX_PIXEL_LANES=1 for the tests;
+//                 stride 1, at most one vector of output channels per group, rows of at least
+//                 2 vectors of pixels): kPixelMR = 8 output channels (the filter broadcast) x
+//                 kPixelNP = 2 vectors of consecutive pixels, read from the rows transposed to
+//                 (row, channel, column), so a small layer does not spend a broadcast per max;
+//   input grad:   kInputGradMR = 8 pixels x 1 vector, or 6 x 2 vectors, of input channels;
+//   weight grad:  kWeightGradMR = 8 (AVX-512) or 4 (AVX2) output channels x 3 vectors of input
+//                 channels.
+//
 // Forward, with the max trick |a - b| = 2 max(a, b) - a - b:
 //   Y[p, o] = -(2 sum_k max(X[p, k], F[k, o]) - SX[p] - SF[o])
 // where SX (sum of each patch) and SF (sum of each filter) are summed here, in a
