@@ -28,7 +28,8 @@ deviation over the seeds.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+import functools
 import json
 import logging
 import os
@@ -84,6 +85,15 @@ def vit_config(kind: str, *, seed: int, epochs: float | None) -> ml_collections.
   if epochs:
     config.num_epochs = epochs
   return config
+
+
+def lenet_config_of_seed(kind: str, p_schedule: str, epochs: float, seed: int
+                         ) -> ml_collections.ConfigDict:
+  return lenet_config(kind, p_schedule, seed=seed, epochs=epochs)
+
+
+def vit_config_of_seed(kind: str, epochs: float, seed: int) -> ml_collections.ConfigDict:
+  return vit_config(kind, seed=seed, epochs=epochs)
 
 
 def eval_curve(workdir: pathlib.Path) -> list[tuple[float, float]]:
@@ -225,29 +235,31 @@ def main(argv: list[str] | None = None) -> int:
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1) + "\n")
 
-  if "lp" in args.parts or "attacks" in args.parts:
-    lp = results.setdefault("lp", {})
-    for name, (kind, schedule, label) in LP_ROWS.items():
-      if "lp" not in args.parts and name not in ATTACKED:
-        continue
+  def train_rows(part: str, rows: dict[str, tuple[str, Callable[[int], ml_collections.ConfigDict]]]
+                 ) -> dict:
+    """Trains (or reads back) each row's run for every seed into ``results[part]``."""
+    stored = results.setdefault(part, {})
+    for name, (label, make_config) in rows.items():
+      runs = stored.setdefault(name, {})
       for seed in args.seeds:
         print(f"{label}, seed {seed}", flush=True)
-        config = lenet_config(kind, schedule, seed=seed, epochs=args.epochs)
-        runs = lp.setdefault(name, {})
-        runs[str(seed)] = train_row(config, workdir / f"{name}_s{seed}", runs.get(str(seed)))
+        runs[str(seed)] = train_row(make_config(seed), workdir / f"{name}_s{seed}",
+                                    runs.get(str(seed)))
         save()
+    return stored
+
+  if "lp" in args.parts or "attacks" in args.parts:
+    lp = train_rows("lp", {
+        name: (label, functools.partial(lenet_config_of_seed, kind, schedule, args.epochs))
+        for name, (kind, schedule, label) in LP_ROWS.items()
+        if "lp" in args.parts or name in ATTACKED})
     print("\nLeNet-5-BN, lp adders:\n" + accuracy_table(
         lp, {name: row[2] for name, row in LP_ROWS.items()}), flush=True)
 
   if "vit" in args.parts:
-    vit = results.setdefault("vit", {})
-    for name, (kind, label) in VIT_ROWS.items():
-      for seed in args.seeds:
-        print(f"{label}, seed {seed}", flush=True)
-        config = vit_config(kind, seed=seed, epochs=args.vit_epochs)
-        runs = vit.setdefault(name, {})
-        runs[str(seed)] = train_row(config, workdir / f"{name}_s{seed}", runs.get(str(seed)))
-        save()
+    vit = train_rows("vit", {
+        name: (label, functools.partial(vit_config_of_seed, kind, args.vit_epochs))
+        for name, (kind, label) in VIT_ROWS.items()})
     print("\nvit_tiny:\n" + accuracy_table(
         vit, {name: row[1] for name, row in VIT_ROWS.items()}), flush=True)
 
