@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adderjax.nn import AdderKernel
+from adderjax.nn import AdderKernel, batch_norm_fusion
 from adderjax.robustness import GRADIENTS, AttackResult, fgsm, pgd, with_grad_mode
 
 __all__ = [
@@ -163,7 +163,9 @@ def _feature_fn(graphdef: Any, layer: str, call: int) -> Callable[[Any, jax.Arra
   @jax.jit
   def run(state, x):
     copy = nnx.merge(graphdef, state)
-    _, captured = nnx.capture(copy, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
+    # The fused BatchNorm+ReLU of training mode does not call the BatchNorm modules.
+    with batch_norm_fusion(False):
+      _, captured = nnx.capture(copy, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
     calls = dict(nnx.to_flat_state(captured))[key].get_value()
     if call >= len(calls):
       raise ValueError(f"call={call} but the model calls {layer!r} {len(calls)} time(s).")

@@ -434,7 +434,7 @@ class _Writer:
 
 
 def _is_u8(tensor) -> bool:
-  return tensor.kind == "codes" and tensor.bits <= 8
+  return tensor.storage == "codes" and tensor.bits <= 8
 
 
 def _allocate(program: IntegerProgram) -> tuple[dict[str, tuple[str, int]], int, int, int]:

@@ -17,7 +17,9 @@ paper compares against: weights and inputs binarised to +-1 by
 :func:`adderjax.ops.sign_ste`, then an ordinary convolution or product.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+import contextlib
+import contextvars
 from types import MappingProxyType
 from typing import Any
 
@@ -39,11 +41,14 @@ from adderjax._layer_common import (
 )
 from adderjax.attention import adder_attention, adder_attention_weights
 from adderjax.ops import adder_dense, sign_ste
+from adderjax.ops import batch_norm as batch_norm_ops
 from adderjax.ops.dispatch import ImplementationLike
+from adderjax.ops.sharding import explicit_batch_axes
 from adderjax.ops.spec import GradMode, check_p
 
 __all__ = ["AdderConv", "AdderDense", "AdderExponent", "AdderKernel", "BinaryConv", "BinaryDense",
-           "adder_attention", "adder_attention_weights", "float32_statistics", "set_exponent"]
+           "adder_attention", "adder_attention_weights", "batch_norm_fusion", "batch_norm_relu",
+           "float32_statistics", "set_exponent"]
 
 binary_default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -460,6 +465,108 @@ def float32_statistics(args: tuple[Any, ...], /, *, dtype: Dtype | None = None,
   wide = jnp.promote_types(dtypes.canonicalize_dtype(*args, dtype=dtype, inexact=inexact),
                            jnp.float32)
   return tuple(None if a is None else jnp.asarray(a, wide) for a in args)
+
+
+_FUSION = contextvars.ContextVar("adderjax_batch_norm_fusion", default=True)
+
+
+@contextlib.contextmanager
+def batch_norm_fusion(enabled: bool) -> Iterator[None]:
+  """Turns :func:`batch_norm_relu`'s fused op on or off for the programs traced in the block.
+
+  Off, every BatchNorm of the models runs as the module call
+  ``bn(y)`` even in training mode: what needs that call (an interception of the
+  modules' outputs, as :func:`adderjax.analysis.features` makes) or Flax's own
+  BatchNorm numbers. It applies where a function is traced (the first call of
+  a jitted function), not where a compiled one runs.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from adderjax.nn import batch_norm_fusion, batch_norm_relu
+    >>> bn = nnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> with batch_norm_fusion(False):
+    ...   out = batch_norm_relu(bn, jnp.array([[1.0, 2.0], [3.0, 6.0]]))
+    >>> out.round(3).tolist()
+    [[0.0, 0.0], [1.0, 1.0]]
+
+  Args:
+    enabled: whether :func:`batch_norm_relu` may fuse (the default outside any block).
+  """
+  token = _FUSION.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _FUSION.reset(token)
+
+
+def _fused_unsupported_reason(bn: nnx.BatchNorm, y: jax.Array,
+                              residual: jax.Array | None = None) -> str | None:
+  """Why `batch_norm_relu` runs ``bn`` unfused on ``y``, or None where it fuses it."""
+  if not _FUSION.get():
+    return "batch_norm_fusion(False) turns it off"
+  if bn.axis_name is not None:
+    return "its statistics are averaged over a named axis (axis_name)"
+  if bn.scale is None or bn.bias is None:
+    return "it has no scale or no bias"
+  if not isinstance(bn.axis, int) or bn.axis not in (-1, y.ndim - 1):
+    return "its features are not the last axis"
+  if jnp.dtype(y.dtype) != jnp.float32 or bn.dtype not in (None, jnp.float32):
+    return "it does not normalise float32 to float32"
+  if bn.scale[...].dtype != jnp.float32 or bn.bias[...].dtype != jnp.float32:
+    return "its parameters are not float32"
+  if explicit_batch_axes(y):
+    return "its input is sharded over explicit mesh axes"
+  return batch_norm_ops.native_supported(y, bn.scale[...], bn.bias[...], residual)
+
+
+def batch_norm_relu(bn: nnx.BatchNorm, y: jax.Array, *, residual: jax.Array | None = None,
+                    use_running_average: bool | None = None) -> jax.Array:
+  """``relu(bn(y) + residual)``, one native op in training mode on the CPU.
+
+  In training mode (batch statistics) on the CPU backend, for float32, this is
+  :func:`adderjax.ops.batch_norm.batch_norm_act`: the statistics, the
+  normalisation, the residual add and the ReLU in two passes over ``y``
+  (XLA's graph takes a reduction and three elementwise passes, and writes
+  ``y - mean`` out for the gradient), its gradient in two more; ``bn``'s
+  running mean and variance are updated as :class:`flax.nnx.BatchNorm` updates
+  them. Elsewhere (evaluation, other backends and dtypes, statistics over a
+  named axis, explicitly sharded inputs, inside ``batch_norm_fusion(False)``)
+  it is ``nnx.relu(bn(y) + residual)``.
+  The batch statistics are summed around each channel's first value, so the
+  two paths agree to float32 rounding where `nnx.BatchNorm`'s default
+  ``E[y^2] - E[y]^2`` keeps its precision, and the fused one keeps it where
+  an adder layer's large offset would not. The models of
+  :mod:`adderjax.models` use it after every layer followed by a ReLU.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from adderjax.nn import batch_norm_relu
+    >>> bn = nnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> y = jnp.array([[-3000.0, 1.0], [-3002.0, 3.0]])
+    >>> batch_norm_relu(bn, y).round(3).tolist(), bn.mean[...].tolist()
+    ([[1.0, 0.0], [0.0, 1.0]], [-300.1000061035156, 0.20000000298023224])
+
+  Args:
+    bn: the BatchNorm (features last).
+    y: its input.
+    residual: added after the normalisation, before the ReLU (``y``'s shape), or None.
+    use_running_average: as in :class:`flax.nnx.BatchNorm` (None: ``bn``'s own).
+
+  Returns:
+    ``relu(bn(y) + residual)``.
+  """
+  if use_running_average is None:
+    use_running_average = bn.use_running_average
+  if use_running_average or _fused_unsupported_reason(bn, y, residual) is not None:
+    out = bn(y, use_running_average=use_running_average)
+    return nnx.relu(out if residual is None else out + residual)
+  out, mean, var = batch_norm_ops.batch_norm_act(y, bn.scale[...], bn.bias[...], residual,
+                                                 epsilon=bn.epsilon, implementation="cpu")
+  bn.mean[...] = bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean
+  bn.var[...] = bn.momentum * bn.var[...] + (1 - bn.momentum) * var
+  return out
 
 
 class BinaryConv(nnx.Conv):

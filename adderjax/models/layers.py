@@ -26,7 +26,14 @@ import jax
 import jax.numpy as jnp
 
 from adderjax._checks import positive_int as check_positive_int
-from adderjax.nn import AdderConv, AdderDense, BinaryConv, BinaryDense, float32_statistics
+from adderjax.nn import (
+  AdderConv,
+  AdderDense,
+  BinaryConv,
+  BinaryDense,
+  batch_norm_relu,
+  float32_statistics,
+)
 from adderjax.ops.dispatch import ImplementationLike, check_implementation
 from adderjax.ops.spec import GradMode, check_grad_mode
 
@@ -37,6 +44,7 @@ __all__ = [
     "Layers",
     "activation",
     "batch_norm",
+    "batch_norm_activation",
     "check_inputs",
     "check_kind",
     "check_positive_int",
@@ -271,6 +279,35 @@ class Layers:
   def activation(self) -> Callable[[jax.Array], jax.Array]:
     """:func:`activation` of this model's kind."""
     return activation(self.kind)
+
+
+def batch_norm_activation(bn: nnx.BatchNorm, y: jax.Array,
+                          activation: Callable[[jax.Array], jax.Array], *,
+                          residual: jax.Array | None = None) -> jax.Array:
+  """``activation(bn(y) + residual)``: with ReLU, :func:`adderjax.nn.batch_norm_relu`.
+
+  That is one native op in training mode on the CPU; the numbers are those of
+  the unfused layers to float32 rounding.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from adderjax.models.layers import batch_norm, batch_norm_activation
+    >>> bn = batch_norm(2, rngs=nnx.Rngs(0))
+    >>> y = jnp.array([[-3000.0, 1.0], [-3002.0, 3.0]])
+    >>> batch_norm_activation(bn, y, nnx.hard_tanh, residual=jnp.ones_like(y)).round(3).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+
+  Args:
+    bn: the BatchNorm.
+    y: its input.
+    activation: applied last (:func:`activation` of the model's kind).
+    residual: added after the BatchNorm (``y``'s shape), or None.
+  """
+  if activation is nnx.relu:
+    return batch_norm_relu(bn, y, residual=residual)
+  out = bn(y)
+  return activation(out if residual is None else out + residual)
 
 
 def global_average_pool(x: jax.Array) -> jax.Array:

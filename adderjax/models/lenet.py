@@ -20,6 +20,7 @@ from adderjax._checks import is_int
 from adderjax.models.layers import (
   Kind,
   Layers,
+  batch_norm_activation,
   check_inputs,
   check_positive_int,
   max_pool,
@@ -106,11 +107,11 @@ class LeNet5BN(nnx.Module):
     """
     check_inputs(inputs, channels=1, spatial=(28, 28))
     act = self.activation
-    x = max_pool(act(self.bn1(self.conv1(inputs))), 2, 2)
-    x = max_pool(act(self.bn2(self.conv2(x))), 2, 2)
+    x = max_pool(batch_norm_activation(self.bn1, self.conv1(inputs), act), 2, 2)
+    x = max_pool(batch_norm_activation(self.bn2, self.conv2(x), act), 2, 2)
     x = jnp.reshape(x, (x.shape[0], -1))
-    x = act(self.bn3(self.fc1(x)))
-    x = act(self.bn4(self.fc2(x)))
+    x = batch_norm_activation(self.bn3, self.fc1(x), act)
+    x = batch_norm_activation(self.bn4, self.fc2(x), act)
     return self.bn5(self.fc3(x))
 
 

@@ -22,6 +22,7 @@ from adderjax._checks import is_int
 from adderjax.models.layers import (
   Kind,
   Layers,
+  batch_norm_activation,
   check_inputs,
   check_positive_int,
   global_average_pool,
@@ -118,10 +119,9 @@ class BasicBlock(nnx.Module):
     self.activation = make.activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    out = self.activation(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
+    out = batch_norm_activation(self.bn1, self.conv1(x), self.activation)
     identity = x if self.downsample is None else self.downsample(x)
-    return self.activation(out + identity)
+    return batch_norm_activation(self.bn2, self.conv2(out), self.activation, residual=identity)
 
 
 class Bottleneck(nnx.Module):
@@ -169,11 +169,10 @@ class Bottleneck(nnx.Module):
     self.activation = make.activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    out = self.activation(self.bn1(self.conv1(x)))
-    out = self.activation(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
+    out = batch_norm_activation(self.bn1, self.conv1(x), self.activation)
+    out = batch_norm_activation(self.bn2, self.conv2(out), self.activation)
     identity = x if self.downsample is None else self.downsample(x)
-    return self.activation(out + identity)
+    return batch_norm_activation(self.bn3, self.conv3(out), self.activation, residual=identity)
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -273,7 +272,7 @@ class CifarResNet(nnx.Module):
       ``(batch, num_classes)`` logits.
     """
     check_inputs(inputs, channels=3)
-    x = self.activation(self.bn1(self.conv1(inputs)))
+    x = batch_norm_activation(self.bn1, self.conv1(inputs), self.activation)
     for stage in (self.layer1, self.layer2, self.layer3):
       for block in stage:
         x = block(x)
@@ -362,7 +361,8 @@ class ResNet(nnx.Module):
       ``(batch, num_classes)`` logits.
     """
     check_inputs(inputs, channels=3)
-    x = max_pool(self.activation(self.bn1(self.conv1(inputs))), 3, 2, padding=1)
+    x = max_pool(batch_norm_activation(self.bn1, self.conv1(inputs), self.activation), 3, 2,
+                 padding=1)
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in stage:
         x = block(x)

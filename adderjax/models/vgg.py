@@ -9,7 +9,14 @@ from flax.typing import Dtype
 import jax
 import jax.numpy as jnp
 
-from adderjax.models.layers import Kind, Layers, check_inputs, check_positive_int, max_pool
+from adderjax.models.layers import (
+  Kind,
+  Layers,
+  batch_norm_activation,
+  check_inputs,
+  check_positive_int,
+  max_pool,
+)
 from adderjax.ops import ImplementationLike
 from adderjax.ops.spec import GradMode
 
@@ -86,7 +93,7 @@ class VGGSmall(nnx.Module):
     check_inputs(inputs, channels=3, spatial=(32, 32))
     x = inputs
     for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-      x = self.activation(norm(conv(x)))
+      x = batch_norm_activation(norm, conv(x), self.activation)
       if i % 2:
         x = max_pool(x, 2, 2)
     return self.classifier(jnp.reshape(x, (x.shape[0], -1)))

@@ -19,9 +19,11 @@ input gradient's clip keeps a NaN). The rest (the ``"sign"`` and ``"unclipped"``
 the ``"sign"`` weight gradient, float64) uses :mod:`adderjax.ops.xla`.
 
 The integer layers of `adderjax.quant` have their own kernels
-(``csrc/adder_int_cpu.cc``, called by `adderjax.ops.cpu_native_int`), built
-into the same library: both sources (and the thread-pool helper they share,
-``csrc/parallel_for.h``) are compiled together and are all part of the cache key.
+(``csrc/adder_int_cpu.cc``, called by `adderjax.ops.cpu_native_int`), and so
+does BatchNorm in training mode with its ReLU (``csrc/batch_norm_cpu.cc``,
+called by `adderjax.ops.batch_norm`), built into the same library: the
+sources (and the thread-pool helper they share, ``csrc/parallel_for.h``) are
+compiled together and are all part of the cache key.
 
 The handlers are compiled (by `adderjax.ops.native_build`) the first time
 they are needed with the system's C++ compiler (``$CXX``, else ``c++``) for
@@ -56,21 +58,8 @@ import numpy as np
 from adderjax.ops import native_build, sharding, xla
 from adderjax.ops.spec import ConvSpec
 
-__all__ = ["NativeCpuAdderConv", "available", "build_and_open", "check_usable", "library_path",
+__all__ = ["NativeCpuAdderConv", "available", "check_usable", "library_path",
            "unavailable_reason"]
-
-# The build (compiler, flags, cache, FFI registration) is adderjax.ops.native_build's; its
-# names that this module has always had stay here too.
-ENV_DISABLE = native_build.ENV_DISABLE
-ENV_CACHE_DIR = native_build.ENV_CACHE_DIR
-INTEGER_TARGETS = native_build.INTEGER_TARGETS
-build_and_open = native_build.build_and_open
-_FORWARD_TARGET = native_build.FORWARD_TARGET
-_INPUT_GRAD_TARGET = native_build.INPUT_GRAD_TARGET
-_WEIGHT_GRAD_TARGET = native_build.WEIGHT_GRAD_TARGET
-_disabled = native_build.disabled
-_load = native_build.load  # A module attribute: tests replace it to simulate a failed build.
-
 
 def available() -> bool:
   """Whether the native kernels are built and loaded (building them if needed).
@@ -78,15 +67,15 @@ def available() -> bool:
   The first call on a machine compiles them (a few seconds); a failure warns
   once, saying why, and returns False.
   """
-  library, reason = _load()
-  if library is None and not _disabled():
+  library, reason = native_build.load()
+  if library is None and not native_build.disabled():
     _warn_once(reason)
   return library is not None
 
 
 def unavailable_reason() -> str:
   """Why :func:`available` is False (empty when it is True)."""
-  return _load()[1]
+  return native_build.load()[1]
 
 
 def _unusable_reason() -> str | None:
@@ -108,7 +97,7 @@ def check_usable() -> None:
 
 def library_path() -> str | None:
   """The loaded library's file, or None."""
-  library = _load()[0]
+  library = native_build.load()[0]
   return None if library is None else library._name
 
 
@@ -119,7 +108,7 @@ def _warn_once(reason: str) -> None:
 
 
 def _vector_width() -> int:
-  return int(_load()[0].AdderjaxVectorWidth())
+  return int(native_build.load()[0].AdderjaxVectorWidth())
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -135,8 +124,8 @@ def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
   # Filters as (G, K, Opad), K in (row, column, channel) order.
   wt = xla._pad_axis(w.reshape(kh * kw * cg, groups, per_group).transpose(1, 0, 2), -1, opad)
   (sh, sw), (dh, dw), ((top, _), (left, _)) = spec.strides, spec.dilation, spec.padding
-  call = jax.ffi.ffi_call(_FORWARD_TARGET, jax.ShapeDtypeStruct((x.shape[0], ho, wo, out),
-                                                                 jnp.float32),
+  call = jax.ffi.ffi_call(native_build.FORWARD_TARGET,
+                          jax.ShapeDtypeStruct((x.shape[0], ho, wo, out), jnp.float32),
                           vmap_method="sequential")
   # The kernel reads the zero padding in place of the rows and columns outside x.
   return call(x, wt, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw),
@@ -159,8 +148,8 @@ def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
   gp = lax.pad(g, jnp.zeros((), g.dtype),
                ((0, 0, 0), (0, 0, 0), (g_left, columns - wo, 0), (0, 0, 0)))
   wt = _filters_by_output_channel(w, spec.groups, _round_up(cg, _vector_width()))
-  call = jax.ffi.ffi_call(_INPUT_GRAD_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                          vmap_method="sequential")
+  call = jax.ffi.ffi_call(native_build.INPUT_GRAD_TARGET,
+                          jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
   return call(x, gp, wt, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
               top=np.int64(top), left=np.int64(left), g_left=np.int64(g_left),
               groups=np.int64(spec.groups))
@@ -180,8 +169,8 @@ def weight_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
   groups = spec.groups
   wt = _filters_by_output_channel(w, groups, _round_up(cg, _vector_width()))
   (sh, sw), (dh, dw), ((top, _), (left, _)) = spec.strides, spec.dilation, spec.padding
-  call = jax.ffi.ffi_call(_WEIGHT_GRAD_TARGET, jax.ShapeDtypeStruct(wt.shape, jnp.float32),
-                          vmap_method="sequential")
+  call = jax.ffi.ffi_call(native_build.WEIGHT_GRAD_TARGET,
+                          jax.ShapeDtypeStruct(wt.shape, jnp.float32), vmap_method="sequential")
   dwt = call(x, g, wt, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
              top=np.int64(top), left=np.int64(left), groups=np.int64(groups))
   return dwt[..., :cg].transpose(1, 2, 4, 0, 3).reshape(kh, kw, cg, out)

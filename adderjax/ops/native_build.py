@@ -41,9 +41,9 @@ import jax
 
 from adderjax._paths import user_cache_dir
 
-__all__ = ["ENV_CACHE_DIR", "ENV_DISABLE", "FLAGS", "FORWARD_TARGET", "HEADERS",
-           "INPUT_GRAD_TARGET", "INTEGER_TARGETS", "SOURCES", "WEIGHT_GRAD_TARGET",
-           "build_and_open", "compiler", "disabled", "load"]
+__all__ = ["BATCH_NORM_GRAD_TARGET", "BATCH_NORM_TARGET", "ENV_CACHE_DIR", "ENV_DISABLE", "FLAGS",
+           "FORWARD_TARGET", "HEADERS", "INPUT_GRAD_TARGET", "INTEGER_TARGETS", "SOURCES",
+           "WEIGHT_GRAD_TARGET", "build_and_open", "compiler", "disabled", "load"]
 
 ENV_DISABLE = "ADDERJAX_NATIVE"
 ENV_CACHE_DIR = "ADDERJAX_CACHE_DIR"
@@ -52,9 +52,15 @@ ENV_CACHE_DIR = "ADDERJAX_CACHE_DIR"
 FORWARD_TARGET = "adderjax_adder_forward"
 INPUT_GRAD_TARGET = "adderjax_adder_input_grad"
 WEIGHT_GRAD_TARGET = "adderjax_adder_weight_grad"
+# BatchNorm in training mode with its ReLU and residual add (csrc/batch_norm_cpu.cc, called by
+# adderjax.ops.batch_norm): the forward and its gradient.
+BATCH_NORM_TARGET = "adderjax_batch_norm_act"
+BATCH_NORM_GRAD_TARGET = "adderjax_batch_norm_act_grad"
 _FLOAT_SYMBOLS = {FORWARD_TARGET: "AdderjaxAdderForward",
                   INPUT_GRAD_TARGET: "AdderjaxAdderInputGrad",
-                  WEIGHT_GRAD_TARGET: "AdderjaxAdderWeightGrad"}
+                  WEIGHT_GRAD_TARGET: "AdderjaxAdderWeightGrad",
+                  BATCH_NORM_TARGET: "AdderjaxBatchNormAct",
+                  BATCH_NORM_GRAD_TARGET: "AdderjaxBatchNormActGrad"}
 INTEGER_TARGETS = {
     # (lanes, scaled): (FFI target, symbol) of the integer layers' kernels (csrc/adder_int_cpu.cc,
     # called by adderjax.ops.cpu_native_int): int32 sums, or the float epilogue applied.
@@ -70,6 +76,7 @@ INTEGER_TARGETS = {
 SOURCES = (
     "adder_cpu.cc",  # The float kernels: forward (two tilings), input and weight gradients.
     "adder_int_cpu.cc",  # The integer layers' kernels.
+    "batch_norm_cpu.cc",  # BatchNorm in training mode with its ReLU and residual add.
 )
 # What the sources include, part of the cache key like them.
 HEADERS = (

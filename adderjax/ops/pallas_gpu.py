@@ -52,7 +52,7 @@ is reasoning, not a measurement: the choice is to be confirmed on a GPU.
 Where the code is, the tokamax way:
 
 - this module: `PallasAdderConv`, the kernels' options and the entry point
-  of `adderjax.ops.adder_conv`, and `unsupported_reason`;
+  of `adderjax.ops.adder_conv`, and `shape_unsupported_reason`;
 - `adderjax.ops.pallas_kernels`: the kernels and their ``pallas_call``;
 - `adderjax.ops.window_geometry`: their window geometry and jnp references;
 - `adderjax.ops.sharding`: the multi-device wrapper shared with the native
@@ -81,7 +81,7 @@ from adderjax.ops.spec import ConvSpec, GradMode
 from adderjax.ops.window_geometry import next_power_of_2
 
 __all__ = ["DEFAULT", "FORWARD_METHODS", "MIN_PROGRAMS", "UNAVAILABLE_REASON", "PallasAdderConv",
-           "unsupported_reason"]
+           "shape_unsupported_reason"]
 
 
 def _unavailable_reason() -> str | None:
@@ -177,8 +177,8 @@ class PallasAdderConv(sharding.KernelImplementation):
     """Why the kernels cannot run this layer here, or None.
 
     Without Pallas' Triton lowering (`UNAVAILABLE_REASON`), compiled on a
-    backend other than GPU, or past the kernels' int32 offsets (the module's
-    `unsupported_reason`).
+    backend other than GPU, or past the kernels' int32 offsets
+    (`shape_unsupported_reason`).
     """
     if UNAVAILABLE_REASON is not None:
       return (f"runs Pallas kernels, but {UNAVAILABLE_REASON}. Use implementation='xla' (or None, "
@@ -187,7 +187,7 @@ class PallasAdderConv(sharding.KernelImplementation):
       return (f"compiles Triton kernels for a GPU, but JAX's default backend is "
               f"{jax.default_backend()!r}. Use implementation='pallas_interpret' to run the same "
               f"kernels in Pallas' interpreter, or 'xla' (or None, which picks 'xla' here).")
-    reason = unsupported_reason(x.shape, w.shape, spec)
+    reason = shape_unsupported_reason(x.shape, w.shape, spec)
     return None if reason is None else f"cannot run this layer: {reason}. Use implementation='xla'."
 
   def has_kernel(self, kind: sharding.KernelName, dtype, grad_mode: GradMode | None) -> bool:
@@ -220,8 +220,8 @@ class PallasAdderConv(sharding.KernelImplementation):
 DEFAULT = PallasAdderConv()
 
 
-def unsupported_reason(x_shape: Sequence[int], w_shape: Sequence[int],
-                       spec: ConvSpec) -> str | None:
+def shape_unsupported_reason(x_shape: Sequence[int], w_shape: Sequence[int],
+                             spec: ConvSpec) -> str | None:
   """Why the kernels cannot run this layer, or ``None`` if they can.
 
   The kernels compute flat int32 offsets, so every array they index must have

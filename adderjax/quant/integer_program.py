@@ -10,7 +10,8 @@ bit-equal to the quantized JAX model, whose epilogue is in floating point,
 but close: the input codes of every adder layer are the same up to the
 rounding of values at a code boundary.
 
-Tensors hold one image's ``(height, width, channels)`` and are of two kinds:
+Tensors hold one image's ``(height, width, channels)`` in one of two storages
+(`Tensor.storage`):
 
 - **codes**: the input codes of one adder layer, one copy per scale group of
   that layer (``(groups, H, W, C)``): unsigned ``0..2^b - 1`` or signed
@@ -130,7 +131,7 @@ class Tensor:
   Attributes:
     name: unique name.
     shape: ``(height, width, channels)``.
-    kind: ``"codes"`` (input codes of an adder layer) or ``"wide"``
+    storage: ``"codes"`` (input codes of an adder layer) or ``"wide"``
       (fixed point, ``value = t * 2^-fraction_bits``, int32).
     scale_groups: codes: the number of copies (the scale groups of the consumer).
     bits: codes: their bits.
@@ -142,7 +143,7 @@ class Tensor:
 
   name: str
   shape: tuple[int, int, int]
-  kind: str
+  storage: str
   low: np.ndarray
   high: np.ndarray
   scale_groups: int = 1
@@ -172,7 +173,7 @@ class Epilogue:
 
 @dataclasses.dataclass(eq=False)
 class InputTable:
-  """Pixels through ``table[g, c, p]`` to codes (``kind="codes"``) or a wide tensor."""
+  """Pixels through ``table[g, c, p]`` to codes (``storage="codes"``) or a wide tensor."""
 
   path: str
   output: str
@@ -347,7 +348,7 @@ def _execute(op: Operation, values: dict, pixels: np.ndarray, tensors: dict) -> 
   if isinstance(op, InputTable):
     channels = np.arange(pixels.shape[-1])
     codes = op.table[:, channels, pixels.astype(np.int64)]  # (G, N, H, W, C)
-    return codes if out.kind == "codes" else codes[0]
+    return codes if out.storage == "codes" else codes[0]
   if isinstance(op, (AdderSum, MulSum)):
     x = values[op.input]
     kh, kw, _, cout = op.kernel.shape
@@ -511,7 +512,7 @@ class _Lowering:
     if t.shape[:2] == (1, 1):
       return value
     hw = t.shape[0] * t.shape[1]
-    out = self.tensor(path + "/flatten", shape=(1, 1, math.prod(t.shape)), kind="wide",
+    out = self.tensor(path + "/flatten", shape=(1, 1, math.prod(t.shape)), storage="wide",
                       low=np.tile(t.low, hw), high=np.tile(t.high, hw),
                       fraction_bits=t.fraction_bits)
     self.ops.append(Flatten(path, value, out.name))
@@ -526,7 +527,7 @@ class _Lowering:
     per_unit = levels / (scales * (2 if signed else 1))
     lo, hi = (-2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, levels)
     shape = self.shape(value)
-    out = self.tensor(path + "/codes", shape=shape, kind="codes", scale_groups=len(scales),
+    out = self.tensor(path + "/codes", shape=shape, storage="codes", scale_groups=len(scales),
                       bits=bits, signed=signed, low=np.full(shape[-1], lo),
                       high=np.full(shape[-1], hi))
     if value is None:
@@ -548,7 +549,7 @@ class _Lowering:
     x = self.pixel_values()
     fraction = _fraction_bits(float(np.abs(x).max()), INPUT_BITS)
     table = np.round(x * 2.0 ** fraction).astype(np.int64)
-    out = self.tensor(path + "/input", shape=self.input_shape, kind="wide",
+    out = self.tensor(path + "/input", shape=self.input_shape, storage="wide",
                       low=table.min(axis=1), high=table.max(axis=1), fraction_bits=fraction)
     self.ops.append(InputTable(path, out.name, table[None]))
     return out.name
@@ -636,7 +637,7 @@ class _Lowering:
       acc_high = np.maximum(w * lo, w * hi).sum(axis=0)
       codes = source
     epilogue, fraction, low, high = _epilogue(path, acc_low, acc_high, a, b, relu)
-    out = self.tensor(path, shape=out_hw + (cout,), kind="wide", low=low, high=high,
+    out = self.tensor(path, shape=out_hw + (cout,), storage="wide", low=low, high=high,
                       fraction_bits=fraction)
     if adder:
       self.ops.append(AdderSum(path, codes, out.name, kernel, group, m, strides, padding,
@@ -649,7 +650,7 @@ class _Lowering:
   def max_pool(self, value: str, size: int, stride: int, padding: int, path: str) -> str:
     t = self.tensors[value]
     out_hw = tuple(_out_size(s, (padding, padding), size, stride, 1) for s in t.shape[:2])
-    out = self.tensor(path, shape=out_hw + t.shape[2:], kind="wide", low=t.low, high=t.high,
+    out = self.tensor(path, shape=out_hw + t.shape[2:], storage="wide", low=t.low, high=t.high,
                       fraction_bits=t.fraction_bits)
     self.ops.append(MaxPool(path, value, out.name, size, stride, padding))
     return out.name
@@ -661,7 +662,7 @@ class _Lowering:
     m, k = _fixed_point(1 / hw, max_input, path)
     low = np.array([rshift_round(int(v) * hw * m, k) for v in t.low], np.int64)
     high = np.array([rshift_round(int(v) * hw * m, k) for v in t.high], np.int64)
-    out = self.tensor(path, shape=(1, 1, t.shape[2]), kind="wide", low=low, high=high,
+    out = self.tensor(path, shape=(1, 1, t.shape[2]), storage="wide", low=low, high=high,
                       fraction_bits=t.fraction_bits)
     self.ops.append(MeanPool(path, value, out.name, m, k))
     return out.name
@@ -689,7 +690,7 @@ class _Lowering:
     if relu:
       low, high = np.maximum(low, 0), np.maximum(high, 0)
     _check_int32(low, high, path)
-    out = self.tensor(path, shape=a.shape, kind="wide", low=low, high=high,
+    out = self.tensor(path, shape=a.shape, storage="wide", low=low, high=high,
                       fraction_bits=fraction)
     self.ops.append(Add(path, (a_name, b_name), out.name, (ma, mb), shift, relu))
     return out.name

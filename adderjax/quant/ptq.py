@@ -38,7 +38,7 @@ class LayerReport:
 
   Attributes:
     path: where the layer is in the model, e.g. ``"layer1/0/conv1"``.
-    kind: ``"conv"`` or ``"dense"``.
+    connectivity: ``"conv"`` (an `AdderConv`) or ``"dense"`` (an `AdderDense`).
     input_range: the calibrated range of ``|x|``.
     signed_inputs: whether inputs were negative in calibration (signed quantizer).
     scales: each scale group's scale ``s_g``.
@@ -51,7 +51,7 @@ class LayerReport:
   """
 
   path: str
-  kind: str
+  connectivity: str
   input_range: float
   signed_inputs: bool
   scales: tuple[float, ...]
@@ -76,11 +76,11 @@ class QuantizationReport:
   def format(self) -> str:
     """A plain-text table, one line per layer."""
     lines = [f"{self.method}, {self.bits} bits",
-             f"{'layer':<22} {'kind':<5} {'range':>8} {'sign':>4} {'scale groups':>12} "
+             f"{'layer':<22} {'conn':<5} {'range':>8} {'sign':>4} {'scale groups':>12} "
              f"{'scales':<32} {'w clip':>7} {'a clip':>7}"]
     for r in self.layers:
       scales = ", ".join(f"{s:.3g}" for s in r.scales)
-      lines.append(f"{r.path:<22} {r.kind:<5} {r.input_range:>8.3g} "
+      lines.append(f"{r.path:<22} {r.connectivity:<5} {r.input_range:>8.3g} "
                    f"{'+-' if r.signed_inputs else '+':>4} {r.scale_groups:>12} {scales:<32} "
                    f"{r.weight_clipped_fraction:>7.2%} {r.activation_clipped_fraction:>7.2%}")
     return "\n".join(lines)
@@ -280,7 +280,7 @@ def quantize(
         layer, codes, labels, scales, np.asarray(correction), bits=bits,
         signed_inputs=input_range.signed))
     partial.append(dict(
-        path=_path_name(path), kind="conv" if isinstance(layer, AdderConv) else "dense",
+        path=_path_name(path), connectivity="conv" if isinstance(layer, AdderConv) else "dense",
         input_range=input_range.range, signed_inputs=input_range.signed,
         scales=tuple(float(s) for s in scales),
         group_sizes=tuple(int(np.sum(labels == g)) for g in range(len(scales))),

@@ -244,18 +244,18 @@ def test_a_failed_build_is_reported_not_raised(tmp_path, monkeypatch, cxx, reaso
   if cxx.startswith("FAKE:"):
     cxx = _fake_compiler(tmp_path, cxx[len("FAKE:"):])
   monkeypatch.setenv("CXX", cxx)
-  library, why = cpu_native.build_and_open(tmp_path / "cache")
+  library, why = native_build.build_and_open(tmp_path / "cache")
   assert library is None and reason in why
   assert not list((tmp_path / "cache").rglob("*.so"))
 
 
 def test_disabled_by_the_environment(monkeypatch):
-  monkeypatch.setenv(cpu_native.ENV_DISABLE, "0")
-  assert cpu_native.build_and_open() == (None, f"{cpu_native.ENV_DISABLE}=0 turns them off")
+  monkeypatch.setenv(native_build.ENV_DISABLE, "0")
+  assert native_build.build_and_open() == (None, f"{native_build.ENV_DISABLE}=0 turns them off")
 
 
 def test_unavailable_kernels_fall_back_to_xla_with_one_warning(monkeypatch):
-  monkeypatch.setattr(cpu_native, "_load", lambda: (None, "no C++ compiler was found"))
+  monkeypatch.setattr(native_build, "load", lambda: (None, "no C++ compiler was found"))
   cpu_native._warn_once.cache_clear()
   x = jnp.ones((1, 5, 5, 2), jnp.float32)
   w = jnp.ones((3, 3, 2, 3), jnp.float32)
@@ -277,7 +277,7 @@ def test_the_build_is_cached_per_machine(tmp_path, caplog, monkeypatch):
   # Unoptimised (-O0 last wins): a few seconds instead of the optimised build's ~30.
   monkeypatch.setenv("CXX", _fake_compiler(tmp_path, 'exec c++ "$@" -O0'))
   with caplog.at_level(logging.INFO, logger="adderjax"):
-    library, why = cpu_native.build_and_open(tmp_path)
+    library, why = native_build.build_and_open(tmp_path)
   assert library is not None and why == ""
   (built,) = list(tmp_path.rglob("libadderjax_cpu.so"))
   # A build says that it starts and how long it took; a cached library says nothing.
@@ -288,7 +288,7 @@ def test_the_build_is_cached_per_machine(tmp_path, caplog, monkeypatch):
   caplog.clear()
   mtime = built.stat().st_mtime_ns
   with caplog.at_level(logging.INFO, logger="adderjax"):
-    again, _ = cpu_native.build_and_open(tmp_path)
+    again, _ = native_build.build_and_open(tmp_path)
   assert again is not None and built.stat().st_mtime_ns == mtime
   assert not caplog.records
   assert built.parent.parent == tmp_path / "native"

@@ -14,7 +14,7 @@ import pytest
 
 from adderjax import export, quant
 from adderjax.nn import AdderConv, AdderDense
-from adderjax.ops import cpu_native, cpu_native_int
+from adderjax.ops import cpu_native, cpu_native_int, native_build
 from adderjax.quant import QuantizedAdderConv, QuantizedAdderDense
 
 # The float layers only lend their geometry: zeros compile faster than a random init.
@@ -239,7 +239,7 @@ def test_bad_implementation_values_are_named():
 
 
 def test_unavailable_kernels_fall_back_to_the_xla_loops(monkeypatch):
-  monkeypatch.setattr(cpu_native, "_load", lambda: (None, "no C++ compiler was found"))
+  monkeypatch.setattr(native_build, "load", lambda: (None, "no C++ compiler was found"))
   cpu_native._warn_once.cache_clear()
   layer = AdderConv(4, 3, 3, kernel_init=ZEROS, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
@@ -264,9 +264,9 @@ AVX2_CHECK = """
 import sys
 sys.argv = ["pytest"]
 from tests.quant import test_native_integer as t
-from adderjax.ops import cpu_native
+from adderjax.ops import cpu_native, native_build
 assert cpu_native.available(), cpu_native.unavailable_reason()
-assert cpu_native._load()[0].AdderjaxIntegerChannelsPerVector() == 4
+assert native_build.load()[0].AdderjaxIntegerChannelsPerVector() == 4
 for name in ("u8-in-place-valid-tails", "u8-im2col-stride2-same", "i16-im2col-signed",
              "i16-in-place-strided"):
   t.test_conv_sums_are_exact(t.CONV_CASES[name])

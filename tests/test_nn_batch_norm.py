@@ -1,0 +1,255 @@
+"""adderjax.nn.batch_norm_relu against ``nnx.relu(bn(y) + residual)`` of an identical BatchNorm."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adderjax.nn import _fused_unsupported_reason, batch_norm_relu
+from adderjax.ops import cpu_native, native_build
+
+NATIVE = jax.default_backend() == "cpu" and cpu_native.available()
+native = pytest.mark.skipif(not NATIVE, reason="native kernels unavailable: "
+                            + (cpu_native.unavailable_reason() if jax.default_backend() == "cpu"
+                               else "not a CPU backend"))
+C = 7
+
+
+def twin_norms(features=C, **options):
+  """Two identical BatchNorms (momentum 0.9), with drawn scale, bias and running statistics."""
+  rng = np.random.default_rng(0)
+  scale, bias = rng.normal(size=features) * 0.5 + 1.0, rng.normal(size=features) * 0.5
+  mean, var = rng.normal(size=features), rng.uniform(0.5, 2.0, size=features)
+  norms = []
+  for _ in range(2):
+    bn = nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0), **options)
+    if bn.scale is not None:
+      bn.scale[...] = jnp.asarray(scale, bn.scale[...].dtype)
+      bn.bias[...] = jnp.asarray(bias, bn.bias[...].dtype)
+    bn.mean[...] = jnp.asarray(mean, jnp.float32)
+    bn.var[...] = jnp.asarray(var, jnp.float32)
+    norms.append(bn)
+  return norms
+
+
+def data(shape=(4, 5, 6, C), seed=1, dtype=np.float32):
+  """``(y, residual)``: y ~ N(0, 1) * 3 + 2, residual ~ N(0, 1)."""
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=shape) * 3 + 2, dtype),
+          jnp.asarray(rng.normal(size=shape), dtype))
+
+
+def unfused(bn, y, residual=None, **options):
+  out = bn(y, **options)
+  return nnx.relu(out if residual is None else out + residual)
+
+
+@nnx.jit
+def both_paths(fused_bn, plain_bn, y, r):
+  """``batch_norm_relu`` on one BatchNorm, the unfused layers on its twin (one compilation)."""
+  return batch_norm_relu(fused_bn, y, residual=r), unfused(plain_bn, y, r)
+
+
+def stats(bn):
+  return np.asarray(bn.mean[...]), np.asarray(bn.var[...])
+
+
+# Training mode, float32: the fused native op.
+
+
+@native
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no-residual"])
+def test_fused_matches_the_unfused_layers(with_residual):
+  fused_bn, plain_bn = twin_norms()
+  y, r = data()
+  r = r if with_residual else None
+  before = stats(fused_bn)
+  got, want = both_paths(fused_bn, plain_bn, y, r)
+  assert got.dtype == want.dtype == jnp.float32 and got.shape == y.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.any(np.asarray(got) == 0) and np.any(np.asarray(got) > 0)
+  # The running statistics moved as nnx.BatchNorm moves them (momentum 0.9).
+  for got_stat, want_stat, old in zip(stats(fused_bn), stats(plain_bn), before, strict=True):
+    np.testing.assert_allclose(got_stat, want_stat, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got_stat, old)
+  rows = np.asarray(y, np.float64).reshape(-1, C)
+  np.testing.assert_allclose(stats(fused_bn)[1], 0.9 * before[1] + 0.1 * rows.var(0), rtol=1e-5)
+
+
+@native
+def test_fused_gradients_match_the_unfused_layers():
+  fused_bn, plain_bn = twin_norms()
+  y, r = data(seed=2)
+  w = jnp.asarray(np.random.default_rng(3).normal(size=y.shape), jnp.float32)
+
+  def fused_loss(bn, y, r):
+    return jnp.sum(batch_norm_relu(bn, y, residual=r) * w)
+
+  def plain_loss(bn, y, r):
+    return jnp.sum(unfused(bn, y, r) * w)
+
+  grad = lambda loss, bn: nnx.jit(nnx.grad(loss, argnums=(0, 1, 2)))(bn, y, r)
+  (got_bn, got_y, got_r), (want_bn, want_y, want_r) = grad(fused_loss, fused_bn), grad(
+      plain_loss, plain_bn)
+  for name, got, want in (("y", got_y, want_y), ("residual", got_r, want_r),
+                          ("scale", got_bn["scale"][...], want_bn["scale"][...]),
+                          ("bias", got_bn["bias"][...], want_bn["bias"][...])):
+    assert got.shape == want.shape, name
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()),
+                               err_msg=name)
+  # Only the parameters have gradients; the statistics were updated under nnx.grad as well.
+  assert set(got_bn.keys()) == {"scale", "bias"}
+  for got_stat, want_stat in zip(stats(fused_bn), stats(plain_bn), strict=True):
+    np.testing.assert_allclose(got_stat, want_stat, rtol=1e-5, atol=1e-6)
+
+
+def _jitted(bn):
+  """``(state, y, r) -> (batch_norm_relu(bn, y, residual=r), new state)`` and its loss's grad."""
+  graphdef, state = nnx.split(bn)
+
+  def forward(state, y, r):
+    module = nnx.merge(graphdef, state, copy=True)  # fresh Variables at this trace level
+    return batch_norm_relu(module, y, residual=r), nnx.state(module)
+
+  def loss(state, y, r):
+    return jnp.sum(forward(state, y, r)[0])
+
+  return state, jax.jit(forward), jax.jit(jax.grad(loss, argnums=1))
+
+
+@native
+def test_training_mode_runs_the_native_op():
+  bn, _ = twin_norms()
+  y, r = data()
+  assert _fused_unsupported_reason(bn, y) is None
+  state, forward, grad = _jitted(bn)
+  assert native_build.BATCH_NORM_TARGET in forward.lower(state, y, r).as_text()
+  assert native_build.BATCH_NORM_GRAD_TARGET in grad.lower(state, y, r).as_text()
+  # Evaluation mode normalises with the running statistics, by nnx.BatchNorm.
+  bn.eval()
+  state, forward, grad = _jitted(bn)
+  assert native_build.BATCH_NORM_TARGET not in forward.lower(state, y, r).as_text()
+  assert native_build.BATCH_NORM_TARGET not in grad.lower(state, y, r).as_text()
+
+
+# Evaluation mode: the unfused layers, the running statistics untouched.
+
+
+@pytest.mark.parametrize("how", ["eval", "argument"])
+def test_eval_mode_is_the_unfused_layers(how):
+  fused_bn, plain_bn = twin_norms()
+  y, r = data(seed=4)
+  before = stats(fused_bn)
+  if how == "eval":
+    fused_bn.eval()
+    plain_bn.eval()
+    got = batch_norm_relu(fused_bn, y, residual=r)
+  else:
+    got = batch_norm_relu(fused_bn, y, residual=r, use_running_average=True)
+  want = unfused(plain_bn, y, r, use_running_average=True)
+  np.testing.assert_array_equal(got, want)
+  for got_stat, old in zip(stats(fused_bn), before, strict=True):
+    np.testing.assert_array_equal(got_stat, old)
+  # Normalised by the running statistics, not the batch's.
+  scale, bias = np.asarray(fused_bn.scale[...]), np.asarray(fused_bn.bias[...])
+  z = (np.asarray(y) - before[0]) / np.sqrt(before[1] + 1e-5) * scale + bias + np.asarray(r)
+  np.testing.assert_allclose(got, np.maximum(z, 0), rtol=1e-5, atol=1e-5)
+
+
+@native
+def test_use_running_average_false_overrides_eval_mode():
+  fused_bn, plain_bn = twin_norms()
+  fused_bn.eval()
+  y, _ = data(seed=5)
+  got = batch_norm_relu(fused_bn, y, use_running_average=False)
+  want = unfused(plain_bn, y)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats(fused_bn)[0], stats(plain_bn)[0], rtol=1e-5, atol=1e-6)
+
+
+# The fallbacks: exactly the unfused layers.
+
+
+def _assert_falls_back(fused_bn, plain_bn, y, r, reason):
+  got_reason = _fused_unsupported_reason(fused_bn, y)
+  assert isinstance(got_reason, str) and reason in got_reason
+  got, want = both_paths(fused_bn, plain_bn, y, r)
+  assert got.dtype == want.dtype
+  np.testing.assert_array_equal(got, want)
+  for got_stat, want_stat in zip(stats(fused_bn), stats(plain_bn), strict=True):
+    np.testing.assert_array_equal(got_stat, want_stat)
+  return got
+
+
+# Flax stores the float64 batch statistics into its float32 running ones.
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types:FutureWarning")
+def test_float64_falls_back():
+  with jax.enable_x64(True):
+    fused_bn, plain_bn = twin_norms(param_dtype=jnp.float64)
+    y, r = data(dtype=np.float64)
+    got = _assert_falls_back(fused_bn, plain_bn, y, r, "float32")
+    assert got.dtype == jnp.float64
+
+
+def test_bfloat16_input_falls_back():
+  fused_bn, plain_bn = twin_norms()
+  y, r = data(dtype=jnp.bfloat16)
+  _assert_falls_back(fused_bn, plain_bn, y, r, "float32")
+
+
+def test_bfloat16_layer_falls_back():
+  fused_bn, plain_bn = twin_norms(dtype=jnp.bfloat16)
+  y, r = data()
+  got = _assert_falls_back(fused_bn, plain_bn, y, r, "float32")
+  assert got.dtype == jnp.float32  # bf16 bn output + float32 residual
+
+
+def test_without_scale_falls_back():
+  fused_bn, plain_bn = twin_norms(use_scale=False)
+  y, r = data()
+  _assert_falls_back(fused_bn, plain_bn, y, r, "no scale")
+
+
+def test_features_not_last_falls_back():
+  fused_bn, plain_bn = twin_norms(axis=1)
+  y, r = data(shape=(4, C, 6))
+  _assert_falls_back(fused_bn, plain_bn, y, r, "not the last axis")
+
+
+def test_axis_name_falls_back():
+  """Statistics averaged over a vmapped named axis: the unfused layers, bit for bit."""
+  fused_bn, plain_bn = twin_norms(axis_name="batch")
+  y, r = data(shape=(2, 3, 5, C))  # two groups of 3x5 rows
+  assert "axis_name" in _fused_unsupported_reason(fused_bn, y[0])
+
+  def run(layer, bn):
+    graphdef, state = nnx.split(bn)
+
+    def one(y, r):
+      module = nnx.merge(graphdef, state, copy=True)  # fresh Variables at this trace level
+      return layer(module, y, r), nnx.state(module)
+
+    out, new_state = jax.jit(jax.vmap(one, axis_name="batch"))(y, r)
+    return out, new_state
+
+  got, got_state = run(lambda bn, y, r: batch_norm_relu(bn, y, residual=r), fused_bn)
+  want, want_state = run(unfused, plain_bn)
+  np.testing.assert_array_equal(got, want)
+  for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # The statistics are those of both groups together: the two groups' means agree.
+  np.testing.assert_array_equal(got_state["mean"][...][0], got_state["mean"][...][1])
+  rows = np.asarray(y, np.float64).reshape(-1, C)
+  mean0 = np.asarray(stats(fused_bn)[0])
+  np.testing.assert_allclose(got_state["mean"][...][0], 0.9 * mean0 + 0.1 * rows.mean(0),
+                             rtol=1e-5, atol=1e-6)
+
+
+@native
+def test_bfloat16_residual_gives_the_unfused_result():
+  fused_bn, plain_bn = twin_norms()
+  y, r = data()
+  r = r.astype(jnp.bfloat16)
+  got = batch_norm_relu(fused_bn, y, residual=r)
+  np.testing.assert_allclose(got, unfused(plain_bn, y, r), rtol=1e-5, atol=1e-5)
