@@ -133,6 +133,46 @@ class TestCpuNative(AdderConvTestBase):
                                         xla.input_grad(x, w, g, spec, "full_precision")))(x, w, g)
     np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
+  @pytest.mark.parametrize("strides, groups", [(1, 1), (2, 2)])
+  def test_input_grad_near_and_past_the_bounds_tiles_input_limit(self, strides, groups):
+    """AVX2's input gradient sums clip(F, X - 1, X + 1) - X for tiles with every |X| <= 8
+    (terms of X's size, then -X sum G) and the direct clip(F - X, -1, 1) elsewhere: inputs up
+    to 10 (and rows up to 1000, where the bounds would cancel) give both kinds of tile in one
+    layer, each within a few float32 units of float64."""
+    rng = np.random.default_rng(8 + strides)
+    x = rng.uniform(-10, 10, size=(2, 9, 17, 32))
+    x[1, :3] *= 100
+    x[0] = np.maximum(rng.normal(size=x[0].shape) * 3, 0)  # Post-ReLU sizes: bounds tiles.
+    w = rng.normal(size=(3, 3, 32 // groups, 24))
+    padding = ((1, 1), (1, 1))
+    spec = conv_spec(x, w, strides=strides, padding=padding, rhs_dilation=1,
+                     feature_group_count=groups)
+    g = rng.normal(size=jax.eval_shape(lambda x, w: xla.forward(x, w, spec), x, w).shape)
+    want = adder_conv_and_grads(x, w, g, strides=(strides, strides), padding=padding,
+                                dilation=(1, 1), groups=groups, grad_mode="full_precision")[1]
+    f32 = [jnp.asarray(a, jnp.float32) for a in (x, w, g)]
+    dx = jax.jit(lambda x, w, g: cpu_native.input_grad_full_precision(x, w, g, spec))(*f32)
+    error = np.abs(np.asarray(dx, np.float64) - want)
+    assert error.max() <= 2e-6 * np.abs(want).max(), error.max() / np.abs(want).max()
+
+  @pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan], ids=str)
+  def test_a_non_finite_cotangent_gives_what_the_xla_loops_give(self, value):
+    """An infinite or NaN G sends the input gradient to the direct tiles (-X sum G would turn
+    inf into NaN): NaN exactly where the XLA loops give NaN, the same infinities elsewhere."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6, 7, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 16, 8)), jnp.float32)
+    spec = conv_spec(x, w, strides=1, padding="SAME", rhs_dilation=1, feature_group_count=1)
+    g = rng.normal(size=(2, 6, 7, 8)).astype(np.float32)
+    g[1, 3, 2, 5] = value
+    dx, want = jax.jit(lambda x, w, g: (cpu_native.input_grad_full_precision(x, w, g, spec),
+                                        xla.input_grad(x, w, g, spec, "full_precision")))(
+                                            x, w, jnp.asarray(g))
+    dx, want = np.asarray(dx), np.asarray(want)
+    assert not np.isfinite(want).all()
+    np.testing.assert_array_equal(np.isnan(dx), np.isnan(want))
+    np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-4)
+
   @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
   def test_batch_sharded_over_8_devices_equals_one_device(self, axis_type):
     if jax.device_count() < 8:

@@ -3,20 +3,23 @@
 // All are written like an SGEMM micro-kernel: a tile of outputs is held in
 // vector registers while the reduction streams through it, reading the input
 // in place (implicit im2col: per reduction element, one offset into the
-// input; the zero padding is read in place, never written out by XLA). The forward and the input gradient tile MR pixels
-// (consecutive along a row) by one or two vectors of channels and share the
+// input; the zero padding is read in place, never written out by XLA). The
+// forward and the input gradient tile MR pixels (consecutive along a row) by one
+// or two vectors of channels and share the
 // rows out over XLA's intra-op threads; the weight gradient tiles output
 // channels by (filter column, channel vector) pairs, reduces over the pixels,
 // and shares out the tiles (and, for small layers, chunks of the batch).
 //
 // Tile sizes (a vector is 16 floats with AVX-512, 32 registers; 8 with AVX2, 16 registers):
-//   forward:      kMR = 8 pixels x 1 or 2 vectors of output channels (16 accumulators);
+//   forward:      kMR = 8 (AVX-512) or 6 (AVX2) pixels x 1 or 2 vectors of output channels, a
+//                 row's last tile taking a remainder up to kMaxMR = 8 pixels;
 //   forward, pixels in the lanes (AVX-512 only, or -DADDERJAX_PIXEL_LANES=1 for the tests;
 //                 stride 1, at most one vector of output channels per group, rows of at least
 //                 2 vectors of pixels): kPixelMR = 8 output channels (the filter broadcast) x
 //                 kPixelNP = 2 vectors of consecutive pixels, read from the rows transposed to
 //                 (row, channel, column), so a small layer does not spend a broadcast per max;
-//   input grad:   kInputGradMR = 8 pixels x 1 vector, or 6 x 2 vectors, of input channels;
+//   input grad:   kInputGradMR = 8 pixels x 1 vector, or 6 x 2 vectors, of input channels; with
+//                 AVX2 the bounds tiles, kInputGradBoundsMR = 4 x 1 or 2 x 2 (below);
 //   weight grad:  kWeightGradMR = 8 (AVX-512) or 4 (AVX2) output channels x 3 vectors of input
 //                 channels.
 //
@@ -25,7 +28,8 @@
 // where SX (sum of each patch) and SF (sum of each filter) are summed here, in a
 // fixed order, so that a pixel's output does not depend on the batch or on how
 // XLA fuses the surrounding program: one vmaxps and one vaddps per pair instead
-// of a subtract, an abs and an add. Where that is not finite (an infinite input
+// of a subtract, an abs and an add (with AVX2 the add is a multiply-add by one,
+// on pipes of its own: Vec::accumulate). Where that is not finite (an infinite input
 // gives inf - inf, a huge one overflows 2 max) each tile's epilogue notices and
 // sums those outputs again as -sum |X - F| (FixNonFinite), which is what the XLA
 // loops give: -inf for an infinity, NaN only for a NaN input or inf - inf in a term.
@@ -38,7 +42,8 @@
 // x = px + sw n, which share the taps j and read consecutive columns of G, so a
 // tile of a phase is a GEMM-like tile over its list of taps. G's columns are
 // padded by the caller so that every column a phase reads exists (zeros outside).
-// At stride 1 there is one phase with every tap j.
+// At stride 1 there is one phase with every tap j. With AVX2 a tile whose inputs
+// are all small sums clip(F, X - 1, X + 1) - X instead (InputGradBoundsTile).
 //
 // Weight gradient, full precision (any stride and dilation):
 //   dW[i, j, c, o] = sum_{b, y, x} G[y, x, o] * (Xp[y sh + i dh, x sw + j dw, c] - F[i, j, c, o])
@@ -68,6 +73,7 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel_for.h"
+
 
 namespace ffi = xla::ffi;
 using adderjax::ChunksToFill;
@@ -105,7 +111,17 @@ struct Vec {
 #endif
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  // The inner loops' adds and subtracts (see the AVX2 struct): plain adds here, where the
+  // multiply-add form was not measured.
+  static T opaque_one() { return set1(1.0f); }
+  static T accumulate(T acc, T a, T) { return _mm512_add_ps(acc, a); }
+  static T difference(T a, T b, T) { return _mm512_sub_ps(a, b); }
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  // Whether every lane has |a| <= limit (false for a NaN).
+  static bool all_within(T a, T limit) {
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(a), limit, _CMP_LE_OQ) == Mask(0xFFFF);
+  }
   static float sum(T a) { return _mm512_reduce_add_ps(a); }
   // Ors the bits of v - v (zero for a finite v, NaN for an infinity or a NaN) into acc.
   static T or_nonfinite(T acc, T v) {
@@ -141,7 +157,23 @@ struct Vec {
   }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
   static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  // The inner loops' adds and subtracts as multiply-adds by one (the same rounding): on Zen 3
+  // vaddps, vsubps, vmaxps and vminps share two pipes and the multiply-adds have two of their
+  // own (benchmarks/README.md). `one` must come from opaque_one(): GCC folds a literal 1.
+  static T opaque_one() {
+    T one = set1(1.0f);
+    __asm__("" : "+x"(one));
+    return one;
+  }
+  static T accumulate(T acc, T a, T one) { return _mm256_fmadd_ps(a, one, acc); }  // acc + a
+  static T difference(T a, T b, T one) { return _mm256_fnmadd_ps(b, one, a); }     // a - b
   static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
+  // Whether every lane has |a| <= limit (false for a NaN).
+  static bool all_within(T a, T limit) {
+    const T magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a);
+    return _mm256_movemask_ps(_mm256_cmp_ps(magnitude, limit, _CMP_LE_OQ)) == 0xFF;
+  }
   static float sum(T a) {
     const __m128 half = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
@@ -158,7 +190,17 @@ struct Vec {
 #endif
 
 using V = typename Vec::T;
-constexpr int kMR = 8;  // Output pixels per tile: 8 x 2 vectors = 16 accumulators.
+
+// A tile is a function of its own: inlined into a row's loop, GCC kept its accumulators in
+// memory (a store of each per reduction step, seen in the assembly) and the forward ran 1.2-1.7x
+// slower (benchmarks/README.md).
+#define ADDERJAX_TILE __attribute__((noinline))
+// Output pixels per forward tile, by 2 vectors of channels: with AVX2, 6 x 2 accumulators,
+// the filter vectors, the broadcast and `one` fill the 16 registers. A row's last tile takes
+// the remainder with it up to kMaxMR pixels (a tile of 2 pixels costs nearly a full one).
+constexpr int kMR = Vec::kRegisters == 32 ? 8 : 6;
+constexpr int kMaxMR = 8;
+constexpr int kSumPixels = 4;  // Patch sums taken at once (forward).
 
 struct ForwardGeometry {
   int64_t h, w, wp, c, ho, wo, groups, cg, og, opad, kh, kw, sh, sw, dh, dw;
@@ -210,12 +252,13 @@ void FixNonFinite(int64_t pixels, int64_t channels, const float* x, int64_t x_st
 // One tile: MR pixels x NV vectors of output channels. Returns whether an output it stored
 // is not finite.
 template <int MR, int NV>
-inline bool ForwardTile(const float* x, int64_t x_step, const int64_t* offsets, int64_t k_size,
+ADDERJAX_TILE bool ForwardTile(const float* x, int64_t x_step, const int64_t* offsets, int64_t k_size,
                         const float* w, int64_t w_row, const float* sx, const float* sf,
                         float* y, int64_t y_step, int64_t valid) {
   V acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = Vec::zero();
+  const V one = Vec::opaque_one();
   for (int64_t k = 0; k < k_size; ++k) {
     const float* xk = x + offsets[k];
     const float* wk = w + k * w_row;
@@ -224,7 +267,8 @@ inline bool ForwardTile(const float* x, int64_t x_step, const int64_t* offsets, 
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const V xv = Vec::set1(xk[m * x_step]);
-      for (int v = 0; v < NV; ++v) acc[m][v] = Vec::add(acc[m][v], Vec::max(xv, wv[v]));
+      for (int v = 0; v < NV; ++v)
+        acc[m][v] = Vec::accumulate(acc[m][v], Vec::max(xv, wv[v]), one);
     }
   }
   const V two = Vec::set1(2.0f);
@@ -429,25 +473,30 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
                    rows.data());
     for (int64_t grp = 0; grp < groups; ++grp) {
       const float* x_row = rows.data() + grp * g.cg;
-      // SX: each patch's sum, taps in order, channels a vector at a time.
-      for (int64_t p = 0; p < g.wo; ++p) {
-        V acc = Vec::zero();
+      // SX: each patch's sum, taps in order, channels a vector at a time; kSumPixels pixels
+      // at once, so that their chains of adds overlap (each pixel's order is unchanged).
+      for (int64_t p0 = 0; p0 < g.wo; p0 += kSumPixels) {
+        const int64_t n = std::min<int64_t>(kSumPixels, g.wo - p0);
+        V acc[kSumPixels];
+        for (int q = 0; q < kSumPixels; ++q) acc[q] = Vec::zero();
         for (int64_t i = 0; i < kh; ++i)
           for (int64_t j = 0; j < kw; ++j) {
-            const float* px = x_row + (i * g.wp + p * sw + j * dw) * g.c;
+            const float* px = x_row + (i * g.wp + p0 * sw + j * dw) * g.c;
             int64_t c0 = 0;
             for (; c0 + Vec::kWidth <= g.cg; c0 += Vec::kWidth)
-              acc = Vec::add(acc, Vec::load(px + c0));
-            if (c0 < g.cg) acc = Vec::add(acc, Vec::load(px + c0, tail));
+              for (int q = 0; q < n; ++q) acc[q] = Vec::add(acc[q], Vec::load(px + q * x_step + c0));
+            if (c0 < g.cg)
+              for (int q = 0; q < n; ++q)
+                acc[q] = Vec::add(acc[q], Vec::load(px + q * x_step + c0, tail));
           }
-        sx[p] = Vec::sum(acc);
+        for (int q = 0; q < n; ++q) sx[p0 + q] = Vec::sum(acc[q]);
       }
       for (int64_t n0 = 0; n0 < g.og; n0 += tile_n) {
         const int64_t valid = std::min(tile_n, g.og - n0);
         const float* w = w_data + grp * k_size * g.opad + n0;
         const float* sf_ = sf.data() + grp * g.opad + n0;
-        for (int64_t c0 = 0; c0 < g.wo; c0 += kMR) {
-          const int mr = int(std::min<int64_t>(kMR, g.wo - c0));
+        for (int64_t c0 = 0, mr; c0 < g.wo; c0 += mr) {
+          mr = g.wo - c0 <= kMaxMR ? g.wo - c0 : kMR;
           const float* x = x_row + c0 * sw * g.c;
           float* y_ = y_data + ((b * g.ho + r) * g.wo + c0) * out_c + grp * g.og + n0;
           if (valid > Vec::kWidth)
@@ -464,17 +513,18 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
   return ffi::Error::Success();
 }
 
-// An input-gradient tap as offsets from a tile's base: into the filters (tap (i, j)) and into
-// G (the output row and column its first pixel feeds).
+// An input-gradient tap as offsets from a tile's base: into the filters (tap (i, j)), into G
+// (the output row and column its first pixel feeds) and into SG (G summed over a group's
+// output channels, one value per output pixel and group).
 struct InputGradTap {
-  int64_t w, g;
+  int64_t w, g, s;
 };
 
 // One tile of the input gradient: MR pixels x NV vectors of input channels, summed over the
 // taps the tile's pixels feed through (the same for all of them; pixel m's output is
 // g_step further along G than pixel m-1's).
 template <int MR, int NV>
-inline void InputGradTile(const float* x, int64_t x_step, int64_t valid, const float* g,
+ADDERJAX_TILE void InputGradTile(const float* x, int64_t x_step, int64_t valid, const float* g,
                           int64_t g_step, const float* w, int64_t w_row,
                           const InputGradTap* taps, int64_t n_taps, int64_t og, float* dx) {
   typename Vec::Mask masks[NV];
@@ -485,7 +535,7 @@ inline void InputGradTile(const float* x, int64_t x_step, int64_t valid, const f
       xv[m][v] = Vec::load(x + m * x_step + v * Vec::kWidth, masks[v]);
       acc[m][v] = Vec::zero();
     }
-  const V hi = Vec::set1(1.0f);
+  const V hi = Vec::set1(1.0f), one = Vec::opaque_one();
   for (int64_t t = 0; t < n_taps; ++t) {
     const float* gs = g + taps[t].g;
     const float* ws = w + taps[t].w;
@@ -496,7 +546,7 @@ inline void InputGradTile(const float* x, int64_t x_step, int64_t valid, const f
       for (int m = 0; m < MR; ++m) {
         const V gv = Vec::set1(gs[m * g_step + o]);
         for (int v = 0; v < NV; ++v) {
-          const V d = Vec::clip_unit(Vec::sub(wv[v], xv[m][v]), hi);
+          const V d = Vec::clip_unit(Vec::difference(wv[v], xv[m][v], one), hi);
           acc[m][v] = Vec::fmadd(gv, d, acc[m][v]);
         }
       }
@@ -506,24 +556,129 @@ inline void InputGradTile(const float* x, int64_t x_step, int64_t valid, const f
     for (int v = 0; v < NV; ++v) Vec::store(dx + m * x_step + v * Vec::kWidth, acc[m][v], masks[v]);
 }
 
-// Pixel tiles: 8 for one vector of channels, 6 for two (acc and inputs fill the registers).
+// The same tile with the clip turned into bounds on the filter (AVX2, where vsubps, vmaxps and
+// vminps share two pipes and the multiply-adds have two of their own):
+//   clip(F - X, -1, 1) = clip(F, X - 1, X + 1) - X,
+// so a pair costs a min, a max and a multiply-add, and -X sum_o G is added once per tap (from
+// SG). Its terms are of X's magnitude rather than at most 1, so it takes only tiles whose
+// inputs all have |X| <= kBoundsInputLimit, where the rounding stays within a few units of the
+// direct tile's; returns false, having written nothing, for any other tile (or a NaN).
+constexpr float kBoundsInputLimit = 8.0f;
+
+template <int MR, int NV>
+ADDERJAX_TILE bool InputGradBoundsTile(const float* x, int64_t x_step, int64_t valid, const float* g,
+                                int64_t g_step, const float* sg, int64_t sg_step,
+                                const float* w, int64_t w_row, const InputGradTap* taps,
+                                int64_t n_taps, int64_t og, float* dx) {
+  typename Vec::Mask masks[NV];
+  for (int v = 0; v < NV; ++v) masks[v] = Vec::mask(valid - v * Vec::kWidth);
+  const V one = Vec::set1(1.0f), limit = Vec::set1(kBoundsInputLimit);
+  V lo[MR][NV], hi[MR][NV], acc[MR][NV];
+  bool inside = true;
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      const V xv = Vec::load(x + m * x_step + v * Vec::kWidth, masks[v]);
+      inside &= Vec::all_within(xv, limit);
+      lo[m][v] = Vec::sub(xv, one);
+      hi[m][v] = Vec::add(xv, one);
+      acc[m][v] = Vec::zero();
+    }
+  if (!inside) return false;
+  for (int64_t t = 0; t < n_taps; ++t) {
+    const float* gs = g + taps[t].g;
+    const float* ss = sg + taps[t].s;
+    const float* ws = w + taps[t].w;
+    for (int m = 0; m < MR; ++m) {
+      const V s = Vec::set1(ss[m * sg_step]);
+      for (int v = 0; v < NV; ++v)
+        acc[m][v] = Vec::fnmadd(Vec::load(x + m * x_step + v * Vec::kWidth, masks[v]), s,
+                                acc[m][v]);
+    }
+    for (int64_t o = 0; o < og; ++o) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Vec::load(ws + o * w_row + v * Vec::kWidth);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const V gv = Vec::set1(gs[m * g_step + o]);
+        for (int v = 0; v < NV; ++v) {
+          // min and max return their second operand where either is NaN: a NaN filter stays NaN.
+          const V bounded = Vec::max(lo[m][v], Vec::min(hi[m][v], wv[v]));
+          acc[m][v] = Vec::fmadd(gv, bounded, acc[m][v]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) Vec::store(dx + m * x_step + v * Vec::kWidth, acc[m][v], masks[v]);
+  return true;
+}
+
+// The bounds tiles where the build has them (AVX2: 16 registers hold 4 x 1 or 2 x 2 tiles of
+// accumulators and both bounds); otherwise, and for any tile they decline, the direct tiles.
+constexpr bool kClipByBounds = Vec::kRegisters == 16;
+
+// Pixel tiles. Direct: 8 for one vector of channels, 6 for two (acc and inputs fill the
+// registers). Bounds: 4 and 2 (acc and two bounds per input).
 template <int NV>
 constexpr int kInputGradMR = NV == 1 ? 8 : 6;
+template <int NV>
+constexpr int kInputGradBoundsMR = NV == 1 ? 4 : 2;
 
 template <int NV>
-void InputGradTileAnyMR(int mr, const float* x, int64_t x_step, int64_t valid, const float* g,
-                        int64_t g_step, const float* w, int64_t w_row, const InputGradTap* taps,
-                        int64_t n_taps, int64_t og, float* dx) {
+void InputGradTileAnyMR(int mr, bool bounds, const float* x, int64_t x_step, int64_t valid,
+                        const float* g, int64_t g_step, const float* sg, int64_t sg_step,
+                        const float* w, int64_t w_row, const InputGradTap* taps, int64_t n_taps,
+                        int64_t og, float* dx) {
+  if constexpr (kClipByBounds) {
+    if (bounds) {
+      bool done = false;
+      switch (mr) {
+#define ADDERJAX_MR_CASE(R)                                                                 \
+  case R:                                                                                   \
+    if constexpr (R <= kInputGradBoundsMR<NV>)                                              \
+      done = InputGradBoundsTile<R, NV>(x, x_step, valid, g, g_step, sg, sg_step, w, w_row, \
+                                        taps, n_taps, og, dx);                              \
+    break;
+        ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
+#undef ADDERJAX_MR_CASE
+      }
+      if (done) return;
+    }
+  }
+  switch (mr) {
 #define ADDERJAX_MR_CASE(R)                                                                 \
   case R:                                                                                   \
     if constexpr (R <= kInputGradMR<NV>)                                                    \
       InputGradTile<R, NV>(x, x_step, valid, g, g_step, w, w_row, taps, n_taps, og, dx);    \
     return;
-  switch (mr) {
     ADDERJAX_MR_CASE(1) ADDERJAX_MR_CASE(2) ADDERJAX_MR_CASE(3) ADDERJAX_MR_CASE(4)
     ADDERJAX_MR_CASE(5) ADDERJAX_MR_CASE(6) ADDERJAX_MR_CASE(7) ADDERJAX_MR_CASE(8)
-  }
 #undef ADDERJAX_MR_CASE
+  }
+}
+
+// SG for the bounds tiles: G (b, rows, wg, groups * og) summed over each group's channels, in
+// order, a vector at a time. Returns false where a sum is not finite (an infinite or NaN
+// cotangent, or an overflow), and the caller then takes the direct tiles for the whole call.
+bool SumOutputChannels(ffi::ThreadPool& pool, const float* g, int64_t rows, int64_t wg,
+                       int64_t groups, int64_t og, float* sg) {
+  std::atomic<bool> finite{true};
+  const auto tail = Vec::mask(og % Vec::kWidth);
+  ParallelFor(pool, rows, [&](int64_t r) {
+    const float* gr = g + r * wg * groups * og;
+    float* sr = sg + r * wg * groups;
+    bool ok = true;
+    for (int64_t p = 0; p < wg * groups; ++p) {
+      V acc = Vec::zero();
+      int64_t o = 0;
+      for (; o + Vec::kWidth <= og; o += Vec::kWidth) acc = Vec::add(acc, Vec::load(gr + p * og + o));
+      if (o < og) acc = Vec::add(acc, Vec::load(gr + p * og + o, tail));
+      sr[p] = Vec::sum(acc);
+      ok &= std::isfinite(sr[p]);
+    }
+    if (!ok) finite.store(false);
+  });
+  return finite.load();
 }
 
 ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -560,6 +715,12 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* g_data = gp.typed_data();
   const float* w_data = wt.typed_data();
   float* dx_data = dx->typed_data();
+  std::vector<float> sg;
+  bool bounds = false;
+  if constexpr (kClipByBounds) {
+    sg.resize(batch * ho * wg * groups);
+    bounds = SumOutputChannels(pool, g_data, batch * ho, wg, groups, og, sg.data());
+  }
   auto row = [&](int64_t item) {
     const int64_t b = item / h, r = item % h;
     std::vector<InputGradTap> taps;
@@ -571,8 +732,10 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       for (int64_t i = 0; i < kh; ++i) {
         const int64_t a = r + top - i * dh;
         if (a < 0 || a % sh || a / sh >= ho) continue;
-        for (const auto& [j, column] : column_taps[px])
-          taps.push_back({(i * kw + j) * og * cpad, ((b * ho + a / sh) * wg + column) * out_c});
+        for (const auto& [j, column] : column_taps[px]) {
+          const int64_t pixel = (b * ho + a / sh) * wg + column;
+          taps.push_back({(i * kw + j) * og * cpad, pixel * out_c, pixel * groups});
+        }
       }
       const int64_t n_taps = int64_t(taps.size()), pixels = (w - 1 - px) / sw + 1;
       for (int64_t grp = 0; grp < groups; ++grp) {
@@ -581,19 +744,21 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           // serves both.
           const bool two = cg - c0 > Vec::kWidth;
           const int64_t tile_c = two ? 2 * Vec::kWidth : Vec::kWidth;
-          const int64_t mr_max = two ? kInputGradMR<2> : kInputGradMR<1>;
+          const int64_t mr_max = bounds ? (two ? kInputGradBoundsMR<2> : kInputGradBoundsMR<1>)
+                                        : (two ? kInputGradMR<2> : kInputGradMR<1>);
           const int64_t valid = std::min(tile_c, cg - c0);
           const float* wgrp = w_data + grp * kh * kw * og * cpad + c0;
           for (int64_t n0 = 0; n0 < pixels; n0 += mr_max) {
             const int mr = int(std::min<int64_t>(mr_max, pixels - n0));
             const int64_t at = ((b * h + r) * w + px + sw * n0) * c + grp * cg + c0;
             const float* gs = g_data + n0 * out_c + grp * og;
+            const float* ss = sg.data() + n0 * groups + grp;
             if (two)
-              InputGradTileAnyMR<2>(mr, x_data + at, sw * c, valid, gs, out_c, wgrp, cpad,
-                                    taps.data(), n_taps, og, dx_data + at);
+              InputGradTileAnyMR<2>(mr, bounds, x_data + at, sw * c, valid, gs, out_c, ss, groups,
+                                    wgrp, cpad, taps.data(), n_taps, og, dx_data + at);
             else
-              InputGradTileAnyMR<1>(mr, x_data + at, sw * c, valid, gs, out_c, wgrp, cpad,
-                                    taps.data(), n_taps, og, dx_data + at);
+              InputGradTileAnyMR<1>(mr, bounds, x_data + at, sw * c, valid, gs, out_c, ss, groups,
+                                    wgrp, cpad, taps.data(), n_taps, og, dx_data + at);
           }
           c0 += tile_c;
         }
@@ -618,6 +783,7 @@ struct WeightGradColumns {
   int64_t channel[kWeightGradNV];   // The vector's first channel.
   int64_t s_offset[kWeightGradNV];  // Into the sums, from (i, o) = (0, o0).
   typename Vec::Mask mask[kWeightGradNV];
+  bool full = true;  // Every vector holds kWidth channels.
 };
 
 // The input rows (or columns) an output row (column) y reads at offset `tap`:
@@ -633,10 +799,11 @@ inline std::pair<int64_t, int64_t> InsideRange(int64_t size, int64_t stride, int
 // the input row y * sh + i*dh - top for y = 0, which may lie outside the image).
 // Pixels [p0, p1) read only inside columns; the others read zeros outside.
 template <int MR, int NV>
-inline void WeightGradTile(const float* x, int64_t x_row, int64_t w, int64_t c, int64_t sw,
+ADDERJAX_TILE void WeightGradTile(const float* x, int64_t x_row, int64_t w, int64_t c, int64_t sw,
                            int64_t left, int64_t y0, int64_t y1, int64_t p0, int64_t p1,
                            int64_t wo, const float* g, int64_t g_row, int64_t g_col,
                            const WeightGradColumns& cols, float* s, int64_t s_o) {
+  const bool full = cols.full;
   V acc[MR][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
@@ -647,23 +814,48 @@ inline void WeightGradTile(const float* x, int64_t x_row, int64_t w, int64_t c, 
   for (int64_t y = y0; y < y1; ++y) {
     const float* xr = x + y * x_row;
     const float* gs = g + y * g_row;
-    for (int64_t p = 0; p < wo; ++p, gs += g_col) {
-      const int64_t col = p * sw - left;
-      const float* xs = xr + col * c;
-      const bool inside = p >= p0 && p < p1;
-      V xv[NV];
+    // Three runs of pixels: before p0, [p0, p1) where every read is inside the input, and
+    // after p1. Inside, where every vector is whole, the reads need no mask or select (a third
+    // fewer instructions per pixel).
+    const int64_t ends[3] = {std::min(p0, wo), p1, wo};
+    for (int64_t run = 0, p = 0; run < 3; ++run) {
+      if (run == 1 && full) {
+        for (const float* xs = xr + (p * sw - left) * c; p < ends[1]; ++p, gs += g_col, xs += sw * c) {
+          V xv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-        // Columns outside the input read zeros: an empty mask, at an address inside.
-        const int64_t at = col + cols.column[v];
-        const bool read = inside || (at >= 0 && at < w);
-        xv[v] = Vec::load(read ? xs + offset[v] : xr, read ? cols.mask[v] : Vec::mask(0));
-      }
+          for (int v = 0; v < NV; ++v) {
+            xv[v] = Vec::load(xs + offset[v]);
+            // In a register: GCC would otherwise fold the load into each of the MR
+            // multiply-adds, MR loads where one does.
+            __asm__("" : "+x"(xv[v]));
+          }
 #pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-        const V gv = Vec::set1(gs[m]);
+          for (int m = 0; m < MR; ++m) {
+            const V gv = Vec::set1(gs[m]);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[m][v] = Vec::fmadd(gv, xv[v], acc[m][v]);
+            for (int v = 0; v < NV; ++v) acc[m][v] = Vec::fmadd(gv, xv[v], acc[m][v]);
+          }
+        }
+        continue;
+      }
+      for (; p < ends[run]; ++p, gs += g_col) {
+        const int64_t col = p * sw - left;
+        const float* xs = xr + col * c;
+        const bool inside = run == 1;
+        V xv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          // Columns outside the input read zeros: an empty mask, at an address inside.
+          const int64_t at = col + cols.column[v];
+          const bool read = inside || (at >= 0 && at < w);
+          xv[v] = Vec::load(read ? xs + offset[v] : xr, read ? cols.mask[v] : Vec::mask(0));
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+          const V gv = Vec::set1(gs[m]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[m][v] = Vec::fmadd(gv, xv[v], acc[m][v]);
+        }
       }
     }
   }
@@ -722,6 +914,7 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
       cols.channel[cols.count] = c0;
       cols.s_offset[cols.count] = j * og * cpad + c0;
       cols.mask[cols.count] = Vec::mask(cg - c0);
+      cols.full = cols.full && cg - c0 >= Vec::kWidth;
       ++cols.count;
     }
   const int64_t o_tiles = (og + kWeightGradMR - 1) / kWeightGradMR;
