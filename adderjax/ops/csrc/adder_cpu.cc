@@ -93,6 +93,12 @@ struct Vec {
   static T load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
   static void store(float* p, T v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
   static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static void store_first(float* p, T v, int64_t n) {  // The first n lanes (n > 0).
+    if (n >= kWidth)
+      store(p, v);
+    else
+      store(p, v, mask(n));
+  }
   static Mask mask(int64_t n) {
     return n >= kWidth ? Mask(0xFFFF) : Mask((1u << n) - 1u);
   }
@@ -144,6 +150,14 @@ struct Vec {
   static T load(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
   static void store(float* p, T v, Mask m) { _mm256_maskstore_ps(p, m, v); }
   static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  // The first n lanes (n > 0); whole vectors without vmaskmovps, which AMD's cores run as
+  // microcode (the input gradient measured 0.91-0.99x without it, benchmarks/native_ab.py).
+  static void store_first(float* p, T v, int64_t n) {
+    if (n >= kWidth)
+      store(p, v);
+    else
+      store(p, v, mask(n));
+  }
   static Mask mask(int64_t n) {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(n, kWidth))), lanes);
@@ -282,7 +296,7 @@ ADDERJAX_TILE bool ForwardTile(const float* x, int64_t x_step, const int64_t* of
       const V out = Vec::sub(Vec::add(patch, Vec::load(sf + v * Vec::kWidth)),
                              Vec::fmadd(two, acc[m][v], Vec::zero()));
       bad = Vec::or_nonfinite(bad, out);
-      Vec::store(y + m * y_step + v * Vec::kWidth, out, Vec::mask(left));
+      Vec::store_first(y + m * y_step + v * Vec::kWidth, out, left);
     }
   }
   return Vec::any_bits(bad);
@@ -553,7 +567,8 @@ ADDERJAX_TILE void InputGradTile(const float* x, int64_t x_step, int64_t valid, 
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) Vec::store(dx + m * x_step + v * Vec::kWidth, acc[m][v], masks[v]);
+    for (int v = 0; v < NV; ++v)
+      Vec::store_first(dx + m * x_step + v * Vec::kWidth, acc[m][v], valid - v * Vec::kWidth);
 }
 
 // The same tile with the clip turned into bounds on the filter (AVX2, where vsubps, vmaxps and
@@ -609,7 +624,8 @@ ADDERJAX_TILE bool InputGradBoundsTile(const float* x, int64_t x_step, int64_t v
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) Vec::store(dx + m * x_step + v * Vec::kWidth, acc[m][v], masks[v]);
+    for (int v = 0; v < NV; ++v)
+      Vec::store_first(dx + m * x_step + v * Vec::kWidth, acc[m][v], valid - v * Vec::kWidth);
   return true;
 }
 
