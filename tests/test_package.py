@@ -98,6 +98,7 @@ def test_wheel_holds_the_code_and_the_package_data(tmp_path):
       assert set(files) <= names, f"the wheel lacks {sorted(set(files) - names)}"
   modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "adderjax").rglob("*.py")}
   assert modules <= names, f"the wheel lacks {sorted(modules - names)}"
-  assert {"adderjax/data/bundled/t10k-images-idx3-ubyte.gz", "adderjax/ops/csrc/adder_cpu.cc",
+  assert {"adderjax/data/bundled/t10k-images-idx3-ubyte.gz",
+          "adderjax/ops/csrc/adder_forward_cpu.cc", "adderjax/ops/csrc/vec.h",
           "adderjax/models/weights/resnet20_cifar10.pth", "adderjax/models/weights/NOTICE"} <= names
   assert not any(n.startswith(("tests/", "experiments/")) for n in names)

@@ -3,8 +3,9 @@
 The forward pass, the full-precision input gradient (at any stride: each input
 row's pixels split into column phases that feed through the same taps, a
 gather, no scatter) and the full-precision weight gradient run as C++
-micro-kernels (``csrc/adder_cpu.cc``): a tile of outputs held in vector registers (8 output
-pixels by 16 channels with AVX2, 32 with AVX-512; for layers with at most one
+micro-kernels (``csrc/adder_forward_cpu.cc``, ``adder_input_grad_cpu.cc``,
+``adder_weight_grad_cpu.cc``, sharing ``vec.h``): a tile of outputs held in vector registers
+(6 output pixels by 16 channels with AVX2, 8 by 32 with AVX-512; for layers with at most one
 vector of output channels per group on AVX-512, 8 output channels by 32
 pixels; for the weight gradient, 4 (AVX2) or 8 (AVX-512) output channels by
 three vectors of input channels), the reduction streamed

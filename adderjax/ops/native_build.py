@@ -17,7 +17,7 @@ when it starts and one with its time when it ends.
 
 Example:
   >>> from adderjax.ops import native_build
-  >>> native_build.disabled() in (True, False) and "adder_cpu.cc" in native_build.SOURCES
+  >>> native_build.disabled() in (True, False) and "adder_forward_cpu.cc" in native_build.SOURCES
   True
 """
 
@@ -70,22 +70,23 @@ INTEGER_TARGETS = {
     ("int16", True): ("adderjax_integer_scaled_i16", "AdderjaxIntegerScaledI16"),
 }
 
-# Compiled together into the one library. The float kernels stay one file: split one kernel a
-# file (with shared SIMD and tile-dispatch headers) the forward ran 10-20% slower on the AVX2
-# machine, for reasons not found (benchmarks/README.md, "Native code layout").
+# Compiled one process each, then linked into the one library.
 SOURCES = (
-    "adder_cpu.cc",  # The float kernels: forward (two tilings), input and weight gradients.
+    "adder_forward_cpu.cc",  # The float forward (two tilings); the library's vector width.
+    "adder_input_grad_cpu.cc",  # The float input gradient (direct and bounds tiles).
+    "adder_weight_grad_cpu.cc",  # The float weight gradient.
     "adder_int_cpu.cc",  # The integer layers' kernels.
     "batch_norm_cpu.cc",  # BatchNorm in training mode with its ReLU and residual add.
 )
 # What the sources include, part of the cache key like them.
 HEADERS = (
     "parallel_for.h",  # The work sharing over XLA's intra-op thread pool.
+    "vec.h",  # The float kernels' SIMD layer (Vec) and tile-height dispatch.
 )
 FLAGS = (
     "-O3",  # Speed: the kernels' tile loops are written for the optimizer to unroll.
     # The vector width (AVX2 or AVX-512) is chosen at compile time from this CPU's macros
-    # (the Vec of csrc/adder_cpu.cc): a library per machine, its features part of the cache key.
+    # (the Vec of csrc/vec.h): a library per machine, its features part of the cache key.
     "-march=native",
     "-std=c++17",  # if constexpr, fold expressions, structured bindings; jaxlib's FFI headers.
     "-shared", "-fPIC",  # A shared library, opened with ctypes.

@@ -1,5 +1,6 @@
-// The work sharing of adderjax's native kernels over XLA's intra-op thread pool, shared by
-// the float kernels (adder_cpu.cc) and the integer ones (adder_int_cpu.cc).
+// The work sharing of adderjax's native kernels over XLA's intra-op thread pool, shared by the
+// float kernels (adder_forward_cpu.cc, adder_input_grad_cpu.cc, adder_weight_grad_cpu.cc), the
+// integer ones (adder_int_cpu.cc) and BatchNorm's (batch_norm_cpu.cc).
 
 #ifndef ADDERJAX_OPS_CSRC_PARALLEL_FOR_H_
 #define ADDERJAX_OPS_CSRC_PARALLEL_FOR_H_

@@ -1,0 +1,374 @@
+// The native forward of the adder convolution, an XLA FFI handler (and AdderjaxVectorWidth,
+// the library's vector width).
+//
+// Written like an SGEMM micro-kernel, as are the input and weight gradients beside it: a tile of
+// outputs is held in vector registers while the reduction streams through it, reading the input
+// in place (implicit im2col: per reduction element, one offset into the input; the zero padding
+// is read in place, never written out by XLA). A tile is MR pixels (consecutive along a row) by
+// one or two vectors of output channels; the rows are shared out over XLA's intra-op threads.
+//
+// Tile sizes (a vector is 16 floats with AVX-512, 32 registers; 8 with AVX2, 16 registers):
+//   kMR = 8 (AVX-512) or 6 (AVX2) pixels x 1 or 2 vectors of output channels, a row's last tile
+//   taking a remainder up to kMaxMR = 8 pixels;
+//   pixels in the lanes (AVX-512 only, or -DADDERJAX_PIXEL_LANES=1 for the tests; stride 1, at
+//   most one vector of output channels per group, rows of at least 2 vectors of pixels):
+//   kPixelMR = 8 output channels (the filter broadcast) x kPixelNP = 2 vectors of consecutive
+//   pixels, read from the rows transposed to (row, channel, column), so a small layer does not
+//   spend a broadcast per max.
+//
+// With the max trick |a - b| = 2 max(a, b) - a - b:
+//   Y[p, o] = -(2 sum_k max(X[p, k], F[k, o]) - SX[p] - SF[o])
+// where SX (sum of each patch) and SF (sum of each filter) are summed here, in a fixed order, so
+// that a pixel's output does not depend on the batch or on how XLA fuses the surrounding program:
+// one vmaxps and one add per pair instead of a subtract, an abs and an add (Vec::accumulate).
+// Where that is not finite (an infinite input gives inf - inf, a huge one overflows 2 max) each
+// tile's epilogue notices and sums those outputs again as -sum |X - F| (FixNonFinite), which is
+// what the XLA loops give: -inf for an infinity, NaN only for a NaN input or inf - inf in a term.
+//
+// Layout (prepared by adderjax/ops/cpu_native.py): x (B, H, W, C); wt (G, K, Opad) with
+// K = kh*kw*Cg in (i, j, c) order and Opad a multiple of the vector width (zero columns);
+// y (B, Ho, Wo, G*Og).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
+#include "vec.h"
+
+namespace ffi = xla::ffi;
+using adderjax::ChunksToFill;
+using adderjax::ParallelFor;
+using adderjax::V;
+using adderjax::Vec;
+using adderjax::WithTileRows;
+
+namespace {
+
+// Output pixels per forward tile, by 2 vectors of channels: with AVX2, 6 x 2 accumulators,
+// the filter vectors, the broadcast and `one` fill the 16 registers. A row's last tile takes
+// the remainder with it up to kMaxMR pixels (a tile of 2 pixels costs nearly a full one).
+constexpr int kMR = Vec::kRegisters == 32 ? 8 : 6;
+constexpr int kMaxMR = 8;
+constexpr int kSumPixels = 4;  // Patch sums taken at once (forward).
+
+struct ForwardGeometry {
+  int64_t h, w, wp, c, ho, wo, groups, cg, og, opad, kh, kw, sh, sw, dh, dw;
+};
+
+// Copies the input rows row0 + i*dh (i < rows) of image x (h, w, c) into rows
+// (rows, wp, c), column q holding input column q - left: zeros outside the
+// input, so the kernels read the zero padding without XLA writing it out.
+void CopyPaddedRows(const float* x, int64_t h, int64_t w, int64_t c, int64_t row0, int64_t dh,
+                    int64_t rows, int64_t left, int64_t wp, float* out) {
+  const int64_t q0 = std::clamp<int64_t>(left, 0, wp), q1 = std::clamp<int64_t>(left + w, q0, wp);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* o = out + i * wp * c;
+    const int64_t r = row0 + i * dh;
+    if (r < 0 || r >= h) {
+      std::fill_n(o, wp * c, 0.0f);
+      continue;
+    }
+    std::fill_n(o, q0 * c, 0.0f);
+    std::copy_n(x + (r * w + q0 - left) * c, (q1 - q0) * c, o + q0 * c);
+    std::fill_n(o + q1 * c, (wp - q1) * c, 0.0f);
+  }
+}
+
+// The outputs y[p * y_step + n] (p < pixels, n < channels) of a tile that are not finite,
+// summed again term by term, -sum_k |x[p * x_step + offsets[k]] - w[k * w_row + n]|: the
+// result of the XLA loops, where the max trick overflowed or met an infinity. Called only
+// for a tile that has such an output, so finite layers pay only the epilogue's check (two
+// vector operations per output vector: no difference measured); scalar code, so a layer whose
+// outputs are all NaN (a diverged network) takes 12-21x its usual time.
+void FixNonFinite(int64_t pixels, int64_t channels, const float* x, int64_t x_step,
+                  const int64_t* offsets, int64_t k_size, const float* w, int64_t w_row,
+                  float* y, int64_t y_step) {
+  for (int64_t p = 0; p < pixels; ++p)
+    for (int64_t n = 0; n < channels; ++n) {
+      float& out = y[p * y_step + n];
+      if (std::isfinite(out)) continue;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < k_size; ++k)
+        acc += std::fabs(x[p * x_step + offsets[k]] - w[k * w_row + n]);
+      out = -acc;
+    }
+}
+
+// One tile: MR pixels x NV vectors of output channels. Returns whether an output it stored
+// is not finite.
+template <int MR, int NV>
+ADDERJAX_TILE bool ForwardTile(const float* x, int64_t x_step, const int64_t* offsets,
+                               int64_t k_size, const float* w, int64_t w_row, const float* sx,
+                               const float* sf, float* y, int64_t y_step, int64_t valid) {
+  V acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = Vec::zero();
+  const V one = Vec::opaque_one();
+  for (int64_t k = 0; k < k_size; ++k) {
+    const float* xk = x + offsets[k];
+    const float* wk = w + k * w_row;
+    V wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = Vec::load(wk + v * Vec::kWidth);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const V xv = Vec::set1(xk[m * x_step]);
+      for (int v = 0; v < NV; ++v)
+        acc[m][v] = Vec::accumulate(acc[m][v], Vec::max(xv, wv[v]), one);
+    }
+  }
+  const V two = Vec::set1(2.0f);
+  V bad = Vec::zero();
+  for (int m = 0; m < MR; ++m) {
+    const V patch = Vec::set1(sx[m]);
+    for (int v = 0; v < NV; ++v) {
+      const int64_t left = valid - v * Vec::kWidth;
+      if (left <= 0) break;
+      // -(2 acc - SX - SF) = SX + SF - 2 acc
+      const V out = Vec::sub(Vec::add(patch, Vec::load(sf + v * Vec::kWidth)),
+                             Vec::fmadd(two, acc[m][v], Vec::zero()));
+      bad = Vec::or_nonfinite(bad, out);
+      Vec::store_first(y + m * y_step + v * Vec::kWidth, out, left);
+    }
+  }
+  return Vec::any_bits(bad);
+}
+
+template <int NV>
+void ForwardTileAnyMR(int mr, const float* x, int64_t x_step, const int64_t* offsets,
+                      int64_t k_size, const float* w, int64_t w_row, const float* sx,
+                      const float* sf, float* y, int64_t y_step, int64_t valid) {
+  bool bad = false;
+  WithTileRows<kMaxMR>(mr, [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    bad = ForwardTile<R, NV>(x, x_step, offsets, k_size, w, w_row, sx, sf, y, y_step, valid);
+  });
+  if (bad) FixNonFinite(mr, valid, x, x_step, offsets, k_size, w, w_row, y, y_step);
+}
+
+// The forward with the pixels in the lanes, for layers with at most one vector of
+// output channels per group, where the tile above would spend a broadcast of the
+// input on a single max and add: a tile of MR output channels (the filter
+// broadcast) by NP vectors of consecutive pixels of a stride-1 row, read from the
+// image transposed to (row, channel, column). Each output is still summed in k order.
+constexpr int kPixelMR = 8;
+constexpr int kPixelNP = 2;
+#if defined(ADDERJAX_PIXEL_LANES)  // For tests: -DADDERJAX_PIXEL_LANES=1 takes it on AVX2 too.
+constexpr bool kPixelLanes = ADDERJAX_PIXEL_LANES;
+#else
+constexpr bool kPixelLanes = Vec::kRegisters == 32;
+#endif
+
+// Returns whether an output it computed is not finite.
+template <int MR>
+inline bool ForwardPixelTile(const float* xt, const int64_t* offsets, int64_t k_size,
+                             const float* w, int64_t w_row, const float* sx, const float* sf,
+                             float* y, int64_t y_step, int64_t pixels) {
+  V acc[MR][kPixelNP];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < kPixelNP; ++v) acc[m][v] = Vec::zero();
+  for (int64_t k = 0; k < k_size; ++k) {
+    const float* xk = xt + offsets[k];
+    const float* wk = w + k * w_row;
+    V xv[kPixelNP];
+#pragma GCC unroll 2
+    for (int v = 0; v < kPixelNP; ++v) xv[v] = Vec::load(xk + v * Vec::kWidth);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const V wv = Vec::set1(wk[m]);
+#pragma GCC unroll 2
+      for (int v = 0; v < kPixelNP; ++v) acc[m][v] = Vec::add(acc[m][v], Vec::max(xv[v], wv));
+    }
+  }
+  const V two = Vec::set1(2.0f);
+  V bad = Vec::zero();
+  float out[kPixelNP * Vec::kWidth];
+  for (int m = 0; m < MR; ++m) {
+    const V filter = Vec::set1(sf[m]);
+    for (int v = 0; v < kPixelNP; ++v) {
+      const V patch = Vec::load(sx + v * Vec::kWidth);
+      const V o = Vec::sub(Vec::add(patch, filter), Vec::fmadd(two, acc[m][v], Vec::zero()));
+      bad = Vec::or_nonfinite(bad, o);  // Lanes past `pixels` too: at worst a needless check.
+      Vec::store(out + v * Vec::kWidth, o);
+    }
+    for (int64_t p = 0; p < pixels; ++p) y[p * y_step + m] = out[p];
+  }
+  return Vec::any_bits(bad);
+}
+
+void ForwardPixelTileAnyMR(int mr, const float* xt, const int64_t* offsets, int64_t k_size,
+                           const float* w, int64_t w_row, const float* sx, const float* sf,
+                           float* y, int64_t y_step, int64_t pixels) {
+  bool bad = false;
+  WithTileRows<kPixelMR>(mr, [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    bad = ForwardPixelTile<R>(xt, offsets, k_size, w, w_row, sx, sf, y, y_step, pixels);
+  });
+  // Here the pixels are consecutive columns (stride 1) of the transposed rows.
+  if (bad) FixNonFinite(pixels, mr, xt, 1, offsets, k_size, w, w_row, y, y_step);
+}
+
+// An image (or, for small batches, a chunk of its rows) at a time: the padded input
+// rows transposed once to (row, channel, column), then each output row's tiles, and
+// SX summed a vector of pixels at a time.
+void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* w_data,
+                       const float* sf, float* y_data, const ForwardGeometry& g, int64_t batch,
+                       int64_t top, int64_t left) {
+  constexpr int64_t kTile = kPixelNP * Vec::kWidth;
+  const int64_t row_len = g.wp + kTile;  // Slack: a tile's loads may run past the row.
+  const int64_t k_size = g.kh * g.kw * g.cg, out_c = g.groups * g.og;
+  std::vector<int64_t> offsets(k_size);
+  for (int64_t i = 0, k = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j)
+      for (int64_t c = 0; c < g.cg; ++c, ++k)
+        offsets[k] = (i * g.dh * g.c + c) * row_len + j * g.dw;
+  // Row chunks of an image where the batch is too small to keep the threads busy.
+  const int64_t chunks = ChunksToFill(pool, batch, 2, g.ho);
+  auto item = [&](int64_t it) {
+    const int64_t b = it / chunks, chunk = it % chunks;
+    const int64_t r0 = g.ho * chunk / chunks, r1 = g.ho * (chunk + 1) / chunks;
+    // Padded input rows [r0 sh, (r1 - 1) sh + (kh - 1) dh] transposed.
+    const int64_t first = r0 * g.sh, rows = (r1 - 1 - r0) * g.sh + (g.kh - 1) * g.dh + 1;
+    thread_local std::vector<float> t;
+    t.assign(rows * g.c * row_len, 0.0f);
+    const float* x = x_data + b * g.h * g.w * g.c;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t iy = first + r - top;
+      if (iy < 0 || iy >= g.h) continue;
+      for (int64_t q = std::max<int64_t>(0, left); q < std::min(g.wp, g.w + left); ++q) {
+        const float* px = x + (iy * g.w + q - left) * g.c;
+        for (int64_t c = 0; c < g.c; ++c) t[(r * g.c + c) * row_len + q] = px[c];
+      }
+    }
+    alignas(64) float sx[kTile];
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        const float* xt = t.data() + ((r - r0) * g.sh * g.c + grp * g.cg) * row_len;
+        for (int64_t p0 = 0; p0 < g.wo; p0 += kTile) {
+          for (int v = 0; v < kPixelNP; ++v) {
+            V acc = Vec::zero();
+            for (int64_t k = 0; k < k_size; ++k)
+              acc = Vec::add(acc, Vec::load(xt + offsets[k] + p0 + v * Vec::kWidth));
+            Vec::store(sx + v * Vec::kWidth, acc);
+          }
+          const int64_t pixels = std::min(kTile, g.wo - p0);
+          for (int64_t n0 = 0; n0 < g.og; n0 += kPixelMR)
+            ForwardPixelTileAnyMR(int(std::min<int64_t>(kPixelMR, g.og - n0)), xt + p0,
+                                  offsets.data(), k_size, w_data + grp * k_size * g.opad + n0,
+                                  g.opad, sx, sf + grp * g.opad + n0,
+                                  y_data + ((b * g.ho + r) * g.wo + p0) * out_c + grp * g.og + n0,
+                                  out_c, pixels);
+        }
+      }
+  };
+  ParallelFor(pool, batch * chunks, item);
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> wt,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh,
+                       int64_t sw, int64_t dh, int64_t dw, int64_t top, int64_t left,
+                       int64_t groups) {
+  const auto xd = xb.dimensions(), wd = wt.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 3 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("adderjax_adder_forward: bad ranks");
+  // Each row's patches read kh padded input rows of wp columns, copied per row.
+  const int64_t wp = (yd[2] - 1) * sw + (kw - 1) * dw + 1;
+  ForwardGeometry g{xd[1], xd[2], wp, xd[3], yd[1], yd[2], groups, xd[3] / groups,
+                    yd[3] / groups, wd[2], kh, kw, sh, sw, dh, dw};
+  const int64_t batch = xd[0], k_size = wd[1];
+  if (k_size != kh * kw * g.cg || wd[0] != groups || g.opad % Vec::kWidth)
+    return ffi::Error::InvalidArgument("adderjax_adder_forward: bad filter layout");
+  const float* x_data = xb.typed_data();
+  const float* w_data = wt.typed_data();
+  float* y_data = y->typed_data();
+  // SF: each filter's sum, in k order.
+  std::vector<float> sf(groups * g.opad, 0.0f);
+  for (int64_t grp = 0; grp < groups; ++grp)
+    for (int64_t k = 0; k < k_size; ++k)
+      for (int64_t n = 0; n < g.opad; ++n)
+        sf[grp * g.opad + n] += w_data[(grp * k_size + k) * g.opad + n];
+  if (kPixelLanes && sw == 1 && g.og <= Vec::kWidth && g.wo >= kPixelNP * Vec::kWidth) {
+    ForwardPixelLanes(pool, x_data, w_data, sf.data(), y_data, g, batch, top, left);
+    return ffi::Error::Success();
+  }
+  std::vector<int64_t> offsets(k_size);
+  for (int64_t i = 0, k = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j)
+      for (int64_t c = 0; c < g.cg; ++c, ++k) offsets[k] = (i * g.wp + j * dw) * g.c + c;
+  const int64_t x_step = sw * g.c, out_c = groups * g.og;
+  const int64_t tile_n = 2 * Vec::kWidth;
+  const auto tail = Vec::mask(g.cg % Vec::kWidth == 0 ? Vec::kWidth : g.cg % Vec::kWidth);
+  auto row = [&](int64_t item) {
+    const int64_t b = item / g.ho, r = item % g.ho;
+    std::vector<float> sx(g.wo);
+    thread_local std::vector<float> rows;
+    rows.resize(kh * g.wp * g.c);
+    CopyPaddedRows(x_data + b * g.h * g.w * g.c, g.h, g.w, g.c, r * sh - top, dh, kh, left, g.wp,
+                   rows.data());
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const float* x_row = rows.data() + grp * g.cg;
+      // SX: each patch's sum, taps in order, channels a vector at a time; kSumPixels pixels
+      // at once, so that their chains of adds overlap (each pixel's order is unchanged).
+      for (int64_t p0 = 0; p0 < g.wo; p0 += kSumPixels) {
+        const int64_t n = std::min<int64_t>(kSumPixels, g.wo - p0);
+        V acc[kSumPixels];
+        for (int q = 0; q < kSumPixels; ++q) acc[q] = Vec::zero();
+        for (int64_t i = 0; i < kh; ++i)
+          for (int64_t j = 0; j < kw; ++j) {
+            const float* px = x_row + (i * g.wp + p0 * sw + j * dw) * g.c;
+            int64_t c0 = 0;
+            for (; c0 + Vec::kWidth <= g.cg; c0 += Vec::kWidth)
+              for (int q = 0; q < n; ++q)
+                acc[q] = Vec::add(acc[q], Vec::load(px + q * x_step + c0));
+            if (c0 < g.cg)
+              for (int q = 0; q < n; ++q)
+                acc[q] = Vec::add(acc[q], Vec::load(px + q * x_step + c0, tail));
+          }
+        for (int q = 0; q < n; ++q) sx[p0 + q] = Vec::sum(acc[q]);
+      }
+      for (int64_t n0 = 0; n0 < g.og; n0 += tile_n) {
+        const int64_t valid = std::min(tile_n, g.og - n0);
+        const float* w = w_data + grp * k_size * g.opad + n0;
+        const float* sf_ = sf.data() + grp * g.opad + n0;
+        for (int64_t c0 = 0, mr; c0 < g.wo; c0 += mr) {
+          mr = g.wo - c0 <= kMaxMR ? g.wo - c0 : kMR;
+          const float* x = x_row + c0 * sw * g.c;
+          float* y_ = y_data + ((b * g.ho + r) * g.wo + c0) * out_c + grp * g.og + n0;
+          if (valid > Vec::kWidth)
+            ForwardTileAnyMR<2>(mr, x, x_step, offsets.data(), k_size, w, g.opad, sx.data() + c0,
+                                sf_, y_, out_c, valid);
+          else
+            ForwardTileAnyMR<1>(mr, x, x_step, offsets.data(), k_size, w, g.opad, sx.data() + c0,
+                                sf_, y_, out_c, valid);
+        }
+      }
+    }
+  };
+  ParallelFor(pool, batch * g.ho, row);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("top")
+                                  .Attr<int64_t>("left")
+                                  .Attr<int64_t>("groups"));
+
+extern "C" int AdderjaxVectorWidth() { return Vec::kWidth; }
