@@ -62,9 +62,10 @@ struct ForwardGeometry {
 // Copies the input rows row0 + i*dh (i < rows) of image x (h, w, c) into rows
 // (rows, wp, c), column q holding input column q - left: zeros outside the
 // input, so the kernels read the zero padding without XLA writing it out.
-void CopyPaddedRows(const float* x, int64_t h, int64_t w, int64_t c, int64_t row0, int64_t dh,
+void CopyPaddedRows(const float* x, int64_t h, int64_t width, int64_t c, int64_t row0, int64_t dh,
                     int64_t rows, int64_t left, int64_t wp, float* out) {
-  const int64_t q0 = std::clamp<int64_t>(left, 0, wp), q1 = std::clamp<int64_t>(left + w, q0, wp);
+  const int64_t q0 = std::clamp<int64_t>(left, 0, wp);
+  const int64_t q1 = std::clamp<int64_t>(left + width, q0, wp);
   for (int64_t i = 0; i < rows; ++i) {
     float* o = out + i * wp * c;
     const int64_t r = row0 + i * dh;
@@ -73,7 +74,7 @@ void CopyPaddedRows(const float* x, int64_t h, int64_t w, int64_t c, int64_t row
       continue;
     }
     std::fill_n(o, q0 * c, 0.0f);
-    std::copy_n(x + (r * w + q0 - left) * c, (q1 - q0) * c, o + q0 * c);
+    std::copy_n(x + (r * width + q0 - left) * c, (q1 - q0) * c, o + q0 * c);
     std::fill_n(o + q1 * c, (wp - q1) * c, 0.0f);
   }
 }
@@ -125,13 +126,13 @@ ADDERJAX_TILE bool ForwardTile(const float* x, int64_t x_step, const int64_t* of
   for (int m = 0; m < MR; ++m) {
     const V patch = Vec::set1(sx[m]);
     for (int v = 0; v < NV; ++v) {
-      const int64_t left = valid - v * Vec::kWidth;
-      if (left <= 0) break;
+      const int64_t lanes = valid - v * Vec::kWidth;
+      if (lanes <= 0) break;
       // -(2 acc - SX - SF) = SX + SF - 2 acc
       const V out = Vec::sub(Vec::add(patch, Vec::load(sf + v * Vec::kWidth)),
                              Vec::fmadd(two, acc[m][v], Vec::zero()));
       bad = Vec::or_nonfinite(bad, out);
-      Vec::store_first(y + m * y_step + v * Vec::kWidth, out, left);
+      Vec::store_first(y + m * y_step + v * Vec::kWidth, out, lanes);
     }
   }
   return Vec::any_bits(bad);
@@ -217,52 +218,53 @@ void ForwardPixelTileAnyMR(int mr, const float* xt, const int64_t* offsets, int6
 // rows transposed once to (row, channel, column), then each output row's tiles, and
 // SX summed a vector of pixels at a time.
 void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* w_data,
-                       const float* sf, float* y_data, const ForwardGeometry& g, int64_t batch,
+                       const float* sf, float* y_data, const ForwardGeometry& geom, int64_t batch,
                        int64_t top, int64_t left) {
   constexpr int64_t kTile = kPixelNP * Vec::kWidth;
-  const int64_t row_len = g.wp + kTile;  // Slack: a tile's loads may run past the row.
-  const int64_t k_size = g.kh * g.kw * g.cg, out_c = g.groups * g.og;
+  const int64_t row_len = geom.wp + kTile;  // Slack: a tile's loads may run past the row.
+  const int64_t k_size = geom.kh * geom.kw * geom.cg, out_c = geom.groups * geom.og;
   std::vector<int64_t> offsets(k_size);
-  for (int64_t i = 0, k = 0; i < g.kh; ++i)
-    for (int64_t j = 0; j < g.kw; ++j)
-      for (int64_t c = 0; c < g.cg; ++c, ++k)
-        offsets[k] = (i * g.dh * g.c + c) * row_len + j * g.dw;
+  for (int64_t i = 0, k = 0; i < geom.kh; ++i)
+    for (int64_t j = 0; j < geom.kw; ++j)
+      for (int64_t c = 0; c < geom.cg; ++c, ++k)
+        offsets[k] = (i * geom.dh * geom.c + c) * row_len + j * geom.dw;
   // Row chunks of an image where the batch is too small to keep the threads busy.
-  const int64_t chunks = ChunksToFill(pool, batch, 2, g.ho);
+  const int64_t chunks = ChunksToFill(pool, batch, 2, geom.ho);
   auto item = [&](int64_t it) {
     const int64_t b = it / chunks, chunk = it % chunks;
-    const int64_t r0 = g.ho * chunk / chunks, r1 = g.ho * (chunk + 1) / chunks;
+    const int64_t r0 = geom.ho * chunk / chunks, r1 = geom.ho * (chunk + 1) / chunks;
     // Padded input rows [r0 sh, (r1 - 1) sh + (kh - 1) dh] transposed.
-    const int64_t first = r0 * g.sh, rows = (r1 - 1 - r0) * g.sh + (g.kh - 1) * g.dh + 1;
+    const int64_t first = r0 * geom.sh;
+    const int64_t rows = (r1 - 1 - r0) * geom.sh + (geom.kh - 1) * geom.dh + 1;
     thread_local std::vector<float> t;
-    t.assign(rows * g.c * row_len, 0.0f);
-    const float* x = x_data + b * g.h * g.w * g.c;
+    t.assign(rows * geom.c * row_len, 0.0f);
+    const float* x = x_data + b * geom.h * geom.w * geom.c;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t iy = first + r - top;
-      if (iy < 0 || iy >= g.h) continue;
-      for (int64_t q = std::max<int64_t>(0, left); q < std::min(g.wp, g.w + left); ++q) {
-        const float* px = x + (iy * g.w + q - left) * g.c;
-        for (int64_t c = 0; c < g.c; ++c) t[(r * g.c + c) * row_len + q] = px[c];
+      if (iy < 0 || iy >= geom.h) continue;
+      for (int64_t q = std::max<int64_t>(0, left); q < std::min(geom.wp, geom.w + left); ++q) {
+        const float* px = x + (iy * geom.w + q - left) * geom.c;
+        for (int64_t c = 0; c < geom.c; ++c) t[(r * geom.c + c) * row_len + q] = px[c];
       }
     }
     alignas(64) float sx[kTile];
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t grp = 0; grp < g.groups; ++grp) {
-        const float* xt = t.data() + ((r - r0) * g.sh * g.c + grp * g.cg) * row_len;
-        for (int64_t p0 = 0; p0 < g.wo; p0 += kTile) {
+      for (int64_t grp = 0; grp < geom.groups; ++grp) {
+        const float* xt = t.data() + ((r - r0) * geom.sh * geom.c + grp * geom.cg) * row_len;
+        for (int64_t p0 = 0; p0 < geom.wo; p0 += kTile) {
           for (int v = 0; v < kPixelNP; ++v) {
             V acc = Vec::zero();
             for (int64_t k = 0; k < k_size; ++k)
               acc = Vec::add(acc, Vec::load(xt + offsets[k] + p0 + v * Vec::kWidth));
             Vec::store(sx + v * Vec::kWidth, acc);
           }
-          const int64_t pixels = std::min(kTile, g.wo - p0);
-          for (int64_t n0 = 0; n0 < g.og; n0 += kPixelMR)
-            ForwardPixelTileAnyMR(int(std::min<int64_t>(kPixelMR, g.og - n0)), xt + p0,
-                                  offsets.data(), k_size, w_data + grp * k_size * g.opad + n0,
-                                  g.opad, sx, sf + grp * g.opad + n0,
-                                  y_data + ((b * g.ho + r) * g.wo + p0) * out_c + grp * g.og + n0,
-                                  out_c, pixels);
+          const int64_t pixels = std::min(kTile, geom.wo - p0);
+          float* y_row = y_data + ((b * geom.ho + r) * geom.wo + p0) * out_c + grp * geom.og;
+          for (int64_t n0 = 0; n0 < geom.og; n0 += kPixelMR)
+            ForwardPixelTileAnyMR(int(std::min<int64_t>(kPixelMR, geom.og - n0)), xt + p0,
+                                  offsets.data(), k_size, w_data + grp * k_size * geom.opad + n0,
+                                  geom.opad, sx, sf + grp * geom.opad + n0, y_row + n0, out_c,
+                                  pixels);
         }
       }
   };
@@ -278,78 +280,78 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
     return ffi::Error::InvalidArgument("adderjax_adder_forward: bad ranks");
   // Each row's patches read kh padded input rows of wp columns, copied per row.
   const int64_t wp = (yd[2] - 1) * sw + (kw - 1) * dw + 1;
-  ForwardGeometry g{xd[1], xd[2], wp, xd[3], yd[1], yd[2], groups, xd[3] / groups,
+  ForwardGeometry geom{xd[1], xd[2], wp, xd[3], yd[1], yd[2], groups, xd[3] / groups,
                     yd[3] / groups, wd[2], kh, kw, sh, sw, dh, dw};
   const int64_t batch = xd[0], k_size = wd[1];
-  if (k_size != kh * kw * g.cg || wd[0] != groups || g.opad % Vec::kWidth)
+  if (k_size != kh * kw * geom.cg || wd[0] != groups || geom.opad % Vec::kWidth)
     return ffi::Error::InvalidArgument("adderjax_adder_forward: bad filter layout");
   const float* x_data = xb.typed_data();
   const float* w_data = wt.typed_data();
   float* y_data = y->typed_data();
   // SF: each filter's sum, in k order.
-  std::vector<float> sf(groups * g.opad, 0.0f);
+  std::vector<float> sf(groups * geom.opad, 0.0f);
   for (int64_t grp = 0; grp < groups; ++grp)
     for (int64_t k = 0; k < k_size; ++k)
-      for (int64_t n = 0; n < g.opad; ++n)
-        sf[grp * g.opad + n] += w_data[(grp * k_size + k) * g.opad + n];
-  if (kPixelLanes && sw == 1 && g.og <= Vec::kWidth && g.wo >= kPixelNP * Vec::kWidth) {
-    ForwardPixelLanes(pool, x_data, w_data, sf.data(), y_data, g, batch, top, left);
+      for (int64_t n = 0; n < geom.opad; ++n)
+        sf[grp * geom.opad + n] += w_data[(grp * k_size + k) * geom.opad + n];
+  if (kPixelLanes && sw == 1 && geom.og <= Vec::kWidth && geom.wo >= kPixelNP * Vec::kWidth) {
+    ForwardPixelLanes(pool, x_data, w_data, sf.data(), y_data, geom, batch, top, left);
     return ffi::Error::Success();
   }
   std::vector<int64_t> offsets(k_size);
   for (int64_t i = 0, k = 0; i < kh; ++i)
     for (int64_t j = 0; j < kw; ++j)
-      for (int64_t c = 0; c < g.cg; ++c, ++k) offsets[k] = (i * g.wp + j * dw) * g.c + c;
-  const int64_t x_step = sw * g.c, out_c = groups * g.og;
+      for (int64_t c = 0; c < geom.cg; ++c, ++k) offsets[k] = (i * geom.wp + j * dw) * geom.c + c;
+  const int64_t x_step = sw * geom.c, out_c = groups * geom.og;
   const int64_t tile_n = 2 * Vec::kWidth;
-  const auto tail = Vec::mask(g.cg % Vec::kWidth == 0 ? Vec::kWidth : g.cg % Vec::kWidth);
+  const auto tail = Vec::mask(geom.cg % Vec::kWidth == 0 ? Vec::kWidth : geom.cg % Vec::kWidth);
   auto row = [&](int64_t item) {
-    const int64_t b = item / g.ho, r = item % g.ho;
-    std::vector<float> sx(g.wo);
+    const int64_t b = item / geom.ho, r = item % geom.ho;
+    std::vector<float> sx(geom.wo);
     thread_local std::vector<float> rows;
-    rows.resize(kh * g.wp * g.c);
-    CopyPaddedRows(x_data + b * g.h * g.w * g.c, g.h, g.w, g.c, r * sh - top, dh, kh, left, g.wp,
-                   rows.data());
+    rows.resize(kh * geom.wp * geom.c);
+    CopyPaddedRows(x_data + b * geom.h * geom.w * geom.c, geom.h, geom.w, geom.c, r * sh - top, dh,
+                   kh, left, geom.wp, rows.data());
     for (int64_t grp = 0; grp < groups; ++grp) {
-      const float* x_row = rows.data() + grp * g.cg;
+      const float* x_row = rows.data() + grp * geom.cg;
       // SX: each patch's sum, taps in order, channels a vector at a time; kSumPixels pixels
       // at once, so that their chains of adds overlap (each pixel's order is unchanged).
-      for (int64_t p0 = 0; p0 < g.wo; p0 += kSumPixels) {
-        const int64_t n = std::min<int64_t>(kSumPixels, g.wo - p0);
+      for (int64_t p0 = 0; p0 < geom.wo; p0 += kSumPixels) {
+        const int64_t n = std::min<int64_t>(kSumPixels, geom.wo - p0);
         V acc[kSumPixels];
         for (int q = 0; q < kSumPixels; ++q) acc[q] = Vec::zero();
         for (int64_t i = 0; i < kh; ++i)
           for (int64_t j = 0; j < kw; ++j) {
-            const float* px = x_row + (i * g.wp + p0 * sw + j * dw) * g.c;
+            const float* px = x_row + (i * geom.wp + p0 * sw + j * dw) * geom.c;
             int64_t c0 = 0;
-            for (; c0 + Vec::kWidth <= g.cg; c0 += Vec::kWidth)
+            for (; c0 + Vec::kWidth <= geom.cg; c0 += Vec::kWidth)
               for (int q = 0; q < n; ++q)
                 acc[q] = Vec::add(acc[q], Vec::load(px + q * x_step + c0));
-            if (c0 < g.cg)
+            if (c0 < geom.cg)
               for (int q = 0; q < n; ++q)
                 acc[q] = Vec::add(acc[q], Vec::load(px + q * x_step + c0, tail));
           }
         for (int q = 0; q < n; ++q) sx[p0 + q] = Vec::sum(acc[q]);
       }
-      for (int64_t n0 = 0; n0 < g.og; n0 += tile_n) {
-        const int64_t valid = std::min(tile_n, g.og - n0);
-        const float* w = w_data + grp * k_size * g.opad + n0;
-        const float* sf_ = sf.data() + grp * g.opad + n0;
-        for (int64_t c0 = 0, mr; c0 < g.wo; c0 += mr) {
-          mr = g.wo - c0 <= kMaxMR ? g.wo - c0 : kMR;
-          const float* x = x_row + c0 * sw * g.c;
-          float* y_ = y_data + ((b * g.ho + r) * g.wo + c0) * out_c + grp * g.og + n0;
+      for (int64_t n0 = 0; n0 < geom.og; n0 += tile_n) {
+        const int64_t valid = std::min(tile_n, geom.og - n0);
+        const float* w = w_data + grp * k_size * geom.opad + n0;
+        const float* sf_ = sf.data() + grp * geom.opad + n0;
+        for (int64_t c0 = 0, mr; c0 < geom.wo; c0 += mr) {
+          mr = geom.wo - c0 <= kMaxMR ? geom.wo - c0 : kMR;
+          const float* x = x_row + c0 * sw * geom.c;
+          float* y_ = y_data + ((b * geom.ho + r) * geom.wo + c0) * out_c + grp * geom.og + n0;
           if (valid > Vec::kWidth)
-            ForwardTileAnyMR<2>(mr, x, x_step, offsets.data(), k_size, w, g.opad, sx.data() + c0,
+            ForwardTileAnyMR<2>(mr, x, x_step, offsets.data(), k_size, w, geom.opad, sx.data() + c0,
                                 sf_, y_, out_c, valid);
           else
-            ForwardTileAnyMR<1>(mr, x, x_step, offsets.data(), k_size, w, g.opad, sx.data() + c0,
+            ForwardTileAnyMR<1>(mr, x, x_step, offsets.data(), k_size, w, geom.opad, sx.data() + c0,
                                 sf_, y_, out_c, valid);
         }
       }
     }
   };
-  ParallelFor(pool, batch * g.ho, row);
+  ParallelFor(pool, batch * geom.ho, row);
   return ffi::Error::Success();
 }
 

@@ -207,7 +207,7 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto xd = x.dimensions(), gd = gp.dimensions(), wd = wt.dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 5)
     return ffi::Error::InvalidArgument("adderjax_adder_input_grad: bad ranks");
-  const int64_t batch = xd[0], h = xd[1], w = xd[2], c = xd[3];
+  const int64_t batch = xd[0], h = xd[1], width = xd[2], c = xd[3];
   const int64_t kh = wd[1], kw = wd[2], og = wd[3], cpad = wd[4], cg = c / groups;
   const int64_t ho = gd[1], wg = gd[2], out_c = gd[3];
   if (sh < 1 || sw < 1 || gd[0] != batch || wd[0] != groups || out_c != groups * og ||
@@ -216,10 +216,10 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // Column phases: the pixels x = px + sw n (n = 0, 1, ...) all feed through the same taps j,
   // those with sw | px + left - j dw, pixel n to output column n + q, q = (px + left - j dw) / sw,
   // which is column n + q + g_left of G (zeros outside the output).
-  const int64_t phases = std::min(sw, w);
+  const int64_t phases = std::min(sw, width);
   std::vector<std::vector<std::pair<int64_t, int64_t>>> column_taps(phases);  // (j, q + g_left)
   for (int64_t px = 0; px < phases; ++px) {
-    const int64_t last = (w - 1 - px) / sw;
+    const int64_t last = (width - 1 - px) / sw;
     for (int64_t j = 0; j < kw; ++j) {
       const int64_t a = px + left - j * dw;
       if (a % sw) continue;
@@ -255,7 +255,7 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           taps.push_back({(i * kw + j) * og * cpad, pixel * out_c, pixel * groups});
         }
       }
-      const int64_t n_taps = int64_t(taps.size()), pixels = (w - 1 - px) / sw + 1;
+      const int64_t n_taps = int64_t(taps.size()), pixels = (width - 1 - px) / sw + 1;
       for (int64_t grp = 0; grp < groups; ++grp) {
         for (int64_t c0 = 0; c0 < cg;) {
           // Two vectors of channels per tile where at least two remain: one broadcast of G
@@ -268,7 +268,7 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           const float* wgrp = w_data + grp * kh * kw * og * cpad + c0;
           for (int64_t n0 = 0; n0 < pixels; n0 += mr_max) {
             const int mr = int(std::min<int64_t>(mr_max, pixels - n0));
-            const int64_t at = ((b * h + r) * w + px + sw * n0) * c + grp * cg + c0;
+            const int64_t at = ((b * h + r) * width + px + sw * n0) * c + grp * cg + c0;
             const float* gs = g_data + n0 * out_c + grp * og;
             const float* ss = sg.data() + n0 * groups + grp;
             if (two)

@@ -13,8 +13,8 @@
 //   int16 lanes (|a - m w| < 2^15: bits <= 14 unsigned, 15 signed): max - min of signed 16-bit
 //     lanes, widened by vpmaddwd against ones into int32 lanes at each step.
 //
-// Like the float forward (adder_forward_cpu.cc), an SGEMM micro-kernel: a tile of MR output pixels by
-// NV vectors of output channels held in accumulators while the fan-in K = kh*kw*C streams
+// Like the float forward (adder_forward_cpu.cc), an SGEMM micro-kernel: a tile of MR output
+// pixels by NV vectors of output channels held in accumulators while the fan-in K = kh*kw*C streams
 // through it, 8 bytes (a chunk) at a time. Each 64-bit lane of a vector belongs to one output
 // channel (4 per AVX2 vector, 8 per AVX-512 one): a pixel's chunk, broadcast to every lane,
 // against a vector of the filters' chunks adds that chunk's |a - w| to 4 (8) channels at once,

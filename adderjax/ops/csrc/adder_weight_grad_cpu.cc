@@ -66,7 +66,7 @@ inline std::pair<int64_t, int64_t> InsideRange(int64_t size, int64_t stride, int
 // the input row y * sh + i*dh - top for y = 0, which may lie outside the image).
 // Pixels [p0, p1) read only inside columns; the others read zeros outside.
 template <int MR, int NV>
-ADDERJAX_TILE void WeightGradTile(const float* x, int64_t x_row, int64_t w, int64_t c,
+ADDERJAX_TILE void WeightGradTile(const float* x, int64_t x_row, int64_t width, int64_t c,
                                   int64_t sw, int64_t left, int64_t y0, int64_t y1, int64_t p0,
                                   int64_t p1, int64_t wo, const float* g, int64_t g_row,
                                   int64_t g_col, const WeightGradColumns& cols, float* s,
@@ -116,7 +116,7 @@ ADDERJAX_TILE void WeightGradTile(const float* x, int64_t x_row, int64_t w, int6
         for (int v = 0; v < NV; ++v) {
           // Columns outside the input read zeros: an empty mask, at an address inside.
           const int64_t at = col + cols.column[v];
-          const bool read = inside || (at >= 0 && at < w);
+          const bool read = inside || (at >= 0 && at < width);
           xv[v] = Vec::load(read ? xs + offset[v] : xr, read ? cols.mask[v] : Vec::mask(0));
         }
 #pragma GCC unroll 8
@@ -138,14 +138,14 @@ ADDERJAX_TILE void WeightGradTile(const float* x, int64_t x_row, int64_t w, int6
 }
 
 template <int NV>
-void WeightGradTileAnyMR(int mr, const float* x, int64_t x_row, int64_t w, int64_t c,
+void WeightGradTileAnyMR(int mr, const float* x, int64_t x_row, int64_t width, int64_t c,
                          int64_t sw, int64_t left, int64_t y0, int64_t y1, int64_t p0,
                          int64_t p1, int64_t wo, const float* g, int64_t g_row, int64_t g_col,
                          const WeightGradColumns& cols, float* s, int64_t s_o) {
   WithTileRows<kWeightGradMR>(mr, [&](auto rows) {
     constexpr int R = decltype(rows)::value;
-    WeightGradTile<R, NV>(x, x_row, w, c, sw, left, y0, y1, p0, p1, wo, g, g_row, g_col, cols, s,
-                          s_o);
+    WeightGradTile<R, NV>(x, x_row, width, c, sw, left, y0, y1, p0, p1, wo, g, g_row, g_col, cols,
+                          s, s_o);
   });
 }
 
@@ -156,7 +156,7 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
   const auto xd = xb.dimensions(), gd = gb.dimensions(), wd = wt.dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 5)
     return ffi::Error::InvalidArgument("adderjax_adder_weight_grad: bad ranks");
-  const int64_t batch = xd[0], h = xd[1], w = xd[2], c = xd[3], cg = c / groups;
+  const int64_t batch = xd[0], h = xd[1], width = xd[2], c = xd[3], cg = c / groups;
   const int64_t ho = gd[1], wo = gd[2], out_c = gd[3];
   const int64_t kh = wd[1], kw = wd[2], og = wd[3], cpad = wd[4];
   if (wd[0] != groups || out_c != groups * og || cpad % Vec::kWidth || gd[0] != batch)
@@ -205,15 +205,16 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
     const auto tile = kTiles[cols.count - 1];
     const int64_t b0 = batch * chunk / chunks, b1 = batch * (chunk + 1) / chunks;
     // Output columns whose reads all fall inside the input, for this tile's columns.
-    const auto [p0, p1] = InsideRange(w, sw, left, cols.column[0], cols.column[cols.count - 1], wo);
+    const auto [p0, p1] =
+        InsideRange(width, sw, left, cols.column[0], cols.column[cols.count - 1], wo);
     for (int64_t b = b0; b < b1; ++b) {
       const float* g = g_data + b * ho * wo * out_c + grp * og + o0;
       for (int64_t i = 0; i < kh; ++i) {
         const auto [y0, y1] = InsideRange(h, sh, top, i * dh, i * dh, ho);
         // Row y reads input row y * sh + i*dh - top; rows outside read zeros and add nothing.
-        const float* x = x_data + b * h * w * c + (i * dh - top) * w * c + grp * cg;
-        tile(mr, x, sh * w * c, w, c, sw, left, y0, y1, p0, p1, wo, g, wo * out_c, out_c, cols,
-             s + i * kw * og * cpad, cpad);
+        const float* x = x_data + b * h * width * c + (i * dh - top) * width * c + grp * cg;
+        tile(mr, x, sh * width * c, width, c, sw, left, y0, y1, p0, p1, wo, g, wo * out_c, out_c,
+             cols, s + i * kw * og * cpad, cpad);
       }
       if (first_columns) {  // This tile's share of sum G, an image at a time.
         V acc = Vec::zero();
