@@ -98,14 +98,36 @@ class TestCpuNative(AdderConvTestBase):
                                     spec))
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
-  @pytest.mark.parametrize("batch", [1, 3, 64])
-  def test_weight_grad_sums_the_batch_in_any_number_of_chunks(self, batch):
-    """Small layers split the batch across threads; every split adds up to the float64 sum."""
+  @pytest.mark.parametrize("strides, dilation, groups", [(1, 1, 1), (2, 1, 2), (1, 2, 1)])
+  def test_forward_outputs_do_not_depend_on_the_batch_or_the_row_chunks(self, strides, dilation,
+                                                                        groups):
+    """An image alone (its rows split over the threads) gives the same bits as in a batch.
+
+    Rows of 600 pixels also split each image of the batch, into chunks that fit in the cache.
+    """
+    rng = np.random.default_rng(strides + 2 * dilation)
+    x = jnp.asarray(rng.normal(size=(3, 9, 600, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 16 // groups, 24)), jnp.float32)
+    spec = conv_spec(x, w, strides=strides, padding="SAME", rhs_dilation=dilation,
+                     feature_group_count=groups)
+    forward = jax.jit(lambda x: cpu_native.forward(x, w, spec))
+    batch = np.asarray(forward(x))
+    for i in range(3):
+      np.testing.assert_array_equal(np.asarray(forward(x[i:i + 1]))[0], batch[i])
+    with jax.enable_x64(True):
+      want = np.asarray(xla.forward(jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64),
+                                    spec))
+    np.testing.assert_allclose(batch, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+  @pytest.mark.parametrize("batch, channels", [(1, 3), (3, 3), (64, 3), (1, 20), (2, 20)])
+  def test_weight_grad_sums_the_batch_in_any_number_of_chunks(self, batch, channels):
+    """The batch is split in chunks, and small batches share the tiles out in blocks too: every
+    split adds up to the float64 sum."""
     rng = np.random.default_rng(batch)
-    x = rng.normal(size=(batch, 4, 5, 3))
-    w = rng.normal(size=(3, 3, 3, 2))
+    x = rng.normal(size=(batch, 4, 5, channels))
+    w = rng.normal(size=(3, 3, channels, channels + 4))
     spec = conv_spec(x, w, strides=1, padding="SAME", rhs_dilation=1, feature_group_count=1)
-    g = rng.normal(size=(batch, 4, 5, 2))
+    g = rng.normal(size=(batch, 4, 5, channels + 4))
     with jax.enable_x64(True):
       want = np.asarray(xla.weight_grad(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g), spec,
                                         "full_precision"))

@@ -5,7 +5,8 @@
 // outputs is held in vector registers while the reduction streams through it, reading the input
 // in place (implicit im2col: per reduction element, one offset into the input; the zero padding
 // is read in place, never written out by XLA). A tile is MR pixels (consecutive along a row) by
-// one or two vectors of output channels; the rows are shared out over XLA's intra-op threads.
+// one or two vectors of output channels; images (or chunks of their rows, for small batches and
+// wide rows) are shared out over XLA's intra-op threads.
 //
 // Tile sizes (a vector is 16 floats with AVX-512, 32 registers; 8 with AVX2, 16 registers):
 //   kMR = 8 (AVX-512) or 6 (AVX2) pixels x 1 or 2 vectors of output channels, a row's last tile
@@ -53,7 +54,6 @@ namespace {
 // the remainder with it up to kMaxMR pixels (a tile of 2 pixels costs nearly a full one).
 constexpr int kMR = Vec::kRegisters == 32 ? 8 : 6;
 constexpr int kMaxMR = 8;
-constexpr int kSumPixels = 4;  // Patch sums taken at once (forward).
 
 struct ForwardGeometry {
   int64_t h, w, wp, c, ho, wo, groups, cg, og, opad, kh, kw, sh, sw, dh, dw;
@@ -271,6 +271,83 @@ void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* 
   ParallelFor(pool, batch * chunks, item);
 }
 
+// The forward with the output channels in the lanes (ForwardTile), an image or a chunk of its
+// rows at a time: the chunk's padded input rows copied once (the kernels read the zero padding
+// in place) and each input pixel's channels summed once per group (a vector at a time, then
+// across the lanes), so that a patch's sum SX is kh*kw of those per pixel, taps in order. Both
+// depend on the pixel alone, so the outputs do not depend on the batch or the chunking.
+void ForwardChannelLanes(ffi::ThreadPool& pool, const float* x_data, const float* w_data,
+                         const float* sf, float* y_data, const ForwardGeometry& geom,
+                         int64_t batch, int64_t top, int64_t left) {
+  const int64_t k_size = geom.kh * geom.kw * geom.cg, out_c = geom.groups * geom.og;
+  const int64_t row_floats = geom.wp * geom.c;
+  std::vector<int64_t> offsets(k_size);
+  for (int64_t i = 0, k = 0; i < geom.kh; ++i)
+    for (int64_t j = 0; j < geom.kw; ++j)
+      for (int64_t c = 0; c < geom.cg; ++c, ++k)
+        offsets[k] = i * geom.dh * row_floats + j * geom.dw * geom.c + c;
+  // Enough chunks to keep the threads busy, and few enough output rows per chunk that its
+  // copy (about kChunkFloats) stays in the core's second-level cache.
+  constexpr int64_t kChunkFloats = 1 << 16;
+  const int64_t rows_per_chunk =
+      std::max<int64_t>(1, kChunkFloats / (row_floats * std::max<int64_t>(1, geom.sh)));
+  const int64_t chunks =
+      std::max(ChunksToFill(pool, batch, 2, geom.ho),
+               std::min(geom.ho, (geom.ho + rows_per_chunk - 1) / rows_per_chunk));
+  const int64_t x_step = geom.sw * geom.c, tile_n = 2 * Vec::kWidth;
+  const auto tail = Vec::mask(geom.cg % Vec::kWidth == 0 ? Vec::kWidth : geom.cg % Vec::kWidth);
+  auto item = [&](int64_t it) {
+    const int64_t b = it / chunks, chunk = it % chunks;
+    const int64_t r0 = geom.ho * chunk / chunks, r1 = geom.ho * (chunk + 1) / chunks;
+    const int64_t rows = (r1 - 1 - r0) * geom.sh + (geom.kh - 1) * geom.dh + 1;
+    thread_local std::vector<float> padded, pixel_sums, sx;
+    padded.resize(rows * row_floats);
+    pixel_sums.resize(geom.groups * rows * geom.wp);
+    sx.resize(geom.wo);
+    CopyPaddedRows(x_data + b * geom.h * geom.w * geom.c, geom.h, geom.w, geom.c,
+                   r0 * geom.sh - top, 1, rows, left, geom.wp, padded.data());
+    for (int64_t q = 0; q < rows * geom.wp; ++q)
+      for (int64_t grp = 0; grp < geom.groups; ++grp) {
+        const float* px = padded.data() + q * geom.c + grp * geom.cg;
+        V acc = Vec::zero();
+        int64_t c0 = 0;
+        for (; c0 + Vec::kWidth <= geom.cg; c0 += Vec::kWidth)
+          acc = Vec::add(acc, Vec::load(px + c0));
+        if (c0 < geom.cg) acc = Vec::add(acc, Vec::load(px + c0, tail));
+        pixel_sums[grp * rows * geom.wp + q] = Vec::sum(acc);
+      }
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t grp = 0; grp < geom.groups; ++grp) {
+        const float* x_row = padded.data() + (r - r0) * geom.sh * row_floats + grp * geom.cg;
+        const float* sums = pixel_sums.data() + (grp * rows + (r - r0) * geom.sh) * geom.wp;
+        // Taps outermost: each pixel's chain of adds is its own, so they overlap.
+        std::fill(sx.begin(), sx.end(), 0.0f);
+        for (int64_t i = 0; i < geom.kh; ++i)
+          for (int64_t j = 0; j < geom.kw; ++j) {
+            const float* tap = sums + i * geom.dh * geom.wp + j * geom.dw;
+            for (int64_t p = 0; p < geom.wo; ++p) sx[p] += tap[p * geom.sw];
+          }
+        for (int64_t n0 = 0; n0 < geom.og; n0 += tile_n) {
+          const int64_t valid = std::min(tile_n, geom.og - n0);
+          const float* w = w_data + grp * k_size * geom.opad + n0;
+          const float* sf_ = sf + grp * geom.opad + n0;
+          for (int64_t c0 = 0, mr; c0 < geom.wo; c0 += mr) {
+            mr = geom.wo - c0 <= kMaxMR ? geom.wo - c0 : kMR;
+            const float* x = x_row + c0 * x_step;
+            float* y = y_data + ((b * geom.ho + r) * geom.wo + c0) * out_c + grp * geom.og + n0;
+            if (valid > Vec::kWidth)
+              ForwardTileAnyMR<2>(mr, x, x_step, offsets.data(), k_size, w, geom.opad,
+                                  sx.data() + c0, sf_, y, out_c, valid);
+            else
+              ForwardTileAnyMR<1>(mr, x, x_step, offsets.data(), k_size, w, geom.opad,
+                                  sx.data() + c0, sf_, y, out_c, valid);
+          }
+        }
+      }
+  };
+  ParallelFor(pool, batch * chunks, item);
+}
+
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> wt,
                        ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh,
                        int64_t sw, int64_t dh, int64_t dw, int64_t top, int64_t left,
@@ -278,7 +355,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
   const auto xd = xb.dimensions(), wd = wt.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 3 || yd.size() != 4)
     return ffi::Error::InvalidArgument("adderjax_adder_forward: bad ranks");
-  // Each row's patches read kh padded input rows of wp columns, copied per row.
+  // A row of patches spans wp padded input columns.
   const int64_t wp = (yd[2] - 1) * sw + (kw - 1) * dw + 1;
   ForwardGeometry geom{xd[1], xd[2], wp, xd[3], yd[1], yd[2], groups, xd[3] / groups,
                     yd[3] / groups, wd[2], kh, kw, sh, sw, dh, dw};
@@ -298,60 +375,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
     ForwardPixelLanes(pool, x_data, w_data, sf.data(), y_data, geom, batch, top, left);
     return ffi::Error::Success();
   }
-  std::vector<int64_t> offsets(k_size);
-  for (int64_t i = 0, k = 0; i < kh; ++i)
-    for (int64_t j = 0; j < kw; ++j)
-      for (int64_t c = 0; c < geom.cg; ++c, ++k) offsets[k] = (i * geom.wp + j * dw) * geom.c + c;
-  const int64_t x_step = sw * geom.c, out_c = groups * geom.og;
-  const int64_t tile_n = 2 * Vec::kWidth;
-  const auto tail = Vec::mask(geom.cg % Vec::kWidth == 0 ? Vec::kWidth : geom.cg % Vec::kWidth);
-  auto row = [&](int64_t item) {
-    const int64_t b = item / geom.ho, r = item % geom.ho;
-    std::vector<float> sx(geom.wo);
-    thread_local std::vector<float> rows;
-    rows.resize(kh * geom.wp * geom.c);
-    CopyPaddedRows(x_data + b * geom.h * geom.w * geom.c, geom.h, geom.w, geom.c, r * sh - top, dh,
-                   kh, left, geom.wp, rows.data());
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      const float* x_row = rows.data() + grp * geom.cg;
-      // SX: each patch's sum, taps in order, channels a vector at a time; kSumPixels pixels
-      // at once, so that their chains of adds overlap (each pixel's order is unchanged).
-      for (int64_t p0 = 0; p0 < geom.wo; p0 += kSumPixels) {
-        const int64_t n = std::min<int64_t>(kSumPixels, geom.wo - p0);
-        V acc[kSumPixels];
-        for (int q = 0; q < kSumPixels; ++q) acc[q] = Vec::zero();
-        for (int64_t i = 0; i < kh; ++i)
-          for (int64_t j = 0; j < kw; ++j) {
-            const float* px = x_row + (i * geom.wp + p0 * sw + j * dw) * geom.c;
-            int64_t c0 = 0;
-            for (; c0 + Vec::kWidth <= geom.cg; c0 += Vec::kWidth)
-              for (int q = 0; q < n; ++q)
-                acc[q] = Vec::add(acc[q], Vec::load(px + q * x_step + c0));
-            if (c0 < geom.cg)
-              for (int q = 0; q < n; ++q)
-                acc[q] = Vec::add(acc[q], Vec::load(px + q * x_step + c0, tail));
-          }
-        for (int q = 0; q < n; ++q) sx[p0 + q] = Vec::sum(acc[q]);
-      }
-      for (int64_t n0 = 0; n0 < geom.og; n0 += tile_n) {
-        const int64_t valid = std::min(tile_n, geom.og - n0);
-        const float* w = w_data + grp * k_size * geom.opad + n0;
-        const float* sf_ = sf.data() + grp * geom.opad + n0;
-        for (int64_t c0 = 0, mr; c0 < geom.wo; c0 += mr) {
-          mr = geom.wo - c0 <= kMaxMR ? geom.wo - c0 : kMR;
-          const float* x = x_row + c0 * sw * geom.c;
-          float* y_ = y_data + ((b * geom.ho + r) * geom.wo + c0) * out_c + grp * geom.og + n0;
-          if (valid > Vec::kWidth)
-            ForwardTileAnyMR<2>(mr, x, x_step, offsets.data(), k_size, w, geom.opad, sx.data() + c0,
-                                sf_, y_, out_c, valid);
-          else
-            ForwardTileAnyMR<1>(mr, x, x_step, offsets.data(), k_size, w, geom.opad, sx.data() + c0,
-                                sf_, y_, out_c, valid);
-        }
-      }
-    }
-  };
-  ParallelFor(pool, batch * geom.ho, row);
+  ForwardChannelLanes(pool, x_data, w_data, sf.data(), y_data, geom, batch, top, left);
   return ffi::Error::Success();
 }
 

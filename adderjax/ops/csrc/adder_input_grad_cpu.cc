@@ -239,10 +239,10 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     sg.resize(batch * ho * wg * groups);
     bounds = SumOutputChannels(pool, g_data, batch * ho, wg, groups, og, sg.data());
   }
-  auto row = [&](int64_t item) {
-    const int64_t b = item / h, r = item % h;
-    std::vector<InputGradTap> taps;
-    taps.reserve(kh * kw);
+  // An image (or, for small batches, a chunk of its rows) per item, its rows in order, so that
+  // the rows of G that neighbouring input rows share are read from the cache.
+  const int64_t chunks = ChunksToFill(pool, batch, 2, h);
+  auto row = [&](int64_t b, int64_t r, std::vector<InputGradTap>& taps) {
     for (int64_t px = 0; px < phases; ++px) {
       // Row r feeds output row (r + top - i dh) / sh through tap i where that is exact and an
       // output row.
@@ -283,7 +283,12 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       }
     }
   };
-  ParallelFor(pool, batch * h, row);
+  ParallelFor(pool, batch * chunks, [&](int64_t item) {
+    const int64_t b = item / chunks, chunk = item % chunks;
+    std::vector<InputGradTap> taps;
+    taps.reserve(kh * kw);
+    for (int64_t r = h * chunk / chunks; r < h * (chunk + 1) / chunks; ++r) row(b, r, taps);
+  });
   return ffi::Error::Success();
 }
 

@@ -4,8 +4,8 @@
 //   dW[i, j, c, o] = sum_{b, y, x} G[y, x, o] * (Xp[y sh + i dh, x sw + j dw, c] - F[i, j, c, o])
 // (Xp: the input with its zero padding), as sum G Xp (fused multiply-adds) less F sum G, summed
 // an image at a time. A tile is output channels (G broadcast) by (filter column, channel vector)
-// pairs, reduced over the pixels; the tiles (and, for small layers, chunks of the batch) are
-// shared out over XLA's intra-op threads.
+// pairs, reduced over the pixels; chunks of the batch (and, for small batches, blocks of the
+// tiles) are shared out over XLA's intra-op threads.
 //
 // Tile sizes: kWeightGradMR = 8 (AVX-512) or 4 (AVX2) output channels x 3 vectors of input
 // channels.
@@ -182,50 +182,57 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
     }
   const int64_t o_tiles = (og + kWeightGradMR - 1) / kWeightGradMR;
   const int64_t tiles = groups * o_tiles * int64_t(column_groups.size());
-  // Split the batch into chunks (summed in a fixed order at the end) only where the
-  // tiles alone cannot keep every thread busy.
-  const int64_t chunks = ChunksToFill(pool, tiles, 4, batch);
+  // The batch in chunks (summed in a fixed order at the end), each chunk's images one at a time
+  // through all the tiles, so that an image's input and cotangent are read from the cache by
+  // every tile; where the batch is too small to keep the threads busy, the tiles are shared out
+  // in blocks too.
+  const int64_t chunks = ChunksToFill(pool, 1, 2, batch);
+  const int64_t blocks = std::min(tiles, ChunksToFill(pool, chunks, 2, tiles));
   std::vector<float> partial((chunks - 1) * size);
   std::vector<float> sum_g(chunks * out_c, 0.0f);
   auto sums = [&](int64_t chunk) { return chunk == 0 ? out : partial.data() + (chunk - 1) * size; };
+  static constexpr decltype(&WeightGradTileAnyMR<1>) kTiles[kWeightGradNV] = {
+      WeightGradTileAnyMR<1>, WeightGradTileAnyMR<2>, WeightGradTileAnyMR<3>};
   auto item = [&](int64_t it) {
-    const int64_t chunk = it / tiles, t = it % tiles;
-    const int64_t grp = t / (o_tiles * column_groups.size());
-    const int64_t o0 = (t / column_groups.size()) % o_tiles * kWeightGradMR;
-    const WeightGradColumns& cols = column_groups[t % column_groups.size()];
-    const int mr = int(std::min<int64_t>(kWeightGradMR, og - o0));
-    float* s = sums(chunk) + (grp * kh * kw * og + o0) * cpad;
-    for (int64_t i = 0; i < kh; ++i)
-      for (int v = 0; v < cols.count; ++v)
-        for (int m = 0; m < mr; ++m)
-          std::fill_n(s + i * kw * og * cpad + cols.s_offset[v] + m * cpad, Vec::kWidth, 0.0f);
-    const bool first_columns = &cols == &column_groups[0];
-    static constexpr decltype(&WeightGradTileAnyMR<1>) kTiles[kWeightGradNV] = {
-        WeightGradTileAnyMR<1>, WeightGradTileAnyMR<2>, WeightGradTileAnyMR<3>};
-    const auto tile = kTiles[cols.count - 1];
+    const int64_t chunk = it / blocks, block = it % blocks;
+    const int64_t t0 = tiles * block / blocks, t1 = tiles * (block + 1) / blocks;
     const int64_t b0 = batch * chunk / chunks, b1 = batch * (chunk + 1) / chunks;
-    // Output columns whose reads all fall inside the input, for this tile's columns.
-    const auto [p0, p1] =
-        InsideRange(width, sw, left, cols.column[0], cols.column[cols.count - 1], wo);
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* g = g_data + b * ho * wo * out_c + grp * og + o0;
-      for (int64_t i = 0; i < kh; ++i) {
-        const auto [y0, y1] = InsideRange(h, sh, top, i * dh, i * dh, ho);
-        // Row y reads input row y * sh + i*dh - top; rows outside read zeros and add nothing.
-        const float* x = x_data + b * h * width * c + (i * dh - top) * width * c + grp * cg;
-        tile(mr, x, sh * width * c, width, c, sw, left, y0, y1, p0, p1, wo, g, wo * out_c, out_c,
-             cols, s + i * kw * og * cpad, cpad);
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t grp = t / (o_tiles * column_groups.size());
+        const int64_t o0 = (t / column_groups.size()) % o_tiles * kWeightGradMR;
+        const WeightGradColumns& cols = column_groups[t % column_groups.size()];
+        const int mr = int(std::min<int64_t>(kWeightGradMR, og - o0));
+        float* s = sums(chunk) + (grp * kh * kw * og + o0) * cpad;
+        if (b == b0)
+          for (int64_t i = 0; i < kh; ++i)
+            for (int v = 0; v < cols.count; ++v)
+              for (int m = 0; m < mr; ++m)
+                std::fill_n(s + i * kw * og * cpad + cols.s_offset[v] + m * cpad, Vec::kWidth,
+                            0.0f);
+        const auto tile = kTiles[cols.count - 1];
+        // Output columns whose reads all fall inside the input, for this tile's columns.
+        const auto [p0, p1] =
+            InsideRange(width, sw, left, cols.column[0], cols.column[cols.count - 1], wo);
+        const float* g = g_data + b * ho * wo * out_c + grp * og + o0;
+        for (int64_t i = 0; i < kh; ++i) {
+          const auto [y0, y1] = InsideRange(h, sh, top, i * dh, i * dh, ho);
+          // Row y reads input row y * sh + i*dh - top; rows outside read zeros and add nothing.
+          const float* x = x_data + b * h * width * c + (i * dh - top) * width * c + grp * cg;
+          tile(mr, x, sh * width * c, width, c, sw, left, y0, y1, p0, p1, wo, g, wo * out_c,
+               out_c, cols, s + i * kw * og * cpad, cpad);
+        }
+        if (&cols == &column_groups[0]) {  // This tile's share of sum G, an image at a time.
+          V acc = Vec::zero();
+          const auto mask = Vec::mask(mr);
+          for (int64_t p = 0; p < ho * wo; ++p)
+            acc = Vec::add(acc, Vec::load(g + p * out_c, mask));
+          float* sg = sum_g.data() + chunk * out_c + grp * og + o0;
+          Vec::store(sg, Vec::add(Vec::load(sg, mask), acc), mask);
+        }
       }
-      if (first_columns) {  // This tile's share of sum G, an image at a time.
-        V acc = Vec::zero();
-        const auto mask = Vec::mask(mr);
-        for (int64_t p = 0; p < ho * wo; ++p) acc = Vec::add(acc, Vec::load(g + p * out_c, mask));
-        float* sg = sum_g.data() + chunk * out_c + grp * og + o0;
-        Vec::store(sg, Vec::add(Vec::load(sg, mask), acc), mask);
-      }
-    }
   };
-  ParallelFor(pool, chunks * tiles, item);
+  ParallelFor(pool, chunks * blocks, item);
   // dW = sum G Xp - F sum G, the chunks added in order.
   for (int64_t chunk = 1; chunk < chunks; ++chunk) {
     const float* p = sums(chunk);
