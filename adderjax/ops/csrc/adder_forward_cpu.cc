@@ -54,6 +54,7 @@ namespace {
 // the remainder with it up to kMaxMR pixels (a tile of 2 pixels costs nearly a full one).
 constexpr int kMR = Vec::kRegisters == 32 ? 8 : 6;
 constexpr int kMaxMR = 8;
+constexpr int kSumPixels = 4;  // Input pixels whose channels are summed at once.
 
 struct ForwardGeometry {
   int64_t h, w, wp, c, ho, wo, groups, cg, og, opad, kh, kw, sh, sw, dh, dw;
@@ -286,13 +287,15 @@ void ForwardChannelLanes(ffi::ThreadPool& pool, const float* x_data, const float
     for (int64_t j = 0; j < geom.kw; ++j)
       for (int64_t c = 0; c < geom.cg; ++c, ++k)
         offsets[k] = i * geom.dh * row_floats + j * geom.dw * geom.c + c;
-  // Enough chunks to keep the threads busy, and few enough output rows per chunk that its
-  // copy (about kChunkFloats) stays in the core's second-level cache.
+  // Enough chunks to keep the threads busy (at batch 1 several per thread: a helper that
+  // starts late leaves the caller a chunk more, a large share of a layer that takes tens of
+  // microseconds), and few enough output rows per chunk that its copy (about kChunkFloats) stays
+  // in the core's second-level cache.
   constexpr int64_t kChunkFloats = 1 << 16;
   const int64_t rows_per_chunk =
       std::max<int64_t>(1, kChunkFloats / (row_floats * std::max<int64_t>(1, geom.sh)));
   const int64_t chunks =
-      std::max(ChunksToFill(pool, batch, 2, geom.ho),
+      std::max(ChunksToFill(pool, batch, 8, geom.ho),
                std::min(geom.ho, (geom.ho + rows_per_chunk - 1) / rows_per_chunk));
   const int64_t x_step = geom.sw * geom.c, tile_n = 2 * Vec::kWidth;
   const auto tail = Vec::mask(geom.cg % Vec::kWidth == 0 ? Vec::kWidth : geom.cg % Vec::kWidth);
@@ -306,15 +309,20 @@ void ForwardChannelLanes(ffi::ThreadPool& pool, const float* x_data, const float
     sx.resize(geom.wo);
     CopyPaddedRows(x_data + b * geom.h * geom.w * geom.c, geom.h, geom.w, geom.c,
                    r0 * geom.sh - top, 1, rows, left, geom.wp, padded.data());
-    for (int64_t q = 0; q < rows * geom.wp; ++q)
-      for (int64_t grp = 0; grp < geom.groups; ++grp) {
-        const float* px = padded.data() + q * geom.c + grp * geom.cg;
-        V acc = Vec::zero();
+    // kSumPixels pixels at once, so that their chains of adds overlap.
+    for (int64_t grp = 0; grp < geom.groups; ++grp)
+      for (int64_t q0 = 0; q0 < rows * geom.wp; q0 += kSumPixels) {
+        const int n = int(std::min<int64_t>(kSumPixels, rows * geom.wp - q0));
+        const float* px = padded.data() + q0 * geom.c + grp * geom.cg;
+        V acc[kSumPixels];
+        for (int q = 0; q < kSumPixels; ++q) acc[q] = Vec::zero();
         int64_t c0 = 0;
         for (; c0 + Vec::kWidth <= geom.cg; c0 += Vec::kWidth)
-          acc = Vec::add(acc, Vec::load(px + c0));
-        if (c0 < geom.cg) acc = Vec::add(acc, Vec::load(px + c0, tail));
-        pixel_sums[grp * rows * geom.wp + q] = Vec::sum(acc);
+          for (int q = 0; q < n; ++q) acc[q] = Vec::add(acc[q], Vec::load(px + q * geom.c + c0));
+        if (c0 < geom.cg)
+          for (int q = 0; q < n; ++q)
+            acc[q] = Vec::add(acc[q], Vec::load(px + q * geom.c + c0, tail));
+        for (int q = 0; q < n; ++q) pixel_sums[grp * rows * geom.wp + q0 + q] = Vec::sum(acc[q]);
       }
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t grp = 0; grp < geom.groups; ++grp) {
