@@ -119,6 +119,13 @@ class TestCpuNative(AdderConvTestBase):
                                     spec))
     np.testing.assert_allclose(batch, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
+  def test_an_empty_batch_gives_empty_outputs_and_a_zero_weight_gradient(self):
+    x = jnp.zeros((0, 6, 6, 16), jnp.float32)
+    w = jnp.ones((3, 3, 16, 16), jnp.float32)
+    y, (dx, dw) = jax.jit(jax.value_and_grad(lambda x, w: self.conv(x, w).sum(), (0, 1)))(x, w)
+    assert float(y) == 0.0 and dx.shape == x.shape
+    np.testing.assert_array_equal(dw, np.zeros(w.shape, np.float32))
+
   @pytest.mark.parametrize("batch, channels", [(1, 3), (3, 3), (64, 3), (1, 20), (2, 20)])
   def test_weight_grad_sums_the_batch_in_any_number_of_chunks(self, batch, channels):
     """The batch is split in chunks, and small batches share the tiles out in blocks too: every

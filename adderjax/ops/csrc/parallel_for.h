@@ -47,11 +47,12 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t total, const Fn& fn) {
 }
 
 // How many chunks to split each of `items` work items into so that there are about
-// `per_thread` items for each thread (the caller's included), between 1 and `most`.
+// `per_thread` items for each thread (the caller's included), between 1 and `most` (1 where
+// `most` is 0: an empty batch).
 inline int64_t ChunksToFill(xla::ffi::ThreadPool& pool, int64_t items, int64_t per_thread,
                             int64_t most) {
-  const int64_t wanted = per_thread * (pool.num_threads() + 1);
-  return std::clamp<int64_t>((wanted + items - 1) / items, 1, most);
+  const int64_t wanted = per_thread * (pool.num_threads() + 1), n = std::max<int64_t>(items, 1);
+  return std::clamp<int64_t>((wanted + n - 1) / n, 1, std::max<int64_t>(most, 1));
 }
 
 }  // namespace adderjax
