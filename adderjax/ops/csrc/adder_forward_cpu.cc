@@ -60,16 +60,16 @@ struct ForwardGeometry {
   int64_t h, w, wp, c, ho, wo, groups, cg, og, opad, kh, kw, sh, sw, dh, dw;
 };
 
-// Copies the input rows row0 + i*dh (i < rows) of image x (h, w, c) into rows
+// Copies the input rows row0 + i (i < rows) of image x (h, w, c) into rows
 // (rows, wp, c), column q holding input column q - left: zeros outside the
 // input, so the kernels read the zero padding without XLA writing it out.
-void CopyPaddedRows(const float* x, int64_t h, int64_t width, int64_t c, int64_t row0, int64_t dh,
+void CopyPaddedRows(const float* x, int64_t h, int64_t width, int64_t c, int64_t row0,
                     int64_t rows, int64_t left, int64_t wp, float* out) {
   const int64_t q0 = std::clamp<int64_t>(left, 0, wp);
   const int64_t q1 = std::clamp<int64_t>(left + width, q0, wp);
   for (int64_t i = 0; i < rows; ++i) {
     float* o = out + i * wp * c;
-    const int64_t r = row0 + i * dh;
+    const int64_t r = row0 + i;
     if (r < 0 || r >= h) {
       std::fill_n(o, wp * c, 0.0f);
       continue;
@@ -308,7 +308,7 @@ void ForwardChannelLanes(ffi::ThreadPool& pool, const float* x_data, const float
     pixel_sums.resize(geom.groups * rows * geom.wp);
     sx.resize(geom.wo);
     CopyPaddedRows(x_data + b * geom.h * geom.w * geom.c, geom.h, geom.w, geom.c,
-                   r0 * geom.sh - top, 1, rows, left, geom.wp, padded.data());
+                   r0 * geom.sh - top, rows, left, geom.wp, padded.data());
     // kSumPixels pixels at once, so that their chains of adds overlap.
     for (int64_t grp = 0; grp < geom.groups; ++grp)
       for (int64_t q0 = 0; q0 < rows * geom.wp; q0 += kSumPixels) {

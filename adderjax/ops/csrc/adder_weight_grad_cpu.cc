@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -191,43 +192,59 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
   std::vector<float> partial((chunks - 1) * size);
   std::vector<float> sum_g(chunks * out_c, 0.0f);
   auto sums = [&](int64_t chunk) { return chunk == 0 ? out : partial.data() + (chunk - 1) * size; };
+  // Each tile's output channels, columns and sums, worked out once.
+  struct Tile {
+    int64_t grp, o0;
+    int mr;
+    const WeightGradColumns* cols;
+    int64_t p0, p1;  // Output columns whose reads all fall inside the input, for its columns.
+    int64_t s_offset;
+  };
+  std::vector<Tile> tile_list(tiles);
+  for (int64_t t = 0; t < tiles; ++t) {
+    Tile& tile = tile_list[t];
+    tile.grp = t / (o_tiles * column_groups.size());
+    tile.o0 = (t / column_groups.size()) % o_tiles * kWeightGradMR;
+    tile.mr = int(std::min<int64_t>(kWeightGradMR, og - tile.o0));
+    tile.cols = &column_groups[t % column_groups.size()];
+    std::tie(tile.p0, tile.p1) = InsideRange(width, sw, left, tile.cols->column[0],
+                                             tile.cols->column[tile.cols->count - 1], wo);
+    tile.s_offset = (tile.grp * kh * kw * og + tile.o0) * cpad;
+  }
   static constexpr decltype(&WeightGradTileAnyMR<1>) kTiles[kWeightGradNV] = {
       WeightGradTileAnyMR<1>, WeightGradTileAnyMR<2>, WeightGradTileAnyMR<3>};
   auto item = [&](int64_t it) {
     const int64_t chunk = it / blocks, block = it % blocks;
     const int64_t t0 = tiles * block / blocks, t1 = tiles * (block + 1) / blocks;
     const int64_t b0 = batch * chunk / chunks, b1 = batch * (chunk + 1) / chunks;
+    for (int64_t t = t0; t < t1; ++t) {
+      const Tile& tile = tile_list[t];
+      float* s = sums(chunk) + tile.s_offset;
+      for (int64_t i = 0; i < kh; ++i)
+        for (int v = 0; v < tile.cols->count; ++v)
+          for (int m = 0; m < tile.mr; ++m)
+            std::fill_n(s + i * kw * og * cpad + tile.cols->s_offset[v] + m * cpad, Vec::kWidth,
+                        0.0f);
+    }
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t grp = t / (o_tiles * column_groups.size());
-        const int64_t o0 = (t / column_groups.size()) % o_tiles * kWeightGradMR;
-        const WeightGradColumns& cols = column_groups[t % column_groups.size()];
-        const int mr = int(std::min<int64_t>(kWeightGradMR, og - o0));
-        float* s = sums(chunk) + (grp * kh * kw * og + o0) * cpad;
-        if (b == b0)
-          for (int64_t i = 0; i < kh; ++i)
-            for (int v = 0; v < cols.count; ++v)
-              for (int m = 0; m < mr; ++m)
-                std::fill_n(s + i * kw * og * cpad + cols.s_offset[v] + m * cpad, Vec::kWidth,
-                            0.0f);
-        const auto tile = kTiles[cols.count - 1];
-        // Output columns whose reads all fall inside the input, for this tile's columns.
-        const auto [p0, p1] =
-            InsideRange(width, sw, left, cols.column[0], cols.column[cols.count - 1], wo);
-        const float* g = g_data + b * ho * wo * out_c + grp * og + o0;
+        const Tile& tile = tile_list[t];
+        float* s = sums(chunk) + tile.s_offset;
+        const float* g = g_data + b * ho * wo * out_c + tile.grp * og + tile.o0;
         for (int64_t i = 0; i < kh; ++i) {
           const auto [y0, y1] = InsideRange(h, sh, top, i * dh, i * dh, ho);
           // Row y reads input row y * sh + i*dh - top; rows outside read zeros and add nothing.
-          const float* x = x_data + b * h * width * c + (i * dh - top) * width * c + grp * cg;
-          tile(mr, x, sh * width * c, width, c, sw, left, y0, y1, p0, p1, wo, g, wo * out_c,
-               out_c, cols, s + i * kw * og * cpad, cpad);
+          const float* x = x_data + b * h * width * c + (i * dh - top) * width * c + tile.grp * cg;
+          kTiles[tile.cols->count - 1](tile.mr, x, sh * width * c, width, c, sw, left, y0, y1,
+                                       tile.p0, tile.p1, wo, g, wo * out_c, out_c, *tile.cols,
+                                       s + i * kw * og * cpad, cpad);
         }
-        if (&cols == &column_groups[0]) {  // This tile's share of sum G, an image at a time.
+        if (tile.cols == &column_groups[0]) {  // This tile's share of sum G, an image at a time.
           V acc = Vec::zero();
-          const auto mask = Vec::mask(mr);
+          const auto mask = Vec::mask(tile.mr);
           for (int64_t p = 0; p < ho * wo; ++p)
             acc = Vec::add(acc, Vec::load(g + p * out_c, mask));
-          float* sg = sum_g.data() + chunk * out_c + grp * og + o0;
+          float* sg = sum_g.data() + chunk * out_c + tile.grp * og + tile.o0;
           Vec::store(sg, Vec::add(Vec::load(sg, mask), acc), mask);
         }
       }
