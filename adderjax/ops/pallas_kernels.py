@@ -247,8 +247,30 @@ def input_grad(x: jax.Array, w: jax.Array, g: jax.Array, *, spec: ConvSpec,
         dx = dx.reshape(b, row.count, col.count, spec.groups, padded_channels)
         dx = dx[..., :cg].reshape(b, row.count, col.count, c)
       if (sh, sw) == (1, 1):
-        return dx
+        return _nan_where_a_term_is_nan(dx, x, w, spec.groups)
       cols.append(jnp.pad(dx, ((0, 0), (0, hc - row.count), (0, wc - col.count), (0, 0))))
     rows.append(jnp.stack(cols, axis=3))                      # (B, Hc, Wc, sw, C)
   dx = jnp.stack(rows, axis=2).reshape(b, hc * sh, wc * sw, c)  # (B, Hc, sh, Wc, sw, C)
-  return dx[:, :h, :wd]
+  return _nan_where_a_term_is_nan(dx[:, :h, :wd], x, w, spec.groups)
+
+
+def _nan_where_a_term_is_nan(dx: jax.Array, x: jax.Array, w: jax.Array,
+                             groups: int) -> jax.Array:
+  """``dx`` with NaN where a term ``HardTanh(F - X)`` is NaN, as the XLA loops give.
+
+  Compiled for a GPU, the kernel's saturation drops NaNs: PTX's ``min`` and
+  ``max`` return the number of a (NaN, number) pair, and ``fma.rn.sat`` makes
+  a NaN 0. So a NaN in ``X``, a NaN filter, or an infinite ``X`` meeting a
+  filter of the same infinity (``inf - inf``) is put back here: at that pixel
+  and channel, and for a non-finite filter over its whole input channel (the
+  XLA loops spread a NaN filter there too, through the zero cotangents).
+  """
+  kh, kw, cg, o = w.shape
+
+  def any_per_channel(mask):  # (kh, kw, Cg, O) -> (C,), channel = group * Cg + c
+    return jnp.any(mask.reshape(kh * kw, cg, groups, o // groups), axis=(0, 3)).T.reshape(-1)
+
+  nan = (jnp.isnan(x) | any_per_channel(jnp.isnan(w))
+         | ((x == jnp.inf) & any_per_channel(w == jnp.inf))
+         | ((x == -jnp.inf) & any_per_channel(w == -jnp.inf)))
+  return jnp.where(nan, jnp.nan, dx)

@@ -17,9 +17,14 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from adderjax.ops import adder_conv, pallas_gpu, reference, window_geometry
+from adderjax.ops import adder_conv, pallas_gpu, pallas_kernels, reference, window_geometry
 from adderjax.ops.spec import conv_spec
-from tests.ops.test_adder_conv import HAND_PICKED, AdderConvTestBase, _case_id
+from tests.ops.test_adder_conv import (
+    HAND_PICKED,
+    AdderConvTestBase,
+    _case_id,
+    assert_like_the_xla_loops,
+)
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -110,6 +115,34 @@ def test_kernel_options_give_the_same_result(options, kernels):
     np.testing.assert_allclose(implementation.input_grad(x, w, g, spec, "full_precision"),
                                reference.input_grad(x, w, g, spec, "full_precision"),
                                rtol=1e-5, atol=1e-5)
+
+
+def _gpu_saturate(v_scale, v_offset, fused):
+  """The saturation as compiled for a GPU: ``fma.rn.sat.f32`` and PTX's min/max make NaN 0."""
+  del fused
+  v = 0.5 * v_scale + v_offset
+  return jnp.where(jnp.isnan(v), 0, jnp.clip(v, 0, 1))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=str)
+def test_input_gradient_keeps_the_nans_that_a_gpus_saturation_drops(monkeypatch, value):
+  # The interpreter's jnp.minimum/maximum carry NaN, a GPU's do not (the H200 run of
+  # TestPallasGpu failed here): the kernel runs interpreted with a GPU's saturation. Its
+  # options are this test's alone, so that no earlier trace of the kernel is reused.
+  monkeypatch.setattr(pallas_kernels, "_saturate", _gpu_saturate)
+  implementation = pallas_gpu.PallasAdderConv(interpret=True, num_stages=5)
+  if np.isnan(value):
+    assert_like_the_xla_loops(implementation, value)  # NaN in x, then in w
+  # inf - inf: an infinite pixel meets a filter of the same infinity.
+  rng = np.random.default_rng(1)
+  x, w = rng.normal(size=(1, 5, 5, 3)).astype(np.float32), rng.normal(size=(3, 3, 3, 4))
+  x[0, 2, 2, 1], w = value, w.astype(np.float32)
+  w[0, 0, 1, 2] = value
+  layer = lambda impl: jax.vjp(lambda x: adder_conv(x, w, implementation=impl), x)[1]
+  g = jnp.ones((1, 5, 5, 4), jnp.float32)
+  got, want = layer(implementation)(g)[0], layer("xla")(g)[0]
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, match", [
