@@ -47,8 +47,9 @@ struct InputGradTap {
 
 // One tile of the input gradient: MR pixels x NV vectors of input channels, summed over the
 // taps the tile's pixels feed through (the same for all of them; pixel m's output is
-// g_step further along G than pixel m-1's).
-template <int MR, int NV>
+// g_step further along G than pixel m-1's). kNotNan: no F - X can be NaN (finite filters and
+// inputs), so the clip may take Vec::clip_unit_not_nan.
+template <int MR, int NV, bool kNotNan>
 ADDERJAX_TILE void InputGradTile(const float* x, int64_t x_step, int64_t valid, const float* g,
                                  int64_t g_step, const float* w, int64_t w_row,
                                  const InputGradTap* taps, int64_t n_taps, int64_t og,
@@ -72,7 +73,11 @@ ADDERJAX_TILE void InputGradTile(const float* x, int64_t x_step, int64_t valid, 
       for (int m = 0; m < MR; ++m) {
         const V gv = Vec::set1(gs[m * g_step + o]);
         for (int v = 0; v < NV; ++v) {
-          const V d = Vec::clip_unit(Vec::difference(wv[v], xv[m][v], one), hi);
+          V d = Vec::difference(wv[v], xv[m][v], one);
+          if constexpr (kNotNan)
+            d = Vec::clip_unit_not_nan(d, hi);
+          else
+            d = Vec::clip_unit(d, hi);
           acc[m][v] = Vec::fmadd(gv, d, acc[m][v]);
         }
       }
@@ -153,11 +158,22 @@ constexpr int kInputGradMR = NV == 1 ? 8 : 6;
 template <int NV>
 constexpr int kInputGradBoundsMR = NV == 1 ? 4 : 2;
 
+// Whether the mr x NV vectors of a tile's inputs (valid channels) are all finite.
 template <int NV>
-void InputGradTileAnyMR(int mr, bool bounds, const float* x, int64_t x_step, int64_t valid,
-                        const float* g, int64_t g_step, const float* sg, int64_t sg_step,
-                        const float* w, int64_t w_row, const InputGradTap* taps, int64_t n_taps,
-                        int64_t og, float* dx) {
+bool InputsAreFinite(int mr, const float* x, int64_t x_step, int64_t valid) {
+  V bits = Vec::zero();
+  for (int m = 0; m < mr; ++m)
+    for (int v = 0; v < NV; ++v)
+      bits = Vec::or_nonfinite(
+          bits, Vec::load(x + m * x_step + v * Vec::kWidth, Vec::mask(valid - v * Vec::kWidth)));
+  return !Vec::any_bits(bits);
+}
+
+template <int NV>
+void InputGradTileAnyMR(int mr, bool bounds, bool filters_finite, const float* x,
+                        int64_t x_step, int64_t valid, const float* g, int64_t g_step,
+                        const float* sg, int64_t sg_step, const float* w, int64_t w_row,
+                        const InputGradTap* taps, int64_t n_taps, int64_t og, float* dx) {
   if constexpr (kClipByBounds) {
     bool done = false;
     if (bounds)
@@ -170,7 +186,14 @@ void InputGradTileAnyMR(int mr, bool bounds, const float* x, int64_t x_step, int
   }
   WithTileRows<kInputGradMR<NV>>(mr, [&](auto rows) {
     constexpr int R = decltype(rows)::value;
-    InputGradTile<R, NV>(x, x_step, valid, g, g_step, w, w_row, taps, n_taps, og, dx);
+    if constexpr (Vec::kClipDropsNan) {
+      // Checked per tile: a NaN or infinite input costs only its own tiles the faster clip.
+      if (filters_finite && InputsAreFinite<NV>(mr, x, x_step, valid)) {
+        InputGradTile<R, NV, true>(x, x_step, valid, g, g_step, w, w_row, taps, n_taps, og, dx);
+        return;
+      }
+    }
+    InputGradTile<R, NV, false>(x, x_step, valid, g, g_step, w, w_row, taps, n_taps, og, dx);
   });
 }
 
@@ -233,6 +256,11 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* g_data = gp.typed_data();
   const float* w_data = wt.typed_data();
   float* dx_data = dx->typed_data();
+  // Where the build's fast clip drops NaNs: whether every filter is finite, so that only a tile's
+  // own non-finite inputs can make an F - X NaN (NaN - x, or inf - inf).
+  const bool filters_finite =
+      Vec::kClipDropsNan && std::all_of(w_data, w_data + groups * kh * kw * og * cpad,
+                                         [](float v) { return std::isfinite(v); });
   std::vector<float> sg;
   bool bounds = false;
   if constexpr (kClipByBounds) {
@@ -272,11 +300,13 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
             const float* gs = g_data + n0 * out_c + grp * og;
             const float* ss = sg.data() + n0 * groups + grp;
             if (two)
-              InputGradTileAnyMR<2>(mr, bounds, x_data + at, sw * c, valid, gs, out_c, ss, groups,
-                                    wgrp, cpad, taps.data(), n_taps, og, dx_data + at);
+              InputGradTileAnyMR<2>(mr, bounds, filters_finite, x_data + at, sw * c, valid, gs,
+                                    out_c, ss, groups, wgrp, cpad, taps.data(), n_taps, og,
+                                    dx_data + at);
             else
-              InputGradTileAnyMR<1>(mr, bounds, x_data + at, sw * c, valid, gs, out_c, ss, groups,
-                                    wgrp, cpad, taps.data(), n_taps, og, dx_data + at);
+              InputGradTileAnyMR<1>(mr, bounds, filters_finite, x_data + at, sw * c, valid, gs,
+                                    out_c, ss, groups, wgrp, cpad, taps.data(), n_taps, og,
+                                    dx_data + at);
           }
           c0 += tile_c;
         }

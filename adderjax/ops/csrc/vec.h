@@ -42,16 +42,20 @@ struct Vec {
   }
   static T max(T a, T b) { return _mm512_max_ps(a, b); }
   static T min(T a, T b) { return _mm512_min_ps(a, b); }
-  // clip(a, -1, 1) with `one` = set1(1), NaN for a NaN as XLA's clamp gives: the smaller
-  // magnitude of a and 1, a's sign (AVX-512 DQ's vrangeps: one instruction where
-  // min(max(a, -1), 1) takes two; it returns a NaN first operand). vmaxps and vminps return
-  // their second operand where either is NaN, so a goes second.
-#if defined(__AVX512DQ__)
-  static T clip_unit(T a, T one) { return _mm512_range_ps(a, one, 0b0010); }
-#else
+  // clip(a, -1, 1) with `one` = set1(1), NaN for a NaN as XLA's clamp gives: vmaxps and
+  // vminps return their second operand where either is NaN, so a goes second.
   static T clip_unit(T a, T one) {
     return _mm512_min_ps(one, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), one), a));
   }
+  // The same for an `a` that is not NaN, in one instruction where AVX-512 DQ has it (vrangeps:
+  // the smaller magnitude of a and 1, a's sign). A NaN `a` gives +-1 (seen on Sapphire Rapids),
+  // so the callers check first (kClipDropsNan).
+#if defined(__AVX512DQ__)
+  static constexpr bool kClipDropsNan = true;
+  static T clip_unit_not_nan(T a, T one) { return _mm512_range_ps(a, one, 0b0010); }
+#else
+  static constexpr bool kClipDropsNan = false;
+  static T clip_unit_not_nan(T a, T one) { return clip_unit(a, one); }
 #endif
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
@@ -107,6 +111,8 @@ struct Vec {
   static T clip_unit(T a, T one) {
     return _mm256_min_ps(one, _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), one), a));
   }
+  static constexpr bool kClipDropsNan = false;
+  static T clip_unit_not_nan(T a, T one) { return clip_unit(a, one); }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
   static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
   // The inner loops' adds and subtracts as multiply-adds by one (see the top of this file).
