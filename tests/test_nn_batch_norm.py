@@ -173,7 +173,9 @@ def test_use_running_average_false_overrides_eval_mode():
 
 def _assert_falls_back(fused_bn, plain_bn, y, r, reason):
   got_reason = _fused_unsupported_reason(fused_bn, y)
-  assert isinstance(got_reason, str) and reason in got_reason
+  # Off the CPU, the backend is the reason where the layer itself would fit.
+  off_cpu = jax.default_backend() != "cpu" and "CPU backend" in str(got_reason)
+  assert isinstance(got_reason, str) and (reason in got_reason or off_cpu)
   got, want = both_paths(fused_bn, plain_bn, y, r)
   assert got.dtype == want.dtype
   np.testing.assert_array_equal(got, want)

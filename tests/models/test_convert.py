@@ -55,7 +55,10 @@ def _state():
 
 
 def _logits(model, x):
-  return np.asarray(nnx.jit(lambda model, x: model(x))(model, x))
+  # Float32 as the official code runs it: on a GPU, JAX's default precision would run the
+  # stem and classifier in TF32 (ResNet-20's logits 3.0e-4 from float64 on an H200, not 4e-5).
+  with jax.default_matmul_precision("highest"):
+    return np.asarray(nnx.jit(lambda model, x: model(x))(model, x))
 
 
 def _differences(logits, official):
@@ -103,8 +106,12 @@ def test_resnet50_round_trip_matches_the_official_code():
   logits = _logits(model, images)
   _, relative64 = _differences(logits, recorded["logits_float64"])
   _, relative32 = _differences(logits, recorded["logits_float32"])
-  assert relative64 < 3e-3, relative64  # measured 8e-4
-  assert relative32 < 5e-3, relative32  # measured 1.4e-3
+  # This random-weight ResNet-50 is ill-conditioned: the official float32 logits are 1.1e-3
+  # from float64, and scaling the images by 1 + 1e-7 moved the XLA loops' logits by up to
+  # 1.9e-3. Float32 rounding alone, in another order, gave 6e-4 to 6.2e-3 with the native
+  # kernels (AVX2 and AVX-512 builds, jit or not); a conversion error would be of order 1.
+  assert relative64 < 2e-2, relative64
+  assert relative32 < 2e-2, relative32
   np.testing.assert_array_equal(logits.argmax(1), recorded["logits_float64"].argmax(1))
 
 

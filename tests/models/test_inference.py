@@ -12,6 +12,7 @@ from adderjax import models
 
 
 @pytest.mark.parametrize("name, kind", [("lenet5_bn", "adder"), ("resnet20", "conv")])
+@jax.default_matmul_precision("highest")  # not TF32 on a GPU: a batch of 1 rounds otherwise
 def test_matches_the_model_in_eval_mode(name, kind):
   model = models.get(name, kind=kind, rngs=nnx.Rngs(0))
   model.train()

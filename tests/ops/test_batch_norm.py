@@ -380,6 +380,7 @@ def test_unknown_implementation_is_named():
     batch_norm_act(y, jnp.ones(5), jnp.zeros(5), implementation="bogus")
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's message")
 def test_cpu_with_float64_says_float32():
   with jax.enable_x64(True):
     y = jnp.zeros((4, 5), jnp.float64)
