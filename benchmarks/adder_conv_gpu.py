@@ -380,6 +380,8 @@ def main() -> None:
                       help="adder_conv implementation to measure (default: pallas)")
   parser.add_argument("--nets", "--shapes", dest="nets", nargs="+", choices=sorted(SHAPES),
                       default=["resnet20", "resnet18", "vgg_small"])
+  parser.add_argument("--layers", nargs="+", metavar="NAME",
+                      help="only these layers of --nets (e.g. res18.layer4)")
   parser.add_argument("--batch", type=int, help="override the layers' batch size")
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--no-xla", action="store_true", help="skip the XLA fallback")
@@ -400,6 +402,12 @@ def main() -> None:
     print("# WARNING: no GPU backend; these numbers say nothing about the GPU kernels.",
           flush=True)
   layers = [layer for net in args.nets for layer in SHAPES[net]]
+  if args.layers:
+    unknown = sorted(set(args.layers) - {layer[0] for layer in layers})
+    if unknown:
+      parser.error(f"--layers {unknown} are not layers of --nets {args.nets}; they have "
+                   f"{[layer[0] for layer in layers]}")
+    layers = [layer for layer in layers if layer[0] in args.layers]
   if args.batch:
     layers = [(n, args.batch, *rest) for n, _, *rest in layers]
   out = {"meta": meta}
