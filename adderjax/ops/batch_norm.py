@@ -159,18 +159,22 @@ def _native_forward(y, scale, bias, residual, epsilon, relu, with_residual):
                          (jax.ShapeDtypeStruct(y.shape, jnp.float32), channels, channels),
                          y, scale, bias, residual if with_residual else _empty(),
                          epsilon=epsilon, relu=relu)
-  return (out, mean, var), (y, out, scale, mean, var)
+  # The backward finds the ReLU's mask in the output, or, without a residual, computes it again
+  # from y (one pass less over an activation, and the output need not be kept).
+  mask_source = out if relu and with_residual else _empty()
+  return (out, mean, var), (y, mask_source, scale, bias, mean, var)
 
 
 def _native_backward(epsilon, relu, with_residual, saved, cotangents):
-  y, out, scale, mean, var = saved
+  y, mask_source, scale, bias, mean, var = saved
   d_out = cotangents[0]  # mean and var leave without gradient (batch_norm_act's stop_gradient)
   channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
   d_residual = jax.ShapeDtypeStruct(y.shape if with_residual else (0,), jnp.float32)
   dy, dscale, dbias, dr = _call(native_build.BATCH_NORM_GRAD_TARGET,
                                 (jax.ShapeDtypeStruct(y.shape, jnp.float32), channels, channels,
                                  d_residual),
-                                d_out, y, out, scale, mean, var, epsilon=epsilon, relu=relu)
+                                d_out, y, mask_source, scale, bias, mean, var, epsilon=epsilon,
+                                relu=relu)
   return dy, dscale, dbias, (dr if with_residual else None)
 
 

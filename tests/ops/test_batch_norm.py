@@ -172,6 +172,36 @@ def test_native_gradients_against_xla_and_the_oracle(shape, offset, with_residua
 
 
 @native
+def test_the_relu_mask_computed_again_from_y_is_the_outputs():
+  # Without a residual the backward computes z again from y instead of reading the output; a
+  # zero residual makes it read the output. Both must give the same gradients bit for bit, also
+  # where z is 0 up to rounding: y = 3 with the bias -3 * mul, where z is the fma's residue
+  # (a product rounded before the add would give 0 there).
+  rng = np.random.default_rng(4)
+  half = rng.integers(-3, 4, size=(32, 4, 4, 8)).astype(np.float32)
+  y = np.concatenate([half, -half])  # mean exactly 0
+  scale = rng.uniform(0.5, 2.0, size=8).astype(np.float32)
+  _, _, var = batch_norm_act(y, scale, np.zeros(8, np.float32), implementation="cpu")
+  mul = scale / np.sqrt(np.asarray(var) + np.float32(EPS))  # float32, as the kernels
+  bias = -(np.float32(3) * mul)
+  da = rng.normal(size=y.shape).astype(np.float32)
+
+  def output_and_grads(residual):
+    fn = lambda y, scale, bias: batch_norm_act(y, scale, bias, residual, implementation="cpu")[0]
+    out, vjp = jax.vjp(fn, y, scale, bias)
+    return out, *vjp(da)
+
+  got, want = output_and_grads(None), output_and_grads(np.zeros_like(y))
+  for name, a, b in zip(("out", "dy", "dscale", "dbias"), got, want):
+    np.testing.assert_array_equal(a, b, err_msg=name)
+  out = np.asarray(got[0])
+  residues = [np.unique(out[..., k][y[..., k] == 3]) for k in range(y.shape[-1])]
+  # Both cases occur: a positive residue (about 3e-8, passed through) and none (masked).
+  assert any(r.size == 1 and 0 < r[0] < 1e-6 for r in residues), residues
+  assert any(r.size == 1 and r[0] == 0 for r in residues), residues
+
+
+@native
 def test_mean_and_var_carry_no_gradient():
   y, scale, bias, _ = operands((40, 5), seed=3, residual=False)
 
