@@ -52,7 +52,6 @@ import functools
 import warnings
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -137,21 +136,16 @@ def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
 def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
                               spec: ConvSpec) -> jax.Array:
   """The native ``sum g * HardTanh(F - Xpad)``, any stride: ``(B, H, W, C)`` (float32)."""
-  wd = x.shape[2]
   kh, kw, cg, _ = w.shape
   (sh, sw), (dh, dw), ((top, _), (left, _)) = spec.strides, spec.dilation, spec.padding
-  wo = g.shape[2]
-  # Input column x feeds output column (x + left - j*dw) / sw, which lies in
-  # [-g_left, columns): g gets g_left zero columns before and is padded (or
-  # cropped) to `columns` after, so each column the kernel reads exists.
+  # Input column x (of W) feeds output column (x + left - j*dw) / sw, which lies in
+  # [-g_left, (W - 1 + left) // sw]: the kernel reads g's rows with g_left zero columns
+  # before and zeros after (a copy per image, in its cache, not an XLA pad).
   g_left = max(0, -((left - (kw - 1) * dw) // sw))
-  columns = (wd - 1 + left) // sw + 1
-  gp = lax.pad(g, jnp.zeros((), g.dtype),
-               ((0, 0, 0), (0, 0, 0), (g_left, columns - wo, 0), (0, 0, 0)))
   wt = _filters_by_output_channel(w, spec.groups, _round_up(cg, _vector_width()))
   call = jax.ffi.ffi_call(native_build.INPUT_GRAD_TARGET,
                           jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
-  return call(x, gp, wt, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
+  return call(x, g, wt, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
               top=np.int64(top), left=np.int64(left), g_left=np.int64(g_left),
               groups=np.int64(spec.groups))
 

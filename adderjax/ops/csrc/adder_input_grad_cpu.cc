@@ -6,18 +6,18 @@
 // over the taps where both divisions are exact and (oy, ox) is an output. A row y keeps the taps
 // i whose oy is one; its pixels are split into sw column phases x = px + sw n, which share the
 // taps j and read consecutive columns of G, so a tile of a phase is a GEMM-like tile over its
-// list of taps, its input values held in registers. G's columns are padded by the caller so that
-// every column a phase reads exists (zeros outside). At stride 1 there is one phase with every
-// tap j. With AVX2 a tile whose inputs are all small sums clip(F, X - 1, X + 1) - X instead
+// list of taps, its input values held in registers. The rows of G an item reads are copied into
+// a buffer with g_left zero columns before and zeros after, so that every column a phase reads
+// exists. At stride 1 there is one phase with every tap j. With AVX2 a tile whose inputs are all small sums clip(F, X - 1, X + 1) - X instead
 // (InputGradBoundsTile).
 //
 // Tile sizes: kInputGradMR = 8 pixels x 1 vector, or 6 x 2 vectors, of input channels; with
 // AVX2 the bounds tiles, kInputGradBoundsMR = 4 x 1 or 2 x 2.
 //
 // Layout (prepared by adderjax/ops/cpu_native.py): x (B, H, W, C);
-// gp (B, Ho, g_left + (W - 1 + left) / sw + 1, G*Og), G with g_left zero columns before its
-// first (cropped or padded with zeros after its last); wt (G, kh, kw, Og, Cpad), Cpad a multiple
-// of the vector width (zero columns); dx (B, H, W, C).
+// g (B, Ho, Wo, G*Og), read as wg = g_left + (W - 1 + left) / sw + 1 columns, g_left zero
+// columns before its first (cropped or padded with zeros after its last); wt (G, kh, kw, Og,
+// Cpad), Cpad a multiple of the vector width (zero columns); dx (B, H, W, C).
 
 #include <algorithm>
 #include <atomic>
@@ -197,48 +197,66 @@ void InputGradTileAnyMR(int mr, bool bounds, bool filters_finite, const float* x
   });
 }
 
-// SG for the bounds tiles: G (b, rows, wg, groups * og) summed over each group's channels, in
-// order, a vector at a time. Returns false where a sum is not finite (an infinite or NaN
-// cotangent, or an overflow), and the caller then takes the direct tiles for the whole call.
-bool SumOutputChannels(ffi::ThreadPool& pool, const float* g, int64_t rows, int64_t wg,
-                       int64_t groups, int64_t og, float* sg) {
+// SG for the bounds tiles: G (rows, wo, groups * og) summed over each group's channels, in
+// order, a vector at a time, into (rows, wg, groups) with G's columns at g_left + p (zeros in
+// the other columns). Returns false where a sum is not finite (an infinite or NaN cotangent, or
+// an overflow), and the caller then takes the direct tiles for the whole call.
+bool SumOutputChannels(ffi::ThreadPool& pool, const float* g, int64_t rows, int64_t wo,
+                       int64_t wg, int64_t g_left, int64_t groups, int64_t og, float* sg) {
   std::atomic<bool> finite{true};
   const auto tail = Vec::mask(og % Vec::kWidth);
+  const int64_t columns = std::min(wo, wg - g_left);
   ParallelFor(pool, rows, [&](int64_t r) {
-    const float* gr = g + r * wg * groups * og;
+    const float* gr = g + r * wo * groups * og;
     float* sr = sg + r * wg * groups;
+    std::fill_n(sr, wg * groups, 0.0f);
     bool ok = true;
-    for (int64_t p = 0; p < wg * groups; ++p) {
+    for (int64_t p = 0; p < columns * groups; ++p) {
       V acc = Vec::zero();
       int64_t o = 0;
       for (; o + Vec::kWidth <= og; o += Vec::kWidth)
         acc = Vec::add(acc, Vec::load(gr + p * og + o));
       if (o < og) acc = Vec::add(acc, Vec::load(gr + p * og + o, tail));
-      sr[p] = Vec::sum(acc);
-      ok &= std::isfinite(sr[p]);
+      const float sum = Vec::sum(acc);
+      sr[g_left * groups + p] = sum;
+      ok &= std::isfinite(sum);
     }
     if (!ok) finite.store(false);
   });
   return finite.load();
 }
 
+// Copies rows [row0, row0 + rows) of one image's G (ho, wo, c) into (rows, wg, c) with G's
+// columns at g_left + p and zeros elsewhere (columns past wg cropped).
+void CopyPaddedGRows(const float* g, int64_t wo, int64_t c, int64_t row0, int64_t rows,
+                     int64_t wg, int64_t g_left, float* out) {
+  const int64_t columns = std::min(wo, wg - g_left);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* o = out + i * wg * c;
+    std::fill_n(o, g_left * c, 0.0f);
+    std::copy_n(g + (row0 + i) * wo * c, columns * c, o + g_left * c);
+    std::fill_n(o + (g_left + columns) * c, (wg - g_left - columns) * c, 0.0f);
+  }
+}
+
 ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                         ffi::Buffer<ffi::F32> gp, ffi::Buffer<ffi::F32> wt,
+                         ffi::Buffer<ffi::F32> gb, ffi::Buffer<ffi::F32> wt,
                          ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t dh,
                          int64_t dw, int64_t top, int64_t left, int64_t g_left,
                          int64_t groups) {
-  const auto xd = x.dimensions(), gd = gp.dimensions(), wd = wt.dimensions();
+  const auto xd = x.dimensions(), gd = gb.dimensions(), wd = wt.dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 5)
     return ffi::Error::InvalidArgument("adderjax_adder_input_grad: bad ranks");
   const int64_t batch = xd[0], h = xd[1], width = xd[2], c = xd[3];
   const int64_t kh = wd[1], kw = wd[2], og = wd[3], cpad = wd[4], cg = c / groups;
-  const int64_t ho = gd[1], wg = gd[2], out_c = gd[3];
-  if (sh < 1 || sw < 1 || gd[0] != batch || wd[0] != groups || out_c != groups * og ||
-      cpad % Vec::kWidth || cpad < cg)
+  const int64_t ho = gd[1], wo = gd[2], out_c = gd[3];
+  if (sh < 1 || sw < 1 || left < 0 || g_left < 0 || gd[0] != batch || wd[0] != groups ||
+      out_c != groups * og || cpad % Vec::kWidth || cpad < cg)
     return ffi::Error::InvalidArgument("adderjax_adder_input_grad: bad operand layout");
   // Column phases: the pixels x = px + sw n (n = 0, 1, ...) all feed through the same taps j,
   // those with sw | px + left - j dw, pixel n to output column n + q, q = (px + left - j dw) / sw,
   // which is column n + q + g_left of G (zeros outside the output).
+  const int64_t wg = g_left + (width - 1 + left) / sw + 1;  // G's columns as read, padded.
   const int64_t phases = std::min(sw, width);
   std::vector<std::vector<std::pair<int64_t, int64_t>>> column_taps(phases);  // (j, q + g_left)
   for (int64_t px = 0; px < phases; ++px) {
@@ -248,12 +266,12 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       if (a % sw) continue;
       const int64_t column = a / sw + g_left;
       if (column < 0 || column + last >= wg)
-        return ffi::Error::InvalidArgument("adderjax_adder_input_grad: G is not padded enough");
+        return ffi::Error::InvalidArgument("adderjax_adder_input_grad: g_left is too small");
       column_taps[px].emplace_back(j, column);
     }
   }
   const float* x_data = x.typed_data();
-  const float* g_data = gp.typed_data();
+  const float* g_data = gb.typed_data();
   const float* w_data = wt.typed_data();
   float* dx_data = dx->typed_data();
   // Where the build's fast clip drops NaNs: whether every filter is finite, so that only a tile's
@@ -265,12 +283,14 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   bool bounds = false;
   if constexpr (kClipByBounds) {
     sg.resize(batch * ho * wg * groups);
-    bounds = SumOutputChannels(pool, g_data, batch * ho, wg, groups, og, sg.data());
+    bounds = SumOutputChannels(pool, g_data, batch * ho, wo, wg, g_left, groups, og, sg.data());
   }
   // An image (or, for small batches, a chunk of its rows) per item, its rows in order, so that
   // the rows of G that neighbouring input rows share are read from the cache.
   const int64_t chunks = ChunksToFill(pool, batch, 2, h);
-  auto row = [&](int64_t b, int64_t r, std::vector<InputGradTap>& taps) {
+  // Input row r with G's rows from oy0 on in g_rows (CopyPaddedGRows).
+  auto row = [&](int64_t b, int64_t r, const float* g_rows, int64_t oy0,
+                 std::vector<InputGradTap>& taps) {
     for (int64_t px = 0; px < phases; ++px) {
       // Row r feeds output row (r + top - i dh) / sh through tap i where that is exact and an
       // output row.
@@ -279,8 +299,9 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         const int64_t a = r + top - i * dh;
         if (a < 0 || a % sh || a / sh >= ho) continue;
         for (const auto& [j, column] : column_taps[px]) {
-          const int64_t pixel = (b * ho + a / sh) * wg + column;
-          taps.push_back({(i * kw + j) * og * cpad, pixel * out_c, pixel * groups});
+          const int64_t g_pixel = (a / sh - oy0) * wg + column;
+          const int64_t s_pixel = (b * ho + a / sh) * wg + column;
+          taps.push_back({(i * kw + j) * og * cpad, g_pixel * out_c, s_pixel * groups});
         }
       }
       const int64_t n_taps = int64_t(taps.size()), pixels = (width - 1 - px) / sw + 1;
@@ -297,7 +318,7 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           for (int64_t n0 = 0; n0 < pixels; n0 += mr_max) {
             const int mr = int(std::min<int64_t>(mr_max, pixels - n0));
             const int64_t at = ((b * h + r) * width + px + sw * n0) * c + grp * cg + c0;
-            const float* gs = g_data + n0 * out_c + grp * og;
+            const float* gs = g_rows + n0 * out_c + grp * og;
             const float* ss = sg.data() + n0 * groups + grp;
             if (two)
               InputGradTileAnyMR<2>(mr, bounds, filters_finite, x_data + at, sw * c, valid, gs,
@@ -315,9 +336,19 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   };
   ParallelFor(pool, batch * chunks, [&](int64_t item) {
     const int64_t b = item / chunks, chunk = item % chunks;
+    const int64_t r0 = h * chunk / chunks, r1 = h * (chunk + 1) / chunks;
+    // The output rows that input rows [r0, r1) feed: (r + top - i dh) / sh in [0, ho).
+    const int64_t first = r0 + top - (kh - 1) * dh, last = r1 - 1 + top;
+    const int64_t oy0 = first <= 0 ? 0 : (first + sh - 1) / sh;
+    const int64_t oy1 = last < 0 ? 0 : std::min(ho, last / sh + 1);
+    thread_local std::vector<float> g_rows;
+    g_rows.resize(std::max<int64_t>(0, oy1 - oy0) * wg * out_c);
+    if (oy1 > oy0)
+      CopyPaddedGRows(g_data + b * ho * wo * out_c, wo, out_c, oy0, oy1 - oy0, wg, g_left,
+                      g_rows.data());
     std::vector<InputGradTap> taps;
     taps.reserve(kh * kw);
-    for (int64_t r = h * chunk / chunks; r < h * (chunk + 1) / chunks; ++r) row(b, r, taps);
+    for (int64_t r = r0; r < r1; ++r) row(b, r, g_rows.data(), oy0, taps);
   });
   return ffi::Error::Success();
 }
