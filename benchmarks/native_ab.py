@@ -12,7 +12,7 @@ of calls is taken at once; the table gives the median ratio and each side's fast
 
 The sources are those of ``csrc/`` that define the handlers; each version's headers are
 included once (the working tree's), so a change to a header is measured on both sides. The
-input gradient takes G unpadded since the commit after ``ac9a1c9``: against an earlier base its
+input gradient takes G unpadded since ``e394234``: against an earlier base its
 row is meaningless (the base rejects G).
 """
 
