@@ -42,6 +42,7 @@
 
 namespace ffi = xla::ffi;
 using adderjax::ChunksToFill;
+using adderjax::CopyPaddedRows;
 using adderjax::ParallelFor;
 using adderjax::V;
 using adderjax::Vec;
@@ -55,30 +56,13 @@ namespace {
 constexpr int kMR = Vec::kRegisters == 32 ? 8 : 6;
 constexpr int kMaxMR = 8;
 constexpr int kSumPixels = 4;  // Input pixels whose channels are summed at once.
+// Row chunks per thread where a batch is split (ForwardChannelLanes; ForwardImpl's choice of
+// lanes depends on whether it is).
+constexpr int64_t kChunksPerThread = 8;
 
 struct ForwardGeometry {
   int64_t h, w, wp, c, ho, wo, groups, cg, og, opad, kh, kw, sh, sw, dh, dw;
 };
-
-// Copies the input rows row0 + i (i < rows) of image x (h, w, c) into rows
-// (rows, wp, c), column q holding input column q - left: zeros outside the
-// input, so the kernels read the zero padding without XLA writing it out.
-void CopyPaddedRows(const float* x, int64_t h, int64_t width, int64_t c, int64_t row0,
-                    int64_t rows, int64_t left, int64_t wp, float* out) {
-  const int64_t q0 = std::clamp<int64_t>(left, 0, wp);
-  const int64_t q1 = std::clamp<int64_t>(left + width, q0, wp);
-  for (int64_t i = 0; i < rows; ++i) {
-    float* o = out + i * wp * c;
-    const int64_t r = row0 + i;
-    if (r < 0 || r >= h) {
-      std::fill_n(o, wp * c, 0.0f);
-      continue;
-    }
-    std::fill_n(o, q0 * c, 0.0f);
-    std::copy_n(x + (r * width + q0 - left) * c, (q1 - q0) * c, o + q0 * c);
-    std::fill_n(o + q1 * c, (wp - q1) * c, 0.0f);
-  }
-}
 
 // The outputs y[p * y_step + n] (p < pixels, n < channels) of a tile that are not finite,
 // summed again term by term, -sum_k |x[p * x_step + offsets[k]] - w[k * w_row + n]|: the
@@ -295,7 +279,7 @@ void ForwardChannelLanes(ffi::ThreadPool& pool, const float* x_data, const float
   const int64_t rows_per_chunk =
       std::max<int64_t>(1, kChunkFloats / (row_floats * std::max<int64_t>(1, geom.sh)));
   const int64_t chunks =
-      std::max(ChunksToFill(pool, batch, 8, geom.ho),
+      std::max(ChunksToFill(pool, batch, kChunksPerThread, geom.ho),
                std::min(geom.ho, (geom.ho + rows_per_chunk - 1) / rows_per_chunk));
   const int64_t x_step = geom.sw * geom.c, tile_n = 2 * Vec::kWidth;
   const auto tail = Vec::mask(geom.cg % Vec::kWidth == 0 ? Vec::kWidth : geom.cg % Vec::kWidth);
@@ -383,7 +367,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
   // 1.55x and 1.15x faster), and at a full vector of channels where the batch is split into row
   // chunks, whose copies and patch sums the channel-lanes forward repeats (ResNet-20 at batch
   // 1: 1.05x the latency); over whole images it is faster (32x32, 16 -> 16: 0.80x the time).
-  const bool row_chunks = ChunksToFill(pool, batch, 8, geom.ho) > 1;
+  const bool row_chunks = ChunksToFill(pool, batch, kChunksPerThread, geom.ho) > 1;
   if (kPixelLanes && sw == 1 && geom.wo >= kPixelNP * Vec::kWidth &&
       (geom.og < Vec::kWidth || (geom.og == Vec::kWidth && row_chunks))) {
     ForwardPixelLanes(pool, x_data, w_data, sf.data(), y_data, geom, batch, top, left);

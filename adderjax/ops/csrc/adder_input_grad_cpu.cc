@@ -7,9 +7,9 @@
 // i whose oy is one; its pixels are split into sw column phases x = px + sw n, which share the
 // taps j and read consecutive columns of G, so a tile of a phase is a GEMM-like tile over its
 // list of taps, its input values held in registers. The rows of G an item reads are copied into
-// a buffer with g_left zero columns before and zeros after, so that every column a phase reads
-// exists. At stride 1 there is one phase with every tap j. With AVX2 a tile whose inputs are all small sums clip(F, X - 1, X + 1) - X instead
-// (InputGradBoundsTile).
+// a buffer with g_left zero columns before and zeros after (CopyPaddedRows), so that every
+// column a phase reads exists. At stride 1 there is one phase with every tap j. With AVX2 a
+// tile whose inputs are all small sums clip(F, X - 1, X + 1) - X instead (InputGradBoundsTile).
 //
 // Tile sizes: kInputGradMR = 8 pixels x 1 vector, or 6 x 2 vectors, of input channels; with
 // AVX2 the bounds tiles, kInputGradBoundsMR = 4 x 1 or 2 x 2.
@@ -31,6 +31,7 @@
 
 namespace ffi = xla::ffi;
 using adderjax::ChunksToFill;
+using adderjax::CopyPaddedRows;
 using adderjax::ParallelFor;
 using adderjax::V;
 using adderjax::Vec;
@@ -226,19 +227,6 @@ bool SumOutputChannels(ffi::ThreadPool& pool, const float* g, int64_t rows, int6
   return finite.load();
 }
 
-// Copies rows [row0, row0 + rows) of one image's G (ho, wo, c) into (rows, wg, c) with G's
-// columns at g_left + p and zeros elsewhere (columns past wg cropped).
-void CopyPaddedGRows(const float* g, int64_t wo, int64_t c, int64_t row0, int64_t rows,
-                     int64_t wg, int64_t g_left, float* out) {
-  const int64_t columns = std::min(wo, wg - g_left);
-  for (int64_t i = 0; i < rows; ++i) {
-    float* o = out + i * wg * c;
-    std::fill_n(o, g_left * c, 0.0f);
-    std::copy_n(g + (row0 + i) * wo * c, columns * c, o + g_left * c);
-    std::fill_n(o + (g_left + columns) * c, (wg - g_left - columns) * c, 0.0f);
-  }
-}
-
 ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> gb, ffi::Buffer<ffi::F32> wt,
                          ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t dh,
@@ -288,7 +276,7 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // An image (or, for small batches, a chunk of its rows) per item, its rows in order, so that
   // the rows of G that neighbouring input rows share are read from the cache.
   const int64_t chunks = ChunksToFill(pool, batch, 2, h);
-  // Input row r with G's rows from oy0 on in g_rows (CopyPaddedGRows).
+  // Input row r with G's rows from oy0 on in g_rows (padded: CopyPaddedRows).
   auto row = [&](int64_t b, int64_t r, const float* g_rows, int64_t oy0,
                  std::vector<InputGradTap>& taps) {
     for (int64_t px = 0; px < phases; ++px) {
@@ -344,8 +332,8 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     thread_local std::vector<float> g_rows;
     g_rows.resize(std::max<int64_t>(0, oy1 - oy0) * wg * out_c);
     if (oy1 > oy0)
-      CopyPaddedGRows(g_data + b * ho * wo * out_c, wo, out_c, oy0, oy1 - oy0, wg, g_left,
-                      g_rows.data());
+      CopyPaddedRows(g_data + b * ho * wo * out_c, ho, wo, out_c, oy0, oy1 - oy0, g_left, wg,
+                     g_rows.data());
     std::vector<InputGradTap> taps;
     taps.reserve(kh * kw);
     for (int64_t r = r0; r < r1; ++r) row(b, r, g_rows.data(), oy0, taps);

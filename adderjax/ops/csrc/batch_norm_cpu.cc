@@ -61,6 +61,16 @@ void EachChunk(ffi::ThreadPool& pool, int64_t rows, const Fn& fn) {
   });
 }
 
+// The normalisation's factor scale * rsqrt(var + eps), as nnx.BatchNorm computes it (in float),
+// and z without the residual, (y - mean) * mul + bias as one fma: the backward computes both
+// again where it takes the ReLU's mask from y, and must get the forward's bits.
+inline float NormMul(float scale, float var, float epsilon) {
+  return scale / std::sqrt(var + epsilon);
+}
+inline float ReluInput(float y, float mean, float mul, float bias) {
+  return std::fma(y - mean, mul, bias);
+}
+
 // The output rows [n0, n1): (y - mean) * mul + bias (+ r), then the ReLU.
 template <bool kResidual, bool kRelu>
 void ApplyRows(const float* __restrict y, const float* __restrict r, const float* __restrict mean,
@@ -71,7 +81,7 @@ void ApplyRows(const float* __restrict y, const float* __restrict r, const float
     float* __restrict on = out + n * c;
 #pragma GCC ivdep
     for (int64_t k = 0; k < c; ++k) {
-      float z = std::fma(yn[k] - mean[k], mul[k], bias[k]);  // As the backward's ReluInput.
+      float z = ReluInput(yn[k], mean[k], mul[k], bias[k]);
       if constexpr (kResidual) z += r[n * c + k];
       // z < 0 ? 0 : z keeps a NaN, as jax.nn.relu does.
       if constexpr (kRelu) z = z < 0.0f ? 0.0f : z;
@@ -117,8 +127,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> yb,
     mean[k] = float(double(shift[k]) + m);
     mean_b->typed_data()[k] = mean[k];
     var_b->typed_data()[k] = float(var);
-    // As nnx.BatchNorm: rsqrt(var + eps) * scale, in float.
-    mul[k] = scale[k] / std::sqrt(float(var) + epsilon);
+    mul[k] = NormMul(scale[k], float(var), epsilon);
   }
   const float* r = residual_b.typed_data();
   const float* bias = bias_b.typed_data();
@@ -135,11 +144,6 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> yb,
 // computed again from y (no residual).
 enum class Mask { kNone, kFromOutput, kFromInput };
 
-// The forward's z without the residual, bit for bit: one fma, as ApplyRows computes it.
-inline float ReluInput(float y, float mean, float mul, float bias) {
-  return std::fma(y - mean, mul, bias);
-}
-
 // dz: the cotangent of the output through the ReLU, for element i of channel k.
 struct ReluGrad {
   const float* __restrict a;
@@ -148,7 +152,7 @@ struct ReluGrad {
   const float* __restrict mul;  // The forward's scale * rsqrt(var + eps).
   const float* __restrict bias;
   template <Mask kMask>
-  float operator()(int64_t i, int64_t k, float da) const {
+  float Masked(int64_t i, int64_t k, float da) const {
     if constexpr (kMask == Mask::kFromOutput) return a[i] > 0.0f ? da : 0.0f;
     if constexpr (kMask == Mask::kFromInput)
       return ReluInput(y[i], mean[k], mul[k], bias[k]) > 0.0f ? da : 0.0f;
@@ -165,7 +169,7 @@ void GradSums(const float* __restrict da, const float* __restrict y, const ReluG
 #pragma GCC ivdep
     for (int64_t k = 0; k < c; ++k) {
       const int64_t i = n * c + k;
-      const float g = relu.template operator()<kMask>(i, k, da[i]);
+      const float g = relu.Masked<kMask>(i, k, da[i]);
       s1[k] += g;
       s2[k] += g * (y[i] - mean[k]);
     }
@@ -183,7 +187,7 @@ void GradRows(const float* __restrict da, const float* __restrict y, const ReluG
 #pragma GCC ivdep
     for (int64_t k = 0; k < c; ++k) {
       const int64_t i = n * c + k;
-      const float g = relu.template operator()<kMask>(i, k, da[i]);
+      const float g = relu.Masked<kMask>(i, k, da[i]);
       const float xhat = (y[i] - mean[k]) * rstd[k];
       dy[i] = mul[k] * (g - k_mean[k] - xhat * k_xhat[k]);
       if constexpr (kResidual) dr[i] = g;
@@ -221,7 +225,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> da_b, ffi::B
   std::vector<float> rstd(c), forward_mul(c);
   for (int64_t k = 0; k < c; ++k) {
     rstd[k] = 1.0f / std::sqrt(var[k] + epsilon);
-    forward_mul[k] = scale[k] / std::sqrt(var[k] + epsilon);  // As ForwardImpl's mul.
+    forward_mul[k] = NormMul(scale[k], var[k], epsilon);
   }
   const ReluGrad relu_grad{a_b.typed_data(), y, mean, forward_mul.data(), bias_b.typed_data()};
   std::vector<double> sum_dz, sum_dz_centred;

@@ -1,7 +1,8 @@
 // The SIMD layer of adderjax's native float kernels (adder_forward_cpu.cc,
 // adder_input_grad_cpu.cc, adder_weight_grad_cpu.cc): one Vec per instruction set, chosen at
-// compile time from the CPU's macros (the library is built per machine with -march=native), and
-// the dispatch of a tile's height.
+// compile time from the CPU's macros (the library is built per machine with -march=native), the
+// dispatch of a tile's height, and the copy of padded rows that the forward (input rows) and the
+// input gradient (rows of G) read in place of XLA padding them.
 //
 // A vector is 16 floats with AVX-512 (32 registers), 8 with AVX2 (16 registers). The inner
 // loops' adds and subtracts go through accumulate() and difference(): with AVX2 they are
@@ -163,6 +164,25 @@ inline void WithTileRows(int rows, F&& f) {
       return;
     }
     WithTileRows<kMaxRows, R + 1>(rows, f);
+  }
+}
+
+// Copies rows row0 + i (i < rows) of an image x (h, width, c) into (rows, wp, c), column q
+// holding x's column q - left: zeros outside x (rows and columns), columns past wp cropped.
+inline void CopyPaddedRows(const float* x, int64_t h, int64_t width, int64_t c, int64_t row0,
+                           int64_t rows, int64_t left, int64_t wp, float* out) {
+  const int64_t q0 = std::clamp<int64_t>(left, 0, wp);
+  const int64_t q1 = std::clamp<int64_t>(left + width, q0, wp);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* o = out + i * wp * c;
+    const int64_t r = row0 + i;
+    if (r < 0 || r >= h) {
+      std::fill_n(o, wp * c, 0.0f);
+      continue;
+    }
+    std::fill_n(o, q0 * c, 0.0f);
+    std::copy_n(x + (r * width + q0 - left) * c, (q1 - q0) * c, o + q0 * c);
+    std::fill_n(o + q1 * c, (wp - q1) * c, 0.0f);
   }
 }
 
