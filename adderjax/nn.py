@@ -47,8 +47,8 @@ from adderjax.ops.sharding import explicit_batch_axes
 from adderjax.ops.spec import GradMode, check_p
 
 __all__ = ["AdderConv", "AdderDense", "AdderExponent", "AdderKernel", "BinaryConv", "BinaryDense",
-           "adder_attention", "adder_attention_weights", "batch_norm_fusion", "batch_norm_relu",
-           "float32_statistics", "set_exponent"]
+           "adder_attention", "adder_attention_weights", "batch_norm", "batch_norm_fusion",
+           "batch_norm_relu", "float32_statistics", "set_exponent"]
 
 binary_default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -556,13 +556,53 @@ def batch_norm_relu(bn: nnx.BatchNorm, y: jax.Array, *, residual: jax.Array | No
   Returns:
     ``relu(bn(y) + residual)``.
   """
+  return _batch_norm_act(bn, y, residual, True, use_running_average)
+
+
+def batch_norm(bn: nnx.BatchNorm, y: jax.Array, *,
+               use_running_average: bool | None = None) -> jax.Array:
+  """``bn(y)``, one native op in training mode on the CPU: :func:`batch_norm_relu` without the ReLU.
+
+  For a BatchNorm that no activation follows, such as a ResNet shortcut's
+  (:class:`adderjax.models.resnet.Downsample`): in training mode on the CPU
+  backend, for float32, :func:`adderjax.ops.batch_norm.batch_norm_act` with
+  ``relu=False``, which sums the statistics around each channel's first value
+  and reads ``y`` twice (XLA's graph reads it three times and writes ``y -
+  mean`` out for the gradient); elsewhere ``bn(y)``, as for
+  :func:`batch_norm_relu`, whose conditions and running statistics it shares.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from adderjax.nn import batch_norm
+    >>> bn = nnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> y = jnp.array([[-3000.0, 1.0], [-3002.0, 3.0]])
+    >>> batch_norm(bn, y).round(3).tolist()
+    [[1.0, -1.0], [-1.0, 1.0]]
+
+  Args:
+    bn: the BatchNorm (features last).
+    y: its input.
+    use_running_average: as in :class:`flax.nnx.BatchNorm` (None: ``bn``'s own).
+
+  Returns:
+    ``bn(y)``.
+  """
+  return _batch_norm_act(bn, y, None, False, use_running_average)
+
+
+def _batch_norm_act(bn: nnx.BatchNorm, y: jax.Array, residual: jax.Array | None, relu: bool,
+                    use_running_average: bool | None) -> jax.Array:
+  """``bn(y) + residual``, then the ReLU if ``relu``: fused where it can be, else unfused."""
   if use_running_average is None:
     use_running_average = bn.use_running_average
   if use_running_average or _fused_unsupported_reason(bn, y, residual) is not None:
     out = bn(y, use_running_average=use_running_average)
-    return nnx.relu(out if residual is None else out + residual)
+    out = out if residual is None else out + residual
+    return nnx.relu(out) if relu else out
   out, mean, var = batch_norm_ops.batch_norm_act(y, bn.scale[...], bn.bias[...], residual,
-                                                 epsilon=bn.epsilon, implementation="cpu")
+                                                 relu=relu, epsilon=bn.epsilon,
+                                                 implementation="cpu")
   bn.mean[...] = bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean
   bn.var[...] = bn.momentum * bn.var[...] + (1 - bn.momentum) * var
   return out

@@ -1,4 +1,6 @@
-"""adderjax.nn.batch_norm_relu against ``nnx.relu(bn(y) + residual)`` of an identical BatchNorm."""
+"""adderjax.nn.batch_norm_relu against ``nnx.relu(bn(y) + residual)`` of an identical BatchNorm.
+
+And adderjax.nn.batch_norm (no ReLU, no residual) against ``bn(y)``."""
 
 from flax import nnx
 import jax
@@ -6,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adderjax.nn import _fused_unsupported_reason, batch_norm_relu
+from adderjax.nn import _fused_unsupported_reason, batch_norm, batch_norm_relu
 from adderjax.ops import cpu_native, native_build
 
 NATIVE = jax.default_backend() == "cpu" and cpu_native.available()
@@ -255,3 +257,90 @@ def test_bfloat16_residual_gives_the_unfused_result():
   r = r.astype(jnp.bfloat16)
   got = batch_norm_relu(fused_bn, y, residual=r)
   np.testing.assert_allclose(got, unfused(plain_bn, y, r), rtol=1e-5, atol=1e-5)
+
+
+# batch_norm: the same op without the ReLU.
+
+
+@native
+def test_batch_norm_without_relu_matches_the_layer_and_its_gradients():
+  fused_bn, plain_bn = twin_norms()
+  # An adder layer's offset: -3,000 over a spread of 3 (nnx.BatchNorm's E[y^2] - E[y]^2 loses
+  # digits there in float32; the op sums around each channel's first value).
+  y = data(seed=6)[0] - 3000.0
+  w = jnp.asarray(np.random.default_rng(7).normal(size=y.shape), jnp.float32)
+  before = stats(fused_bn)
+
+  def fused_loss(bn, y):
+    out = batch_norm(bn, y)
+    return jnp.sum(out * w), out
+
+  def plain_loss(bn, y):
+    out = bn(y)
+    return jnp.sum(out * w), out
+
+  def run(loss, bn):
+    return nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))(bn, y)
+
+  (got_bn, got_y), got = run(fused_loss, fused_bn)
+  rows = np.asarray(y, np.float64).reshape(-1, C)
+  mean, var = rows.mean(0), rows.var(0)
+  scale = np.asarray(fused_bn.scale[...], np.float64)
+  bias = np.asarray(fused_bn.bias[...], np.float64)
+  xhat = (rows - mean) / np.sqrt(var + 1e-5)
+  # Against float64 formulas: the output, the running statistics, the gradients.
+  np.testing.assert_allclose(np.asarray(got).reshape(-1, C), xhat * scale + bias, rtol=1e-4,
+                             atol=2e-4)
+  assert np.any(np.asarray(got) < 0)  # No ReLU.
+  np.testing.assert_allclose(stats(fused_bn)[0], 0.9 * before[0] + 0.1 * mean, rtol=1e-6)
+  np.testing.assert_allclose(stats(fused_bn)[1], 0.9 * before[1] + 0.1 * var, rtol=1e-4)
+  g = np.asarray(w, np.float64).reshape(-1, C)
+  dbias, dscale = g.sum(0), (g * xhat).sum(0)
+  dy = scale / np.sqrt(var + 1e-5) * (g - dbias / len(g) - xhat * dscale / len(g))
+  np.testing.assert_allclose(got_bn["bias"][...], dbias, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got_bn["scale"][...], dscale, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(got_y).reshape(-1, C), dy, rtol=1e-3,
+                             atol=1e-3 * np.abs(dy).max())
+  # nnx.BatchNorm's own statistics lose the spread at this offset (what the ResNets' shortcuts
+  # had before they took this op): errors of order one where the op's are a few 1e-5.
+  (_, _), plain = run(plain_loss, plain_bn)
+  exact = xhat * scale + bias
+  fused_error = np.abs(np.asarray(got).reshape(-1, C) - exact).max()
+  plain_error = np.abs(np.asarray(plain).reshape(-1, C) - exact).max()
+  assert fused_error < 2e-4 and plain_error > 100 * fused_error, (fused_error, plain_error)
+
+
+@native
+def test_batch_norm_runs_the_native_op_in_training_mode_only():
+  bn, _ = twin_norms()
+  y, _ = data()
+
+  def lowered(bn):
+    graphdef, state = nnx.split(bn)
+
+    def forward(state, y):  # A function per BatchNorm: jit's cache keys on the function.
+      module = nnx.merge(graphdef, state, copy=True)
+      return batch_norm(module, y), nnx.state(module)
+
+    return jax.jit(forward).lower(state, y).as_text()
+
+  assert native_build.BATCH_NORM_TARGET in lowered(bn)
+  bn.eval()
+  assert native_build.BATCH_NORM_TARGET not in lowered(bn)
+
+
+def test_batch_norm_in_eval_mode_and_where_it_falls_back_is_the_layer():
+  fused_bn, plain_bn = twin_norms()
+  y, _ = data(seed=8)
+  fused_bn.eval()
+  plain_bn.eval()
+  np.testing.assert_array_equal(batch_norm(fused_bn, y), plain_bn(y))
+  fused_bn.train()
+  plain_bn.train()
+  y16 = y.astype(jnp.bfloat16)
+  got = batch_norm(fused_bn, y16)
+  assert "float32" in str(_fused_unsupported_reason(fused_bn, y16)) or (
+      jax.default_backend() != "cpu")
+  np.testing.assert_array_equal(got, plain_bn(y16))
+  for got_stat, want_stat in zip(stats(fused_bn), stats(plain_bn), strict=True):
+    np.testing.assert_array_equal(got_stat, want_stat)

@@ -34,6 +34,7 @@ from adderjax.nn import (
   batch_norm_relu,
   float32_statistics,
 )
+from adderjax.nn import batch_norm as fused_batch_norm  # layers.batch_norm builds one
 from adderjax.ops.dispatch import ImplementationLike, check_implementation
 from adderjax.ops.spec import GradMode, check_grad_mode
 
@@ -282,12 +283,13 @@ class Layers:
 
 
 def batch_norm_activation(bn: nnx.BatchNorm, y: jax.Array,
-                          activation: Callable[[jax.Array], jax.Array], *,
+                          activation: Callable[[jax.Array], jax.Array] | None, *,
                           residual: jax.Array | None = None) -> jax.Array:
   """``activation(bn(y) + residual)``: with ReLU, :func:`adderjax.nn.batch_norm_relu`.
 
-  That is one native op in training mode on the CPU; the numbers are those of
-  the unfused layers to float32 rounding.
+  That is one native op in training mode on the CPU, as is ``bn(y)`` with no
+  activation and no residual (:func:`adderjax.nn.batch_norm`); the numbers are
+  those of the unfused layers to float32 rounding.
 
   Example:
     >>> from flax import nnx
@@ -301,13 +303,15 @@ def batch_norm_activation(bn: nnx.BatchNorm, y: jax.Array,
   Args:
     bn: the BatchNorm.
     y: its input.
-    activation: applied last (:func:`activation` of the model's kind).
+    activation: applied last (:func:`activation` of the model's kind), or None.
     residual: added after the BatchNorm (``y``'s shape), or None.
   """
   if activation is nnx.relu:
     return batch_norm_relu(bn, y, residual=residual)
-  out = bn(y)
-  return activation(out if residual is None else out + residual)
+  if activation is None and residual is None:
+    return fused_batch_norm(bn, y)
+  out = bn(y) if residual is None else bn(y) + residual
+  return out if activation is None else activation(out)
 
 
 def global_average_pool(x: jax.Array) -> jax.Array:

@@ -70,7 +70,7 @@ class Downsample(nnx.Module):
     self.bn = make.batch_norm(out_features)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.bn(self.conv(x))
+    return batch_norm_activation(self.bn, self.conv(x), None)
 
 
 def _shortcut(make: Layers, in_features: int, out_features: int,

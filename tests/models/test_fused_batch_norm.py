@@ -1,9 +1,9 @@
 """The models' fused BatchNorm + ReLU (adderjax.models.layers.batch_norm_activation).
 
-An adder ResNet-20 in training mode, with every BatchNorm followed by a ReLU run
-as one native op, against the same model with the unfused
-``activation(bn(y) + residual)``: logits, every gradient and the running
-statistics after the step. The models are built abstractly and filled from
+An adder ResNet-20 in training mode, with every BatchNorm followed by a ReLU,
+and the shortcuts' (no activation), run as one native op each, against the same
+model with the unfused ``activation(bn(y) + residual)``: logits, every gradient
+and the running statistics after the step. The models are built abstractly and filled from
 NumPy (as tests/models/test_models.py does): JAX's random initialisation
 compiles once per parameter shape, about 10 s for ResNet-20.
 """
@@ -27,9 +27,11 @@ pytestmark = pytest.mark.skipif(
     + (cpu_native.unavailable_reason() if jax.default_backend() == "cpu" else "not a CPU backend"))
 
 # ResNet-20: a BatchNorm + ReLU after the stem and two per block, fused; the two shortcuts'
-# BatchNorms and the one on the logits have no ReLU.
-FUSED_SITES = 19
-BATCH_NORMS = FUSED_SITES + 2 + 1
+# BatchNorms have no ReLU and are fused too; the one on the logits (a 2-D input) is not.
+RELU_SITES = 19
+SHORTCUTS = 2
+FUSED_SITES = RELU_SITES + SHORTCUTS
+BATCH_NORMS = FUSED_SITES + 1
 KERNELS = 19 + 2 + 1  # the stem and block convolutions, the shortcuts, the classifier (no bias)
 
 
@@ -86,7 +88,8 @@ def make_step(graphdef):
 
 def unfused_batch_norm_activation(bn, y, activation, *, residual=None):
   out = bn(y)
-  return activation(out if residual is None else out + residual)
+  out = out if residual is None else out + residual
+  return out if activation is None else activation(out)
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +135,12 @@ def test_the_adder_model_fuses_every_batch_norm_relu(both_paths):
 
 # Float32 is itself imprecise here, fused or not: Flax's E[y^2] - E[y]^2 at the adder offsets
 # (batch means up to ~650 over spreads of a few units) and the adder layers' float32 sums.
-# Measured on this model and batch: fused vs unfused, logits 8e-6, gradients up to 1.0e-3
-# (a BatchNorm scale of layer3), statistics up to 3.2e-5; against the same model in float64
-# the fused step is off by 1.1e-5, 1.05e-3 and 2e-5, the unfused one by 1.0e-5, 1.4e-3 and
-# 3.7e-5. The tolerances are about 3x the fused-vs-unfused figures; a wrong gradient term or
-# statistic would be O(1) off.
+# Measured on this model and batch, with only the ReLU sites fused: fused vs unfused, logits
+# 8e-6, gradients up to 1.0e-3 (a BatchNorm scale of layer3), statistics up to 3.2e-5; against
+# the same model in float64 the fused step was off by 1.1e-5, 1.05e-3 and 2e-5, the unfused
+# one by 1.0e-5, 1.4e-3 and 3.7e-5. With the shortcuts fused too: logits 1.3e-5, gradients
+# up to 2.6e-3 (layer2's first bias), statistics up to 5e-5. The tolerances are 2-3x these;
+# a wrong gradient term or statistic would be O(1) off.
 
 
 def test_logits_match_the_unfused_model(both_paths):
@@ -153,7 +157,7 @@ def test_every_gradient_matches_the_unfused_model(both_paths):
   assert len(got) == KERNELS + 2 * BATCH_NORMS  # kernels, BatchNorm scales and biases
   for (name, g), (_, w) in zip(got, want, strict=True):
     assert np.all(np.isfinite(g)) and np.any(w != 0), name
-    assert rel_error(g, w) < 3e-3, name
+    assert rel_error(g, w) < 8e-3, name
 
 
 def test_batch_statistics_match_the_unfused_model(both_paths, adder_model):
@@ -166,7 +170,7 @@ def test_batch_statistics_match_the_unfused_model(both_paths, adder_model):
     assert rel_error(g, w) < 1e-4, name
 
 
-def test_binary_model_stays_unfused(monkeypatch):
+def test_binary_model_fuses_only_its_shortcuts(monkeypatch):
   """HardTanh is not a ReLU: batch_norm_activation runs bn and the activation as they are."""
   graphdef, params, rest = numpy_model("binary")
   activations = []
@@ -179,7 +183,9 @@ def test_binary_model_stays_unfused(monkeypatch):
   images = np.zeros((4, 16, 16, 3), np.float32)
   forward = jax.jit(lambda params, rest, x: nnx.merge(graphdef, params, rest, copy=True)(x))
   text = forward.lower(params, rest, images).as_text()
-  # Every BatchNorm with an activation went through batch_norm_activation, none fused.
-  assert activations == [nnx.hard_tanh] * FUSED_SITES
-  assert native_build.BATCH_NORM_TARGET not in text
+  # Every BatchNorm went through batch_norm_activation; only the shortcuts' (no activation)
+  # fused.
+  assert sorted(activations, key=str) == sorted([nnx.hard_tanh] * RELU_SITES + [None] * SHORTCUTS,
+                                                key=str)
+  assert text.count(f"@{native_build.BATCH_NORM_TARGET}(") == SHORTCUTS
   assert "hard_tanh" in text
