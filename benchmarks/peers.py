@@ -20,8 +20,10 @@ Modes: ``train`` (one step: forward, backward, SGD with momentum; batch 64),
 ``eval`` (inference in eval mode, batch 64) and ``latency`` (batch 1). Each
 (contender, mode) runs in its own process, warmed up, timing several steps;
 the processes are alternated round by round so that drifts in the machine's
-speed hit every contender alike. Reported: the median over rounds of each
-process's median step time, and images/s.
+speed hit every contender alike. Every process, PyTorch's too, starts with
+`adderjax.huge_pages.environment` (glibc's large allocations in huge pages, as
+the trainer runs; ``--no-huge-pages``: the environment as it is). Reported:
+the median over rounds of each process's median step time, and images/s.
 
     pip install torch==2.13.0   # benchmark-only; never an adderjax dependency
     python benchmarks/peers.py --rounds 3 --json benchmarks/results/cpu_2core_peers.json
@@ -136,6 +138,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10, help="timed steps per process")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--json", help="also write the results to this file")
+  parser.add_argument("--no-huge-pages", action="store_true",
+                      help="start the processes in this environment as it is")
   parser.add_argument("--worker", nargs=2, metavar=("CONTENDER", "MODE"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -145,6 +149,8 @@ def main() -> None:
     parser.error("torch_adder_official is ResNet-20 only: leave it out of --contenders.")
 
   here = os.path.dirname(os.path.abspath(__file__))
+  from adderjax import huge_pages
+  env = None if args.no_huge_pages else huge_pages.environment()
   medians: dict[tuple[str, str], list[float]] = {}
   for r in range(args.rounds):
     for mode in args.modes:
@@ -156,7 +162,7 @@ def main() -> None:
         out = subprocess.run(
             [sys.executable, os.path.join(here, "peers.py"), "--worker", contender, mode,
              "--steps", str(steps), "--warmup", str(warmup), "--model", args.model],
-            capture_output=True, text=True, check=True, cwd=here)
+            capture_output=True, text=True, check=True, cwd=here, env=env)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         medians.setdefault((contender, mode), []).append(float(np.median(result["times"])))
         print(f"# round {r}: {contender} {mode}: {1e3 * medians[(contender, mode)][-1]:.2f} ms",
@@ -171,6 +177,7 @@ def main() -> None:
                  "per_round_ms": [1e3 * t for t in times]})
   meta = machine_meta()
   meta["model"] = args.model
+  meta["glibc_tunables"] = (env or os.environ).get("GLIBC_TUNABLES", "")
   try:
     import torch
     meta["torch"] = torch.__version__
