@@ -18,8 +18,8 @@ cheap:
 - `adderjax.analysis`: features, kernels, gradient norms and weight
   statistics of a model; `adderjax.plotting`: their figures (matplotlib,
   the ``plot`` extra).
-- `adderjax.huge_pages`: a process started again with huge pages for XLA's
-  per-step buffers on Linux CPUs (the trainer does it).
+- `adderjax.allocator`: a process started again with glibc's allocator set
+  up for XLA's per-step buffers on Linux CPUs (the trainer does it).
 - `adderjax.quant`: post-training quantization of the adder layers to integers;
   `adderjax.export`: a trained model's inference function as a `jax.export` file.
 
@@ -38,10 +38,10 @@ from adderjax._version import __version__
 
 if TYPE_CHECKING:
   from adderjax import (
+    allocator,
     analysis,
     data,
     export,
-    huge_pages,
     linen,
     models,
     nn,
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     quant,
   )
 
-__all__ = ["__version__", "analysis", "data", "export", "huge_pages", "linen", "models", "nn",
+__all__ = ["__version__", "allocator", "analysis", "data", "export", "linen", "models", "nn",
            "ops", "optim", "plotting", "profiling", "quant"]
 
 _SUBPACKAGES = frozenset(__all__) - {"__version__"}

@@ -21,8 +21,9 @@ Modes: ``train`` (one step: forward, backward, SGD with momentum; batch 64),
 (contender, mode) runs in its own process, warmed up, timing several steps;
 the processes are alternated round by round so that drifts in the machine's
 speed hit every contender alike. Every process, PyTorch's too, starts with
-`adderjax.huge_pages.environment` (glibc's large allocations in huge pages, as
-the trainer runs; ``--no-huge-pages``: the environment as it is). Reported:
+`adderjax.allocator.environment` (glibc's allocator set up to reuse large
+buffers, as the trainer runs; ``--default-allocator``: the environment as it
+is). Reported:
 the median over rounds of each process's median step time, and images/s.
 
     pip install torch==2.13.0   # benchmark-only; never an adderjax dependency
@@ -138,7 +139,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10, help="timed steps per process")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--json", help="also write the results to this file")
-  parser.add_argument("--no-huge-pages", action="store_true",
+  parser.add_argument("--default-allocator", action="store_true",
                       help="start the processes in this environment as it is")
   parser.add_argument("--worker", nargs=2, metavar=("CONTENDER", "MODE"), help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -149,8 +150,8 @@ def main() -> None:
     parser.error("torch_adder_official is ResNet-20 only: leave it out of --contenders.")
 
   here = os.path.dirname(os.path.abspath(__file__))
-  from adderjax import huge_pages
-  env = None if args.no_huge_pages else huge_pages.environment()
+  from adderjax import allocator
+  env = None if args.default_allocator else allocator.environment()
   medians: dict[tuple[str, str], list[float]] = {}
   for r in range(args.rounds):
     for mode in args.modes:

@@ -15,11 +15,11 @@ checkpoints (the libraries' tracebacks of a failed save go to
 """
 
 if __name__ == "__main__":
-  # First of all: where it helps, start again with huge pages for XLA's per-step buffers (a
-  # tenth of a CPU training step went to page faults without them; adderjax.huge_pages).
-  from adderjax import huge_pages
+  # First of all: start again with glibc's allocator set up to reuse XLA's per-step buffers (a
+  # tenth of a CPU training step went to page faults without it; adderjax.allocator).
+  from adderjax import allocator
 
-  huge_pages.restart_with_huge_pages()
+  allocator.restart_with_tuned_allocator()
   # Then, before the slow imports and the start-up: SIGTERM and SIGINT exit with 75.
   from experiments import startup_signals
 
