@@ -23,8 +23,8 @@ the processes are alternated round by round so that drifts in the machine's
 speed hit every contender alike. Every process, PyTorch's too, starts with
 `adderjax.allocator.environment` (glibc's allocator set up to reuse large
 buffers, as the trainer runs; ``--default-allocator``: the environment as it
-is). Reported:
-the median over rounds of each process's median step time, and images/s.
+is). Reported: the median over rounds of each process's median step time, and
+images/s.
 
     pip install torch==2.13.0   # benchmark-only; never an adderjax dependency
     python benchmarks/peers.py --rounds 3 --json benchmarks/results/cpu_2core_peers.json
@@ -42,6 +42,8 @@ import sys
 import time
 
 import numpy as np
+
+from adderjax import allocator
 
 CONTENDERS = ("adderjax_adder", "adderjax_adder_int8", "adderjax_cnn", "torch_cnn_cl", "torch_cnn",
               "torch_cnn_int8", "torch_adder_official")
@@ -150,7 +152,6 @@ def main() -> None:
     parser.error("torch_adder_official is ResNet-20 only: leave it out of --contenders.")
 
   here = os.path.dirname(os.path.abspath(__file__))
-  from adderjax import allocator
   env = None if args.default_allocator else allocator.environment()
   medians: dict[tuple[str, str], list[float]] = {}
   for r in range(args.rounds):
