@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import contextlib
 import contextvars
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from flax import nnx
 from flax.nnx.nn import dtypes
@@ -38,17 +38,19 @@ from adderjax._layer_common import (
   default_bias_init,
   default_kernel_init,
   full_precision_operands,
+  pad_input,
 )
 from adderjax.attention import adder_attention, adder_attention_weights
-from adderjax.ops import adder_dense, sign_ste
+from adderjax.ops import adder_batch_norm, adder_dense, sign_ste
 from adderjax.ops import batch_norm as batch_norm_ops
 from adderjax.ops.dispatch import ImplementationLike
 from adderjax.ops.sharding import explicit_batch_axes
 from adderjax.ops.spec import GradMode, check_p
 
 __all__ = ["AdderConv", "AdderDense", "AdderExponent", "AdderKernel", "BinaryConv", "BinaryDense",
-           "adder_attention", "adder_attention_weights", "batch_norm", "batch_norm_fusion",
-           "batch_norm_relu", "float32_statistics", "set_exponent"]
+           "PendingBatchNormRelu", "adder_attention", "adder_attention_weights",
+           "adder_conv_batch_norm", "batch_norm", "batch_norm_fusion", "batch_norm_relu",
+           "float32_statistics", "materialize", "set_exponent"]
 
 binary_default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -603,9 +605,148 @@ def _batch_norm_act(bn: nnx.BatchNorm, y: jax.Array, residual: jax.Array | None,
   out, mean, var = batch_norm_ops.batch_norm_act(y, bn.scale[...], bn.bias[...], residual,
                                                  relu=relu, epsilon=bn.epsilon,
                                                  implementation="cpu")
+  _follow_batch_statistics(bn, mean, var)
+  return out
+
+
+def _follow_batch_statistics(bn: nnx.BatchNorm, mean: jax.Array, var: jax.Array) -> None:
+  """Moves ``bn``'s running statistics towards the batch's, as `flax.nnx.BatchNorm` does."""
   bn.mean[...] = bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean
   bn.var[...] = bn.momentum * bn.var[...] + (1 - bn.momentum) * var
-  return out
+
+
+class PendingBatchNormRelu(NamedTuple):
+  """An adder layer's output whose BatchNorm and ReLU the next adder layer applies as it reads it.
+
+  What :func:`adder_conv_batch_norm` returns with ``defer=True``: the layer's
+  output ``y`` before its BatchNorm, and the BatchNorm (with the batch
+  statistics of ``y``, its running statistics already updated) and ReLU, as
+  an :class:`adderjax.ops.adder_batch_norm.InputNorm`. Passed as the input of
+  another :func:`adder_conv_batch_norm`, its kernels read
+  ``relu(BatchNorm(y))`` as they copy their input, forward and backward, and
+  it is never written out; :meth:`materialize` writes it out, with the same
+  numbers, for anything else.
+
+  Attributes:
+    y: the layer's output.
+    norm: the BatchNorm and ReLU it is to go through.
+  """
+
+  y: jax.Array
+  norm: adder_batch_norm.InputNorm
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The shape of ``y`` (and of the normalised output)."""
+    return self.y.shape
+
+  def materialize(self) -> jax.Array:
+    """``relu(BatchNorm(y))``, written out."""
+    return adder_batch_norm.apply_input_norm(self.y, self.norm)
+
+
+def materialize(x: jax.Array | PendingBatchNormRelu) -> jax.Array:
+  """``x`` itself, or a :class:`PendingBatchNormRelu` written out."""
+  return x.materialize() if isinstance(x, PendingBatchNormRelu) else x
+
+
+def adder_conv_batch_norm(conv: nnx.Module, bn: nnx.BatchNorm,
+                          inputs: jax.Array | PendingBatchNormRelu, *,
+                          residual: jax.Array | None = None, relu: bool = True,
+                          use_running_average: bool | None = None,
+                          defer: bool = False) -> jax.Array | PendingBatchNormRelu:
+  """``relu(bn(conv(inputs)) + residual)``, BatchNorm's statistics summed in the adder kernel.
+
+  In training mode on the CPU, for an :class:`AdderConv` that runs the native
+  kernels in float32 (no bias, no exponent ``p``), this is
+  :func:`adderjax.ops.adder_batch_norm.adder_conv_batch_norm_act`: the adder
+  forward sums the batch statistics of its output in each output row's
+  epilogue, and the BatchNorm (with its residual add and ReLU) takes one pass
+  over that output instead of two; ``bn``'s running mean and variance follow
+  as :class:`flax.nnx.BatchNorm` updates them, and the gradients are those of
+  the layers one after the other. Elsewhere it is
+  ``batch_norm_relu(bn, conv(inputs), residual=residual)`` (or
+  :func:`batch_norm` plus ``residual`` for ``relu=False``), under the same
+  conditions (``batch_norm_fusion(False)`` turns both off). The two agree to
+  float32 rounding. The models of :mod:`adderjax.models` use it after every
+  adder convolution.
+
+  With ``defer=True`` (a ReLU and no residual), where the fused kernels run,
+  the BatchNorm and ReLU are not applied here: the result is a
+  :class:`PendingBatchNormRelu`, which the next call reads through them
+  (``inputs``), its kernels applying them as they copy their input, so that
+  the normalised activation is never written out; the numbers are the same
+  bits. Elsewhere ``defer`` is ignored.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from adderjax.nn import AdderConv, adder_conv_batch_norm, materialize
+    >>> rngs = nnx.Rngs(0)
+    >>> conv1, conv2 = AdderConv(3, 8, 3, rngs=rngs), AdderConv(8, 8, 3, rngs=rngs)
+    >>> bn1, bn2 = (nnx.BatchNorm(8, momentum=0.9, rngs=rngs) for _ in range(2))
+    >>> hidden = adder_conv_batch_norm(conv1, bn1, jnp.ones((2, 8, 8, 3)), defer=True)
+    >>> out = adder_conv_batch_norm(conv2, bn2, hidden)
+    >>> out.shape, bool((out >= 0).all()), materialize(hidden).shape
+    ((2, 8, 8, 8), True, (2, 8, 8, 8))
+
+  Args:
+    conv: the convolution; another layer than an :class:`AdderConv` runs unfused.
+    bn: the BatchNorm after it (features last).
+    inputs: the convolution's input, or a :class:`PendingBatchNormRelu` it reads through its
+      BatchNorm and ReLU.
+    residual: added after the normalisation, before the ReLU (the output's shape), or None.
+    relu: whether to apply the ReLU.
+    use_running_average: as in :class:`flax.nnx.BatchNorm` (None: ``bn``'s own).
+    defer: whether to leave the BatchNorm and ReLU to the next layer (see above).
+
+  Returns:
+    ``relu(bn(conv(inputs)) + residual)``, without the ReLU for ``relu=False``; or, with
+    ``defer``, possibly a :class:`PendingBatchNormRelu` of it.
+  """
+  if use_running_average is None:
+    use_running_average = bn.use_running_average
+  fused = None
+  if not use_running_average and _fused_unsupported_reason(bn, inputs.y if isinstance(
+      inputs, PendingBatchNormRelu) else inputs, residual) is None:
+    fused = _fused_adder_conv_operands(conv, inputs, bn, residual)
+  if fused is None:
+    return _batch_norm_act(bn, conv(materialize(inputs)), residual, relu, use_running_average)
+  x, kernel, input_norm, options = fused
+  scale, bias = bn.scale[...], bn.bias[...]
+  y, mean, var = adder_batch_norm.adder_conv_with_statistics(x, kernel, input_norm=input_norm,
+                                                             **options)
+  _follow_batch_statistics(bn, mean, var)
+  norm = adder_batch_norm.InputNorm(mean, var, scale, bias, bn.epsilon)
+  if defer and relu and residual is None:
+    return PendingBatchNormRelu(y, norm)
+  return batch_norm_ops.apply_batch_statistics(y, mean, var, scale, bias, residual,
+                                               epsilon=bn.epsilon, relu=relu)
+
+
+def _fused_adder_conv_operands(conv: nnx.Module, inputs: jax.Array | PendingBatchNormRelu,
+                               bn: nnx.BatchNorm, residual: jax.Array | None):
+  """``(x, kernel, input_norm, options)`` of the fused op for ``conv`` on ``inputs``, or None
+  where it does not run (`adder_conv_batch_norm`'s conditions)."""
+  x, input_norm = (inputs.y, inputs.norm) if isinstance(inputs, PendingBatchNormRelu) else (
+      inputs, None)
+  if (not isinstance(conv, AdderConv) or conv.bias is not None or conv.p is not None
+      or x.ndim != 4 or x.shape[-1] != conv.in_features):
+    return None
+  kernel = conv.kernel[...]
+  x, kernel, _ = full_precision_operands(conv.promote_dtype((x, kernel, None), dtype=conv.dtype),
+                                         kernel, None)
+  padded, padding = pad_input(x, kernel.shape[:2], conv.kernel_dilation, conv.padding)
+  if padded is not x and input_norm is not None:  # "CIRCULAR" or "REFLECT": pads the input.
+    x, input_norm = adder_batch_norm.apply_input_norm(x, input_norm), None
+    padded, padding = pad_input(x, kernel.shape[:2], conv.kernel_dilation, conv.padding)
+  x = padded
+  options = dict(strides=conv.strides, padding=padding, rhs_dilation=conv.kernel_dilation,
+                 feature_group_count=conv.feature_group_count, implementation=conv.implementation)
+  if adder_batch_norm.fused_unsupported_reason(x, kernel, bn.scale[...], bn.bias[...], residual,
+                                               **options) is not None:
+    return None
+  return x, kernel, input_norm, dict(options, grad_mode=conv.grad_mode)
 
 
 class BinaryConv(nnx.Conv):

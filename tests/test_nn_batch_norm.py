@@ -1,6 +1,7 @@
 """adderjax.nn.batch_norm_relu against ``nnx.relu(bn(y) + residual)`` of an identical BatchNorm.
 
-And adderjax.nn.batch_norm (no ReLU, no residual) against ``bn(y)``."""
+And adderjax.nn.batch_norm (no ReLU, no residual) against ``bn(y)``, and
+adderjax.nn.adder_conv_batch_norm against ``relu(bn(conv(x)) + residual)``."""
 
 from flax import nnx
 import jax
@@ -8,8 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adderjax.nn import _fused_unsupported_reason, batch_norm, batch_norm_relu
+from adderjax.nn import (
+  AdderConv,
+  _fused_unsupported_reason,
+  adder_conv_batch_norm,
+  batch_norm,
+  batch_norm_fusion,
+  batch_norm_relu,
+)
 from adderjax.ops import cpu_native, native_build
+from tests.ops.test_batch_norm import oracle
 
 NATIVE = jax.default_backend() == "cpu" and cpu_native.available()
 native = pytest.mark.skipif(not NATIVE, reason="native kernels unavailable: "
@@ -344,3 +353,124 @@ def test_batch_norm_in_eval_mode_and_where_it_falls_back_is_the_layer():
   np.testing.assert_array_equal(got, plain_bn(y16))
   for got_stat, want_stat in zip(stats(fused_bn), stats(plain_bn), strict=True):
     np.testing.assert_array_equal(got_stat, want_stat)
+
+
+# adder_conv_batch_norm: an AdderConv and its BatchNorm, the statistics summed in the conv.
+
+
+def twin_blocks(features=8, **conv_options):
+  """``((conv, bn), (conv, bn))``: identical AdderConvs (3 -> features, 3x3) and BatchNorms."""
+  convs = [AdderConv(3, features, 3, rngs=nnx.Rngs(3), **conv_options) for _ in range(2)]
+  return tuple(zip(convs, twin_norms(features), strict=True))
+
+
+def conv_data(seed=2):
+  """``(x, residual)`` for an 8x8 input of 3 channels and 8 output channels."""
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32),
+          jnp.asarray(rng.normal(size=(4, 8, 8, 8)), jnp.float32))
+
+
+def unfused_conv(conv, bn, x, residual=None, relu=True):
+  out = bn(conv(x))
+  out = out if residual is None else out + residual
+  return nnx.relu(out) if relu else out
+
+
+@native
+@pytest.mark.parametrize("with_residual, relu", [(True, True), (False, True), (False, False),
+                                                 (True, False)],
+                         ids=["residual-relu", "relu", "identity", "residual-identity"])
+def test_adder_conv_batch_norm_matches_the_unfused_layers(with_residual, relu):
+  (conv, bn), (plain_conv, plain_bn) = twin_blocks()
+  before = stats(bn)
+  x, r = conv_data()
+  r = r if with_residual else None
+
+  @nnx.jit
+  def both(conv, bn, plain_conv, plain_bn, x, r):
+    def fused_loss(conv, bn):
+      out = adder_conv_batch_norm(conv, bn, x, residual=r, relu=relu)
+      return jnp.sum(jnp.sin(out)), out
+
+    def plain_loss(conv, bn):
+      out = unfused_conv(conv, bn, x, r, relu)
+      return jnp.sum(jnp.sin(out)), out
+
+    grad = nnx.grad(fused_loss, argnums=(0, 1), has_aux=True)
+    plain_grad = nnx.grad(plain_loss, argnums=(0, 1), has_aux=True)
+    return grad(conv, bn), plain_grad(plain_conv, plain_bn)
+
+  y = plain_conv(x)
+  scale, bias = np.asarray(plain_bn.scale[...]), np.asarray(plain_bn.bias[...])
+  (grads, out), (want_grads, want) = both(conv, bn, plain_conv, plain_bn, x, r)
+  # Against BatchNorm on the conv's output in float64; Flax's float32 E[y^2] - E[y]^2 at the
+  # adder offset (about -30 over a spread of 5) is itself 5e-5 off.
+  exact = oracle(y, scale, bias, r, relu=relu)[0]
+  np.testing.assert_allclose(out, exact, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(want, exact, rtol=0, atol=2e-4)
+  # The running statistics moved as nnx.BatchNorm moves them, towards the float64 statistics.
+  rows = np.asarray(y, np.float64).reshape(-1, y.shape[-1])
+  for got_stat, want_stat, old, batch in zip(stats(bn), stats(plain_bn), before,
+                                             (rows.mean(0), rows.var(0)), strict=True):
+    np.testing.assert_allclose(got_stat, 0.9 * old + 0.1 * batch, rtol=1e-6)
+    np.testing.assert_allclose(got_stat, want_stat, rtol=1e-4)
+  assert not np.allclose(stats(bn)[0], before[0]) and not np.allclose(stats(bn)[1], before[1])
+  for got_leaf, want_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads),
+                                 strict=True):
+    want_leaf = np.asarray(want_leaf)
+    assert np.any(want_leaf != 0)
+    np.testing.assert_allclose(got_leaf, want_leaf, rtol=0,
+                               atol=1e-4 * np.abs(want_leaf).max())
+
+
+def _fused_targets(conv, bn, x, **options):
+  """Which of the fused op's kernels ``adder_conv_batch_norm`` lowers to, jitted."""
+  text = nnx.jit(lambda conv, bn, x: adder_conv_batch_norm(conv, bn, x, **options)).lower(
+      conv, bn, x).as_text()
+  return (f"@{native_build.FORWARD_STATS_TARGET}(" in text,
+          f"@{native_build.BATCH_NORM_APPLY_TARGET}(" in text)
+
+
+@native
+def test_adder_conv_batch_norm_runs_the_fused_kernels_in_training_mode_only():
+  (conv, bn), _ = twin_blocks()
+  x, _ = conv_data()
+  assert _fused_targets(conv, bn, x) == (True, True)
+  assert _fused_targets(conv, bn, x, use_running_average=True) == (False, False)
+  bn.eval()
+  assert _fused_targets(conv, bn, x) == (False, False)
+  assert _fused_targets(conv, bn, x, use_running_average=False) == (True, True)
+
+
+@native
+@pytest.mark.parametrize("options", [dict(use_bias=True), dict(p=1.5), dict(implementation="xla"),
+                                     dict(dtype=jnp.bfloat16)],
+                         ids=["bias", "exponent", "xla", "bfloat16"])
+def test_adder_conv_batch_norm_runs_other_layers_unfused(options):
+  """A bias, an exponent, another implementation or dtype: the layers one after the other."""
+  (conv, bn), (plain_conv, plain_bn) = twin_blocks(**options)
+  x, _ = conv_data()
+  assert _fused_targets(conv, bn, x) == (False, False)
+  got = nnx.jit(adder_conv_batch_norm)(conv, bn, x)
+  want = nnx.jit(unfused_conv)(plain_conv, plain_bn, x)
+  # The native BatchNorm's statistics against Flax's E[y^2] - E[y]^2: 5e-5 apart.
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=0, atol=0.05 if "dtype" in options else 2e-4)
+
+
+@native
+def test_batch_norm_fusion_off_runs_the_conv_module():
+  (conv, bn), _ = twin_blocks()
+  x, _ = conv_data()
+  with batch_norm_fusion(False):
+    assert _fused_targets(conv, bn, x) == (False, False)
+
+
+@native
+def test_adder_conv_batch_norm_of_another_layer_calls_it():
+  conv = nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
+  (_, bn), (_, plain_bn) = twin_blocks()
+  x, _ = conv_data()
+  got = nnx.jit(adder_conv_batch_norm)(conv, bn, x)
+  np.testing.assert_allclose(got, nnx.jit(unfused_conv)(conv, plain_bn, x), rtol=0, atol=2e-4)

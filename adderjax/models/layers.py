@@ -31,8 +31,11 @@ from adderjax.nn import (
   AdderDense,
   BinaryConv,
   BinaryDense,
+  PendingBatchNormRelu,
+  adder_conv_batch_norm,
   batch_norm_relu,
   float32_statistics,
+  materialize,
 )
 from adderjax.nn import batch_norm as fused_batch_norm  # layers.batch_norm builds one
 from adderjax.ops.dispatch import ImplementationLike, check_implementation
@@ -49,6 +52,7 @@ __all__ = [
     "check_inputs",
     "check_kind",
     "check_positive_int",
+    "conv_batch_norm_activation",
     "conv_layer",
     "dense_layer",
     "global_average_pool",
@@ -312,6 +316,46 @@ def batch_norm_activation(bn: nnx.BatchNorm, y: jax.Array,
     return fused_batch_norm(bn, y)
   out = bn(y) if residual is None else bn(y) + residual
   return out if activation is None else activation(out)
+
+
+def conv_batch_norm_activation(conv: nnx.Module, bn: nnx.BatchNorm,
+                               x: jax.Array | PendingBatchNormRelu,
+                               activation: Callable[[jax.Array], jax.Array] | None, *,
+                               residual: jax.Array | None = None,
+                               defer: bool = False) -> jax.Array | PendingBatchNormRelu:
+  """``activation(bn(conv(x)) + residual)``: after an adder convolution, one fused op.
+
+  With an :class:`adderjax.nn.AdderConv` and a ReLU or no activation, this is
+  :func:`adderjax.nn.adder_conv_batch_norm`, whose adder forward sums the
+  BatchNorm's statistics in training mode on the CPU, and which with
+  ``defer=True`` may leave the BatchNorm and ReLU to the next adder layer (a
+  :class:`adderjax.nn.PendingBatchNormRelu`, for ``x`` of the next call of
+  this function only); otherwise :func:`batch_norm_activation` of
+  ``conv(x)``. The numbers are those of the unfused layers to float32
+  rounding.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from adderjax.models.layers import Layers, conv_batch_norm_activation
+    >>> make = Layers(kind="adder", rngs=nnx.Rngs(0))
+    >>> conv, bn = make.conv(3, 4, 3), make.batch_norm(4)
+    >>> conv_batch_norm_activation(conv, bn, jnp.ones((2, 8, 8, 3)), nnx.relu).shape
+    (2, 8, 8, 4)
+
+  Args:
+    conv: the convolution.
+    bn: the BatchNorm after it.
+    x: the convolution's input (a :class:`adderjax.nn.PendingBatchNormRelu` from a ``defer``
+      call).
+    activation: applied last (:func:`activation` of the model's kind), or None.
+    residual: added after the BatchNorm (the output's shape), or None.
+    defer: whether the next adder layer may apply the BatchNorm and ReLU (see above).
+  """
+  if isinstance(conv, AdderConv) and activation in (nnx.relu, None):
+    return adder_conv_batch_norm(conv, bn, x, residual=residual, relu=activation is not None,
+                                 defer=defer)
+  return batch_norm_activation(bn, conv(materialize(x)), activation, residual=residual)
 
 
 def global_average_pool(x: jax.Array) -> jax.Array:

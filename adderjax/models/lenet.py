@@ -23,6 +23,7 @@ from adderjax.models.layers import (
   batch_norm_activation,
   check_inputs,
   check_positive_int,
+  conv_batch_norm_activation,
   max_pool,
 )
 from adderjax.ops import ImplementationLike
@@ -107,8 +108,8 @@ class LeNet5BN(nnx.Module):
     """
     check_inputs(inputs, channels=1, spatial=(28, 28))
     act = self.activation
-    x = max_pool(batch_norm_activation(self.bn1, self.conv1(inputs), act), 2, 2)
-    x = max_pool(batch_norm_activation(self.bn2, self.conv2(x), act), 2, 2)
+    x = max_pool(conv_batch_norm_activation(self.conv1, self.bn1, inputs, act), 2, 2)
+    x = max_pool(conv_batch_norm_activation(self.conv2, self.bn2, x, act), 2, 2)
     x = jnp.reshape(x, (x.shape[0], -1))
     x = batch_norm_activation(self.bn3, self.fc1(x), act)
     x = batch_norm_activation(self.bn4, self.fc2(x), act)

@@ -25,6 +25,7 @@ from adderjax.models.layers import (
   batch_norm_activation,
   check_inputs,
   check_positive_int,
+  conv_batch_norm_activation,
   global_average_pool,
   max_pool,
 )
@@ -70,7 +71,7 @@ class Downsample(nnx.Module):
     self.bn = make.batch_norm(out_features)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return batch_norm_activation(self.bn, self.conv(x), None)
+    return conv_batch_norm_activation(self.conv, self.bn, x, None)
 
 
 def _shortcut(make: Layers, in_features: int, out_features: int,
@@ -119,9 +120,11 @@ class BasicBlock(nnx.Module):
     self.activation = make.activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    out = batch_norm_activation(self.bn1, self.conv1(x), self.activation)
+    # The first BatchNorm and ReLU left to conv2's kernels where they can apply them.
+    out = conv_batch_norm_activation(self.conv1, self.bn1, x, self.activation, defer=True)
     identity = x if self.downsample is None else self.downsample(x)
-    return batch_norm_activation(self.bn2, self.conv2(out), self.activation, residual=identity)
+    return conv_batch_norm_activation(self.conv2, self.bn2, out, self.activation,
+                                      residual=identity)
 
 
 class Bottleneck(nnx.Module):
@@ -169,10 +172,11 @@ class Bottleneck(nnx.Module):
     self.activation = make.activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    out = batch_norm_activation(self.bn1, self.conv1(x), self.activation)
-    out = batch_norm_activation(self.bn2, self.conv2(out), self.activation)
+    out = conv_batch_norm_activation(self.conv1, self.bn1, x, self.activation, defer=True)
+    out = conv_batch_norm_activation(self.conv2, self.bn2, out, self.activation, defer=True)
     identity = x if self.downsample is None else self.downsample(x)
-    return batch_norm_activation(self.bn3, self.conv3(out), self.activation, residual=identity)
+    return conv_batch_norm_activation(self.conv3, self.bn3, out, self.activation,
+                                      residual=identity)
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from adderjax.models.layers import (
   Kind,
   Layers,
-  batch_norm_activation,
   check_inputs,
   check_positive_int,
+  conv_batch_norm_activation,
   max_pool,
 )
 from adderjax.ops import ImplementationLike
@@ -93,7 +93,8 @@ class VGGSmall(nnx.Module):
     check_inputs(inputs, channels=3, spatial=(32, 32))
     x = inputs
     for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-      x = batch_norm_activation(norm, conv(x), self.activation)
+      # Left to the next convolution where no pooling comes between.
+      x = conv_batch_norm_activation(conv, norm, x, self.activation, defer=not i % 2)
       if i % 2:
         x = max_pool(x, 2, 2)
     return self.classifier(jnp.reshape(x, (x.shape[0], -1)))

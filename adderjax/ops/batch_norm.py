@@ -43,7 +43,8 @@ import numpy as np
 
 from adderjax.ops import cpu_native, native_build
 
-__all__ = ["IMPLEMENTATIONS", "BatchNormImplementation", "batch_norm_act", "native_supported"]
+__all__ = ["IMPLEMENTATIONS", "BatchNormImplementation", "apply_batch_statistics",
+           "batch_norm_act", "batch_norm_relu_backward", "batch_statistics", "native_supported"]
 
 BatchNormImplementation = Literal["cpu", "xla"]
 IMPLEMENTATIONS: tuple[BatchNormImplementation, ...] = ("cpu", "xla")
@@ -67,11 +68,14 @@ def _check_operands(y, scale, bias, residual) -> None:
 
 
 def native_supported(y: jax.Array, *others: jax.Array | None) -> str | None:
-  """Why the native kernels cannot run on ``y`` (and ``others``: scale, bias, residual), or None.
+  """Why the native kernels cannot run on ``y``, or None.
+
+  ``others`` are the other operands, in the order scale, bias, residual, mean, var (None for
+  one that is absent).
   """
   if jax.default_backend() != "cpu":
     return f"they run on the CPU backend, this is {jax.default_backend()!r}"
-  for name, value in zip(("y", "scale", "bias", "residual"), (y, *others)):
+  for name, value in zip(("y", "scale", "bias", "residual", "mean", "var"), (y, *others)):
     if value is not None and jnp.dtype(jnp.result_type(value)) != jnp.float32:
       return f"they take float32, {name} is {jnp.dtype(jnp.result_type(value)).name}"
   if not cpu_native.available():
@@ -118,6 +122,71 @@ def batch_norm_act(y: jax.Array, scale: jax.Array, bias: jax.Array,
   else:
     out, mean, var = _reference(y, scale, bias, residual, float(epsilon), bool(relu))
   return out, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+def apply_batch_statistics(y: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
+                           bias: jax.Array, residual: jax.Array | None = None, *,
+                           epsilon: float = 1e-5, relu: bool = True) -> jax.Array:
+  """`batch_norm_act`'s output for batch statistics summed elsewhere (native kernels only).
+
+  ``mean`` and ``var`` must be the batch mean and biased variance of ``y`` per channel, as the
+  adder forward sums them in its epilogue (`adderjax.ops.adder_batch_norm`): the forward applies
+  them in one pass over ``y``, and the gradient is `batch_norm_act`'s, through the statistics
+  as functions of ``y``; ``mean`` and ``var`` themselves get none (zeros).
+
+  Args:
+    y: the layer's output, channels last.
+    mean: its batch mean per channel, ``(C,)``.
+    var: its biased batch variance per channel, ``(C,)``.
+    scale: the BatchNorm's scale, ``(C,)``.
+    bias: the BatchNorm's bias, ``(C,)``.
+    residual: added after the normalisation, before the ReLU (``y``'s shape), or None.
+    epsilon: added to the variance.
+    relu: whether to apply the ReLU.
+
+  Returns:
+    ``relu((y - mean) * scale * rsqrt(var + epsilon) + bias + residual)``.
+
+  Raises:
+    ValueError: for operands of the wrong shape, or where the native kernels cannot run
+      (saying why).
+  """
+  _check_operands(y, scale, bias, residual)
+  for name, value in (("mean", mean), ("var", var)):
+    if jnp.shape(value) != (y.shape[-1],):
+      raise ValueError(f"{name} must have shape ({y.shape[-1]},) (y's channels), got "
+                       f"{name} of shape {jnp.shape(value)}.")
+  reason = native_supported(y, scale, bias, residual, mean, var)
+  if reason is not None:
+    raise ValueError(f"apply_batch_statistics runs the native kernels, which cannot run here: "
+                     f"{reason}.")
+  return _native_apply(y, scale, bias, residual, mean, var, float(epsilon), bool(relu),
+                       residual is not None)
+
+
+def batch_norm_relu_backward(d_out: jax.Array, y: jax.Array, mean: jax.Array, var: jax.Array,
+                             scale: jax.Array, bias: jax.Array, *, epsilon: float = 1e-5,
+                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The gradient of ``relu(BatchNorm(y))`` in training mode (native kernels, float32).
+
+  For a kernel that applies the BatchNorm and ReLU where it reads ``y`` (`adderjax.ops.
+  adder_batch_norm`) and so needs their gradient in its own backward: `batch_norm_act`'s, with
+  ``mean`` and ``var`` the batch statistics of ``y``, the ReLU's mask computed from ``y``.
+
+  Returns:
+    ``(dy, dscale, dbias)`` for the cotangent ``d_out`` of the output.
+  """
+  saved = (y, _empty(), scale, bias, mean, var)
+  dy, dscale, dbias, _ = _native_backward(float(epsilon), True, False, saved, (d_out,))
+  return dy, dscale, dbias
+
+
+def batch_statistics(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The batch mean and biased variance per channel (the last axis) of ``y``, in `jax.numpy`.
+
+  Summed around each channel's first value, as `batch_norm_act` sums them; differentiable.
+  """
+  return _statistics(y)
 
 
 def _statistics(y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -179,3 +248,26 @@ def _native_backward(epsilon, relu, with_residual, saved, cotangents):
 
 
 _native.defvjp(_native_forward, _native_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _native_apply(y, scale, bias, residual, mean, var, epsilon, relu, with_residual):
+  return _native_apply_forward(y, scale, bias, residual, mean, var, epsilon, relu,
+                               with_residual)[0]
+
+
+def _native_apply_forward(y, scale, bias, residual, mean, var, epsilon, relu, with_residual):
+  out = _call(native_build.BATCH_NORM_APPLY_TARGET, jax.ShapeDtypeStruct(y.shape, jnp.float32),
+              y, scale, bias, residual if with_residual else _empty(), mean, var,
+              epsilon=epsilon, relu=relu)
+  mask_source = out if relu and with_residual else _empty()
+  return out, (y, mask_source, scale, bias, mean, var)
+
+
+def _native_apply_backward(epsilon, relu, with_residual, saved, d_out):
+  mean, var = saved[4:]
+  dy, dscale, dbias, dr = _native_backward(epsilon, relu, with_residual, saved, (d_out,))
+  return dy, dscale, dbias, dr, jnp.zeros_like(mean), jnp.zeros_like(var)
+
+
+_native_apply.defvjp(_native_apply_forward, _native_apply_backward)

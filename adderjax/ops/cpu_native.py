@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 import warnings
 
 import jax
@@ -58,8 +59,8 @@ import numpy as np
 from adderjax.ops import native_build, sharding, xla
 from adderjax.ops.spec import ConvSpec
 
-__all__ = ["NativeCpuAdderConv", "available", "check_usable", "library_path",
-           "unavailable_reason"]
+__all__ = ["InputNorm", "NativeCpuAdderConv", "available", "check_usable",
+           "forward_with_statistics", "library_path", "unavailable_reason"]
 
 def available() -> bool:
   """Whether the native kernels are built and loaded (building them if needed).
@@ -117,6 +118,47 @@ def _round_up(n: int, multiple: int) -> int:
 
 def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
   """The native forward: ``-sum |Xpad - F|`` as ``(B, Ho, Wo, O)`` (float32)."""
+  return _forward(native_build.FORWARD_TARGET, x, w, spec)
+
+
+class InputNorm(NamedTuple):
+  """A BatchNorm in training mode and a ReLU that a layer's input goes through first.
+
+  A kernel given one reads ``relu((x - mean) * scale * rsqrt(var + epsilon) + bias)`` where it
+  reads ``x``, computed as `adderjax.ops.batch_norm` computes it (the same bits), in the copies
+  it makes anyway, so that the normalised input is never written out.
+  """
+
+  mean: jax.Array
+  var: jax.Array
+  scale: jax.Array
+  bias: jax.Array
+  epsilon: float
+
+
+def forward_with_statistics(x: jax.Array, w: jax.Array, spec: ConvSpec,
+                            input_norm: InputNorm | None = None,
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """:func:`forward`, and the batch mean and biased variance of its output per channel.
+
+  The kernel sums each output row's statistics in its epilogue and combines the rows in double
+  (``csrc/adder_forward_cpu.cc``); with ``input_norm``, ``x`` goes through it first. No
+  gradient is defined here (`adderjax.ops.adder_batch_norm` gives one). ``x`` must have at
+  least one output pixel.
+  """
+  return _forward(native_build.FORWARD_STATS_TARGET, x, w, spec, statistics=True,
+                  input_norm=input_norm)
+
+
+def _norm_operands(input_norm: InputNorm | None) -> tuple[tuple[jax.Array, ...], np.float32]:
+  """The four buffers (f32[0] each for none) and ``epsilon`` of a kernel's ``input_norm``."""
+  if input_norm is None:
+    return (jnp.zeros((0,), jnp.float32),) * 4, np.float32(0.0)
+  return tuple(input_norm[:4]), np.float32(input_norm.epsilon)
+
+
+def _forward(target: str, x: jax.Array, w: jax.Array, spec: ConvSpec, *,
+             statistics: bool = False, input_norm: InputNorm | None = None):
   kh, kw, cg, out = w.shape
   groups, per_group = spec.groups, out // spec.groups
   ho, wo = spec.output_spatial(x.shape[1:3], (kh, kw))
@@ -124,18 +166,25 @@ def forward(x: jax.Array, w: jax.Array, spec: ConvSpec) -> jax.Array:
   # Filters as (G, K, Opad), K in (row, column, channel) order.
   wt = xla._pad_axis(w.reshape(kh * kw * cg, groups, per_group).transpose(1, 0, 2), -1, opad)
   (sh, sw), (dh, dw), ((top, _), (left, _)) = spec.strides, spec.dilation, spec.padding
-  call = jax.ffi.ffi_call(native_build.FORWARD_TARGET,
-                          jax.ShapeDtypeStruct((x.shape[0], ho, wo, out), jnp.float32),
-                          vmap_method="sequential")
+  y = jax.ShapeDtypeStruct((x.shape[0], ho, wo, out), jnp.float32)
+  geometry = dict(kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw),
+                  dh=np.int64(dh), dw=np.int64(dw), top=np.int64(top), left=np.int64(left),
+                  groups=np.int64(groups))
   # The kernel reads the zero padding in place of the rows and columns outside x.
-  return call(x, wt, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw),
-              dh=np.int64(dh), dw=np.int64(dw), top=np.int64(top), left=np.int64(left),
-              groups=np.int64(groups))
+  if not statistics:
+    return jax.ffi.ffi_call(target, y, vmap_method="sequential")(x, wt, **geometry)
+  channels = jax.ShapeDtypeStruct((out,), jnp.float32)
+  norm, epsilon = _norm_operands(input_norm)
+  call = jax.ffi.ffi_call(target, (y, channels, channels), vmap_method="sequential")
+  return call(x, wt, *norm, epsilon=epsilon, **geometry)
 
 
-def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
-                              spec: ConvSpec) -> jax.Array:
-  """The native ``sum g * HardTanh(F - Xpad)``, any stride: ``(B, H, W, C)`` (float32)."""
+def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                              input_norm: InputNorm | None = None) -> jax.Array:
+  """The native ``sum g * HardTanh(F - Xpad)``, any stride: ``(B, H, W, C)`` (float32).
+
+  With ``input_norm``, ``x`` is read through it (its gradient is still the normalised input's).
+  """
   kh, kw, cg, _ = w.shape
   (sh, sw), (dh, dw), ((top, _), (left, _)) = spec.strides, spec.dilation, spec.padding
   # Input column x (of W) feeds output column (x + left - j*dw) / sw, which lies in
@@ -143,11 +192,17 @@ def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
   # before and zeros after (a copy per image, in its cache, not an XLA pad).
   g_left = max(0, -((left - (kw - 1) * dw) // sw))
   wt = _filters_by_output_channel(w, spec.groups, _round_up(cg, _vector_width()))
-  call = jax.ffi.ffi_call(native_build.INPUT_GRAD_TARGET,
-                          jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
-  return call(x, g, wt, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
-              top=np.int64(top), left=np.int64(left), g_left=np.int64(g_left),
-              groups=np.int64(spec.groups))
+  options = dict(sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
+                 top=np.int64(top), left=np.int64(left), g_left=np.int64(g_left),
+                 groups=np.int64(spec.groups))
+  result = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  if input_norm is None:
+    call = jax.ffi.ffi_call(native_build.INPUT_GRAD_TARGET, result, vmap_method="sequential")
+    return call(x, g, wt, **options)
+  norm, epsilon = _norm_operands(input_norm)
+  call = jax.ffi.ffi_call(native_build.INPUT_GRAD_NORMED_TARGET, result,
+                          vmap_method="sequential")
+  return call(x, g, wt, *norm, epsilon=epsilon, **options)
 
 
 def _filters_by_output_channel(w: jax.Array, groups: int, cpad: int) -> jax.Array:
@@ -157,17 +212,27 @@ def _filters_by_output_channel(w: jax.Array, groups: int, cpad: int) -> jax.Arra
   return xla._pad_axis(wt, -1, cpad)
 
 
-def weight_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array,
-                               spec: ConvSpec) -> jax.Array:
-  """The native ``sum g * (Xpad - F)`` over the batch and the output pixels: ``w``'s shape."""
+def weight_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array, spec: ConvSpec,
+                               input_norm: InputNorm | None = None) -> jax.Array:
+  """The native ``sum g * (Xpad - F)`` over the batch and the output pixels: ``w``'s shape.
+
+  With ``input_norm``, ``x`` is read through it.
+  """
   kh, kw, cg, out = w.shape
   groups = spec.groups
   wt = _filters_by_output_channel(w, groups, _round_up(cg, _vector_width()))
   (sh, sw), (dh, dw), ((top, _), (left, _)) = spec.strides, spec.dilation, spec.padding
-  call = jax.ffi.ffi_call(native_build.WEIGHT_GRAD_TARGET,
-                          jax.ShapeDtypeStruct(wt.shape, jnp.float32), vmap_method="sequential")
-  dwt = call(x, g, wt, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
-             top=np.int64(top), left=np.int64(left), groups=np.int64(groups))
+  options = dict(sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
+                 top=np.int64(top), left=np.int64(left), groups=np.int64(groups))
+  result = jax.ShapeDtypeStruct(wt.shape, jnp.float32)
+  if input_norm is None:
+    call = jax.ffi.ffi_call(native_build.WEIGHT_GRAD_TARGET, result, vmap_method="sequential")
+    dwt = call(x, g, wt, **options)
+  else:
+    norm, epsilon = _norm_operands(input_norm)
+    call = jax.ffi.ffi_call(native_build.WEIGHT_GRAD_NORMED_TARGET, result,
+                            vmap_method="sequential")
+    dwt = call(x, g, wt, *norm, epsilon=epsilon, **options)
   return dwt[..., :cg].transpose(1, 2, 4, 0, 3).reshape(kh, kw, cg, out)
 
 

@@ -41,26 +41,38 @@ import jax
 
 from adderjax._paths import user_cache_dir
 
-__all__ = ["BATCH_NORM_GRAD_TARGET", "BATCH_NORM_TARGET", "ENV_CACHE_DIR", "ENV_DISABLE", "FLAGS",
-           "FORWARD_TARGET", "HEADERS", "INPUT_GRAD_TARGET", "INTEGER_TARGETS", "SOURCES",
-           "WEIGHT_GRAD_TARGET", "build_and_open", "compiler", "disabled", "load"]
+__all__ = ["BATCH_NORM_APPLY_TARGET", "BATCH_NORM_GRAD_TARGET", "BATCH_NORM_TARGET",
+           "ENV_CACHE_DIR", "ENV_DISABLE", "FLAGS", "FORWARD_STATS_TARGET", "FORWARD_TARGET",
+           "HEADERS", "INPUT_GRAD_NORMED_TARGET", "INPUT_GRAD_TARGET", "INTEGER_TARGETS",
+           "SOURCES", "WEIGHT_GRAD_NORMED_TARGET", "WEIGHT_GRAD_TARGET", "build_and_open",
+           "compiler", "disabled", "load"]
 
 ENV_DISABLE = "ADDERJAX_NATIVE"
 ENV_CACHE_DIR = "ADDERJAX_CACHE_DIR"
 
 # The XLA FFI targets of the float kernels and the library symbols of their handlers.
 FORWARD_TARGET = "adderjax_adder_forward"
+FORWARD_STATS_TARGET = "adderjax_adder_forward_stats"  # and the batch mean and variance of y
 INPUT_GRAD_TARGET = "adderjax_adder_input_grad"
 WEIGHT_GRAD_TARGET = "adderjax_adder_weight_grad"
+# The gradients with the input read through a BatchNorm and ReLU (adderjax.ops.adder_batch_norm).
+INPUT_GRAD_NORMED_TARGET = "adderjax_adder_input_grad_normed"
+WEIGHT_GRAD_NORMED_TARGET = "adderjax_adder_weight_grad_normed"
 # BatchNorm in training mode with its ReLU and residual add (csrc/batch_norm_cpu.cc, called by
-# adderjax.ops.batch_norm): the forward and its gradient.
+# adderjax.ops.batch_norm): the forward, its gradient, and the forward's second pass alone for
+# statistics the adder forward summed (adderjax.ops.adder_batch_norm).
 BATCH_NORM_TARGET = "adderjax_batch_norm_act"
 BATCH_NORM_GRAD_TARGET = "adderjax_batch_norm_act_grad"
+BATCH_NORM_APPLY_TARGET = "adderjax_batch_norm_apply"
 _FLOAT_SYMBOLS = {FORWARD_TARGET: "AdderjaxAdderForward",
+                  FORWARD_STATS_TARGET: "AdderjaxAdderForwardStats",
                   INPUT_GRAD_TARGET: "AdderjaxAdderInputGrad",
                   WEIGHT_GRAD_TARGET: "AdderjaxAdderWeightGrad",
+                  INPUT_GRAD_NORMED_TARGET: "AdderjaxAdderInputGradNormed",
+                  WEIGHT_GRAD_NORMED_TARGET: "AdderjaxAdderWeightGradNormed",
                   BATCH_NORM_TARGET: "AdderjaxBatchNormAct",
-                  BATCH_NORM_GRAD_TARGET: "AdderjaxBatchNormActGrad"}
+                  BATCH_NORM_GRAD_TARGET: "AdderjaxBatchNormActGrad",
+                  BATCH_NORM_APPLY_TARGET: "AdderjaxBatchNormApply"}
 INTEGER_TARGETS = {
     # (lanes, scaled): (FFI target, symbol) of the integer layers' kernels (csrc/adder_int_cpu.cc,
     # called by adderjax.ops.cpu_native_int): int32 sums, or the float epilogue applied.
@@ -80,6 +92,7 @@ SOURCES = (
 )
 # What the sources include, part of the cache key like them.
 HEADERS = (
+    "batch_norm.h",  # BatchNorm's normalisation and ReLU, for its kernels and the adder ones.
     "parallel_for.h",  # The work sharing over XLA's intra-op thread pool.
     "vec.h",  # The float kernels' SIMD layer (Vec) and tile-height dispatch.
 )

@@ -1,11 +1,16 @@
-"""The models' fused BatchNorm + ReLU (adderjax.models.layers.batch_norm_activation).
+"""The models' fused BatchNorm + ReLU (adderjax.models.layers.conv_batch_norm_activation).
 
-An adder ResNet-20 in training mode, with every BatchNorm followed by a ReLU,
-and the shortcuts' (no activation), run as one native op each, against the same
-model with the unfused ``activation(bn(y) + residual)``: logits, every gradient
-and the running statistics after the step. The models are built abstractly and filled from
-NumPy (as tests/models/test_models.py does): JAX's random initialisation
-compiles once per parameter shape, about 10 s for ResNet-20.
+An adder ResNet-20 in training mode, every adder convolution and the
+BatchNorm (+ ReLU, + residual) after it run as the fused op (the statistics
+summed in the adder forward, the BatchNorm applied in one pass, or, for the
+first of each block, by the second convolution's kernels as they read their
+input), and the stem's BatchNorm + ReLU as one native op, against the same
+model with the unfused ``activation(bn(conv(x)) + residual)``: logits, every
+gradient and the running statistics after the step; and the deferred
+BatchNorm against the same fused model without deferral, bit for bit. The
+models are built abstractly and filled from NumPy (as
+tests/models/test_models.py does): JAX's random initialisation compiles once
+per parameter shape, about 10 s for ResNet-20.
 """
 
 import math
@@ -16,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adderjax.models import resnet, resnet20
+from adderjax.models import layers, resnet, resnet20
 from adderjax.models.layers import batch_norm_activation
 from adderjax.nn import AdderKernel
 from adderjax.ops import cpu_native, native_build
@@ -27,10 +32,13 @@ pytestmark = pytest.mark.skipif(
     + (cpu_native.unavailable_reason() if jax.default_backend() == "cpu" else "not a CPU backend"))
 
 # ResNet-20: a BatchNorm + ReLU after the stem and two per block, fused; the two shortcuts'
-# BatchNorms have no ReLU and are fused too; the one on the logits (a 2-D input) is not.
+# BatchNorms have no ReLU and are fused too; the one on the logits (a 2-D input) is not. All
+# but the stem's follow an adder convolution, which sums their statistics.
 RELU_SITES = 19
 SHORTCUTS = 2
 FUSED_SITES = RELU_SITES + SHORTCUTS
+ADDER_SITES = FUSED_SITES - 1
+DEFERRED_SITES = 9  # the first BatchNorm + ReLU of each block, applied by the second conv
 BATCH_NORMS = FUSED_SITES + 1
 KERNELS = 19 + 2 + 1  # the stem and block convolutions, the shortcuts, the classifier (no bias)
 
@@ -92,6 +100,16 @@ def unfused_batch_norm_activation(bn, y, activation, *, residual=None):
   return out if activation is None else activation(out)
 
 
+def unfused_conv_batch_norm_activation(conv, bn, x, activation, *, residual=None, defer=False):
+  del defer
+  return unfused_batch_norm_activation(bn, conv(x), activation, residual=residual)
+
+
+def undeferred_conv_batch_norm_activation(conv, bn, x, activation, *, residual=None, defer=False):
+  del defer
+  return layers.conv_batch_norm_activation(conv, bn, x, activation, residual=residual)
+
+
 @pytest.fixture(scope="module")
 def adder_model():
   graphdef, params, rest = numpy_model("adder")
@@ -111,8 +129,22 @@ def both_paths(adder_model):
   fused = lowered_and_run(*adder_model)
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(resnet, "batch_norm_activation", unfused_batch_norm_activation)
+    patch.setattr(resnet, "conv_batch_norm_activation", unfused_conv_batch_norm_activation)
     unfused = lowered_and_run(*adder_model)
   return fused, unfused
+
+
+def test_the_deferred_batch_norms_give_the_same_bits(both_paths, adder_model):
+  """The block's first BatchNorm + ReLU applied by conv2's kernels as they read, or written out
+  by the fused op: the same logits, gradients and statistics, bit for bit."""
+  (_, deferred), _ = both_paths
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(resnet, "conv_batch_norm_activation", undeferred_conv_batch_norm_activation)
+    text, written = lowered_and_run(*adder_model)
+  assert native_build.INPUT_GRAD_NORMED_TARGET not in text
+  for got, want in zip(jax.tree_util.tree_leaves(deferred), jax.tree_util.tree_leaves(written),
+                       strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def rel_error(got, want):
@@ -126,11 +158,21 @@ def leaves(tree):
           jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_variable)]
 
 
-def test_the_adder_model_fuses_every_batch_norm_relu(both_paths):
+def test_the_adder_model_fuses_every_batch_norm(both_paths):
   (text, _), (unfused_text, _) = both_paths
-  assert text.count(f"@{native_build.BATCH_NORM_TARGET}(") == FUSED_SITES
+  assert text.count(f"@{native_build.FORWARD_STATS_TARGET}(") == ADDER_SITES
+  assert text.count(f"@{native_build.FORWARD_TARGET}(") == 0
+  # The deferred ones are applied by the next convolution's forward, input and weight gradients.
+  assert text.count(f"@{native_build.BATCH_NORM_APPLY_TARGET}(") == ADDER_SITES - DEFERRED_SITES
+  assert text.count(f"@{native_build.INPUT_GRAD_NORMED_TARGET}(") == DEFERRED_SITES
+  assert text.count(f"@{native_build.WEIGHT_GRAD_NORMED_TARGET}(") == DEFERRED_SITES
+  assert text.count(f"@{native_build.INPUT_GRAD_TARGET}(") == ADDER_SITES - DEFERRED_SITES
+  assert text.count(f"@{native_build.WEIGHT_GRAD_TARGET}(") == ADDER_SITES - DEFERRED_SITES
+  assert text.count(f"@{native_build.BATCH_NORM_TARGET}(") == FUSED_SITES - ADDER_SITES
   assert text.count(f"@{native_build.BATCH_NORM_GRAD_TARGET}(") == FUSED_SITES
-  assert native_build.BATCH_NORM_TARGET not in unfused_text
+  for target in (native_build.BATCH_NORM_TARGET, native_build.FORWARD_STATS_TARGET):
+    assert target not in unfused_text
+  assert unfused_text.count(f"@{native_build.FORWARD_TARGET}(") == ADDER_SITES
 
 
 # Float32 is itself imprecise here, fused or not: Flax's E[y^2] - E[y]^2 at the adder offsets
@@ -171,7 +213,8 @@ def test_batch_statistics_match_the_unfused_model(both_paths, adder_model):
 
 
 def test_binary_model_fuses_only_its_shortcuts(monkeypatch):
-  """HardTanh is not a ReLU: batch_norm_activation runs bn and the activation as they are."""
+  """HardTanh is not a ReLU, nor a binary convolution an adder one: batch_norm_activation runs
+  bn and the activation as they are."""
   graphdef, params, rest = numpy_model("binary")
   activations = []
 
@@ -180,6 +223,7 @@ def test_binary_model_fuses_only_its_shortcuts(monkeypatch):
     return batch_norm_activation(bn, y, activation, residual=residual)
 
   monkeypatch.setattr(resnet, "batch_norm_activation", spy)
+  monkeypatch.setattr(layers, "batch_norm_activation", spy)
   images = np.zeros((4, 16, 16, 3), np.float32)
   forward = jax.jit(lambda params, rest, x: nnx.merge(graphdef, params, rest, copy=True)(x))
   text = forward.lower(params, rest, images).as_text()

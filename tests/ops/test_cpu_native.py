@@ -226,10 +226,14 @@ class TestCpuNative(AdderConvTestBase):
 
 BUILD_CHECK = """
 from adderjax.ops import cpu_native
+from tests.ops.test_adder_batch_norm import (
+    check_normed_kernels_against_the_written_input, check_statistics_against_float64)
 from tests.ops.test_adder_conv import NON_FINITE_VALUES, assert_like_the_xla_loops
 assert cpu_native.available(), cpu_native.unavailable_reason()
 for value in NON_FINITE_VALUES:
   assert_like_the_xla_loops("cpu", value)
+check_statistics_against_float64()
+check_normed_kernels_against_the_written_input()
 """
 
 
@@ -244,9 +248,11 @@ def _has_avx512f() -> bool:
 @pytest.mark.parametrize("flags", ["-mno-avx512f", "-DADDERJAX_PIXEL_LANES=1"],
                          ids=["avx2", "pixel-lanes"])
 def test_other_builds_give_what_the_xla_loops_give_for_non_finite_inputs(flags):
-  """The build the default one is not: on an AVX-512 CPU (whose default build has the
-  pixels-in-lanes forward) the AVX2 build, on an AVX2 CPU AVX-512's pixels-in-lanes forward
-  tile in AVX2 registers. Its own build, cached like the default one, in a subprocess."""
+  """And the forward's batch statistics, and the kernels reading their input through a
+  BatchNorm, right. The build the default one is not: on an AVX-512
+  CPU (whose default build has the pixels-in-lanes forward) the AVX2 build, on an AVX2 CPU
+  AVX-512's pixels-in-lanes forward tile in AVX2 registers. Its own build, cached like the
+  default one, in a subprocess."""
   if (flags == "-mno-avx512f") != _has_avx512f():
     pytest.skip("this CPU's default build is that build; the other tests test it")
   env = {**os.environ, "CXX": f"{os.environ.get('CXX', 'c++')} {flags}"}

@@ -29,6 +29,13 @@
 // Layout (prepared by adderjax/ops/cpu_native.py): x (B, H, W, C); wt (G, K, Opad) with
 // K = kh*kw*Cg in (i, j, c) order and Opad a multiple of the vector width (zero columns);
 // y (B, Ho, Wo, G*Og).
+//
+// AdderjaxAdderForwardStats also returns the batch mean and biased variance of y per channel,
+// what a BatchNorm in training mode after the layer needs (adderjax/ops/adder_batch_norm.py),
+// so that no pass over y is spent on them: each output row's sums are taken in its epilogue,
+// while the row is in the first-level cache (RowStatistics), and the rows are combined in
+// double, in order, at the end (CombineRows). Like the outputs, they do not depend on the
+// number of threads or on how the batch is split into chunks.
 
 #include <algorithm>
 #include <atomic>
@@ -43,6 +50,8 @@
 namespace ffi = xla::ffi;
 using adderjax::ChunksToFill;
 using adderjax::CopyPaddedRows;
+using adderjax::InputNorm;
+using adderjax::MakeInputNorm;
 using adderjax::ParallelFor;
 using adderjax::V;
 using adderjax::Vec;
@@ -82,6 +91,65 @@ void FixNonFinite(int64_t pixels, int64_t channels, const float* x, int64_t x_st
         acc += std::fabs(x[p * x_step + offsets[k]] - w[k * w_row + n]);
       out = -acc;
     }
+}
+
+// Statistics per output row, stats[row] = (shift, s1, s2) of `c` channels each: the shift is the
+// row's first pixel, s1 = sum (y - shift) and s2 = sum (y - shift)^2 over its `pixels` pixels,
+// in float, in kChains interleaved chains of pixels (so that the adds overlap) added in a fixed
+// order. Summed around a value of the row, an adder layer's offset (a mean near -sum |w|,
+// thousands, over a spread of a few units) does not cancel the variance.
+void RowStatistics(const float* y, int64_t pixels, int64_t c, float* stats) {
+  constexpr int kChains = 4;
+  for (int64_t k0 = 0; k0 < c; k0 += Vec::kWidth) {
+    const auto lanes = Vec::mask(std::min<int64_t>(Vec::kWidth, c - k0));
+    const V shift = Vec::load(y + k0, lanes);
+    V s1[kChains], s2[kChains];
+    for (int q = 0; q < kChains; ++q) s1[q] = s2[q] = Vec::zero();
+    int64_t p = 1;  // Pixel 0 is the shift.
+    for (; p + kChains <= pixels; p += kChains)
+      for (int q = 0; q < kChains; ++q) {
+        const V d = Vec::sub(Vec::load(y + (p + q) * c + k0, lanes), shift);
+        s1[q] = Vec::add(s1[q], d);
+        s2[q] = Vec::fmadd(d, d, s2[q]);
+      }
+    for (int q = 0; p < pixels; ++p, ++q) {
+      const V d = Vec::sub(Vec::load(y + p * c + k0, lanes), shift);
+      s1[q] = Vec::add(s1[q], d);
+      s2[q] = Vec::fmadd(d, d, s2[q]);
+    }
+    Vec::store(stats + k0, shift, lanes);
+    Vec::store(stats + c + k0, Vec::add(Vec::add(s1[0], s1[1]), Vec::add(s1[2], s1[3])), lanes);
+    Vec::store(stats + 2 * c + k0, Vec::add(Vec::add(s2[0], s2[1]), Vec::add(s2[2], s2[3])),
+               lanes);
+  }
+}
+
+// The batch mean and biased variance per channel from the rows' statistics (`rows` rows of
+// `pixels` pixels each), in double and in row order: each row's mean and sum of squared
+// deviations, summed around the first row's mean.
+void CombineRows(const float* stats, int64_t rows, int64_t pixels, int64_t c, float* mean,
+                 float* var) {
+  const double per_pixel = 1.0 / double(pixels);
+  std::vector<double> shift(c), sum(c, 0.0), squares(c, 0.0);
+  for (int64_t k = 0; k < c; ++k) shift[k] = double(stats[k]) + double(stats[c + k]) * per_pixel;
+  double* __restrict sh = shift.data();
+  double* __restrict s = sum.data();
+  double* __restrict q = squares.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict row = stats + r * 3 * c;
+#pragma GCC ivdep
+    for (int64_t k = 0; k < c; ++k) {
+      const double s1 = row[c + k], d = double(row[k]) + s1 * per_pixel - sh[k];
+      s[k] += d;
+      q[k] += d * d + (double(row[2 * c + k]) - s1 * s1 * per_pixel) * per_pixel;
+    }
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    const double m = s[k] / double(rows), v = q[k] / double(rows) - m * m;
+    mean[k] = float(sh[k] + m);
+    // Rounding can make it slightly negative; v < 0 ? 0 : v keeps a NaN.
+    var[k] = float(v < 0.0 ? 0.0 : v);
+  }
 }
 
 // One tile: MR pixels x NV vectors of output channels. Returns whether an output it stored
@@ -204,7 +272,7 @@ void ForwardPixelTileAnyMR(int mr, const float* xt, const int64_t* offsets, int6
 // SX summed a vector of pixels at a time.
 void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* w_data,
                        const float* sf, float* y_data, const ForwardGeometry& geom, int64_t batch,
-                       int64_t top, int64_t left) {
+                       int64_t top, int64_t left, float* row_stats, const InputNorm* norm) {
   constexpr int64_t kTile = kPixelNP * Vec::kWidth;
   const int64_t row_len = geom.wp + kTile;  // Slack: a tile's loads may run past the row.
   const int64_t k_size = geom.kh * geom.kw * geom.cg, out_c = geom.groups * geom.og;
@@ -229,7 +297,8 @@ void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* 
       if (iy < 0 || iy >= geom.h) continue;
       for (int64_t q = std::max<int64_t>(0, left); q < std::min(geom.wp, geom.w + left); ++q) {
         const float* px = x + (iy * geom.w + q - left) * geom.c;
-        for (int64_t c = 0; c < geom.c; ++c) t[(r * geom.c + c) * row_len + q] = px[c];
+        for (int64_t c = 0; c < geom.c; ++c)
+          t[(r * geom.c + c) * row_len + q] = norm ? norm->At(px[c], c) : px[c];
       }
     }
     alignas(64) float sx[kTile];
@@ -251,6 +320,9 @@ void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* 
                                   geom.opad, sx, sf + grp * geom.opad + n0, y_row + n0, out_c,
                                   pixels);
         }
+        if (row_stats && grp + 1 == geom.groups)
+          RowStatistics(y_data + (b * geom.ho + r) * geom.wo * out_c, geom.wo, out_c,
+                        row_stats + (b * geom.ho + r) * 3 * out_c);
       }
   };
   ParallelFor(pool, batch * chunks, item);
@@ -263,7 +335,8 @@ void ForwardPixelLanes(ffi::ThreadPool& pool, const float* x_data, const float* 
 // depend on the pixel alone, so the outputs do not depend on the batch or the chunking.
 void ForwardChannelLanes(ffi::ThreadPool& pool, const float* x_data, const float* w_data,
                          const float* sf, float* y_data, const ForwardGeometry& geom,
-                         int64_t batch, int64_t top, int64_t left) {
+                         int64_t batch, int64_t top, int64_t left, float* row_stats,
+                         const InputNorm* norm) {
   const int64_t k_size = geom.kh * geom.kw * geom.cg, out_c = geom.groups * geom.og;
   const int64_t row_floats = geom.wp * geom.c;
   std::vector<int64_t> offsets(k_size);
@@ -292,7 +365,7 @@ void ForwardChannelLanes(ffi::ThreadPool& pool, const float* x_data, const float
     pixel_sums.resize(geom.groups * rows * geom.wp);
     sx.resize(geom.wo);
     CopyPaddedRows(x_data + b * geom.h * geom.w * geom.c, geom.h, geom.w, geom.c,
-                   r0 * geom.sh - top, rows, left, geom.wp, padded.data());
+                   r0 * geom.sh - top, rows, left, geom.wp, padded.data(), norm);
     // kSumPixels pixels at once, so that their chains of adds overlap.
     for (int64_t grp = 0; grp < geom.groups; ++grp)
       for (int64_t q0 = 0; q0 < rows * geom.wp; q0 += kSumPixels) {
@@ -335,16 +408,21 @@ void ForwardChannelLanes(ffi::ThreadPool& pool, const float* x_data, const float
                                   sx.data() + c0, sf_, y, out_c, valid);
           }
         }
+        if (row_stats && grp + 1 == geom.groups)
+          RowStatistics(y_data + (b * geom.ho + r) * geom.wo * out_c, geom.wo, out_c,
+                        row_stats + (b * geom.ho + r) * 3 * out_c);
       }
   };
   ParallelFor(pool, batch * chunks, item);
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> wt,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh,
-                       int64_t sw, int64_t dh, int64_t dw, int64_t top, int64_t left,
-                       int64_t groups) {
-  const auto xd = xb.dimensions(), wd = wt.dimensions(), yd = y->dimensions();
+// The forward, and with `mean` and `var` (else null) the batch statistics of its output; with
+// `norm` (else null), of its input x put through it.
+ffi::Error Forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> wt,
+                   float* y_data, ffi::Span<const int64_t> yd, int64_t kh, int64_t kw, int64_t sh,
+                   int64_t sw, int64_t dh, int64_t dw, int64_t top, int64_t left, int64_t groups,
+                   float* mean, float* var, const InputNorm* norm) {
+  const auto xd = xb.dimensions(), wd = wt.dimensions();
   if (xd.size() != 4 || wd.size() != 3 || yd.size() != 4)
     return ffi::Error::InvalidArgument("adderjax_adder_forward: bad ranks");
   // A row of patches spans wp padded input columns.
@@ -356,25 +434,59 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buff
     return ffi::Error::InvalidArgument("adderjax_adder_forward: bad filter layout");
   const float* x_data = xb.typed_data();
   const float* w_data = wt.typed_data();
-  float* y_data = y->typed_data();
   // SF: each filter's sum, in k order.
   std::vector<float> sf(groups * geom.opad, 0.0f);
   for (int64_t grp = 0; grp < groups; ++grp)
     for (int64_t k = 0; k < k_size; ++k)
       for (int64_t n = 0; n < geom.opad; ++n)
         sf[grp * geom.opad + n] += w_data[(grp * k_size + k) * geom.opad + n];
+  const int64_t out_c = yd[3], rows = batch * geom.ho;
+  thread_local std::vector<float> row_stats;
+  if (mean) row_stats.resize(rows * 3 * out_c);
+  float* stats = mean ? row_stats.data() : nullptr;
   // Pixels in the lanes where the channels would leave lanes idle (AVX-512, 4 and 8 channels:
   // 1.55x and 1.15x faster), and at a full vector of channels where the batch is split into row
   // chunks, whose copies and patch sums the channel-lanes forward repeats (ResNet-20 at batch
   // 1: 1.05x the latency); over whole images it is faster (32x32, 16 -> 16: 0.80x the time).
   const bool row_chunks = ChunksToFill(pool, batch, kChunksPerThread, geom.ho) > 1;
   if (kPixelLanes && sw == 1 && geom.wo >= kPixelNP * Vec::kWidth &&
-      (geom.og < Vec::kWidth || (geom.og == Vec::kWidth && row_chunks))) {
-    ForwardPixelLanes(pool, x_data, w_data, sf.data(), y_data, geom, batch, top, left);
-    return ffi::Error::Success();
-  }
-  ForwardChannelLanes(pool, x_data, w_data, sf.data(), y_data, geom, batch, top, left);
+      (geom.og < Vec::kWidth || (geom.og == Vec::kWidth && row_chunks)))
+    ForwardPixelLanes(pool, x_data, w_data, sf.data(), y_data, geom, batch, top, left, stats,
+                      norm);
+  else
+    ForwardChannelLanes(pool, x_data, w_data, sf.data(), y_data, geom, batch, top, left, stats,
+                        norm);
+  if (mean) CombineRows(stats, rows, geom.wo, out_c, mean, var);
   return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> wt,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh,
+                       int64_t sw, int64_t dh, int64_t dw, int64_t top, int64_t left,
+                       int64_t groups) {
+  return Forward(pool, xb, wt, y->typed_data(), y->dimensions(), kh, kw, sh, sw, dh, dw, top,
+                 left, groups, nullptr, nullptr, nullptr);
+}
+
+// The forward with its output's statistics; x goes through the BatchNorm and ReLU that
+// in_mean, in_var, in_scale and in_bias describe first, where they are not f32[0].
+ffi::Error ForwardStatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
+                            ffi::Buffer<ffi::F32> wt, ffi::Buffer<ffi::F32> in_mean,
+                            ffi::Buffer<ffi::F32> in_var, ffi::Buffer<ffi::F32> in_scale,
+                            ffi::Buffer<ffi::F32> in_bias, ffi::ResultBuffer<ffi::F32> y,
+                            ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
+                            int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
+                            int64_t dw, int64_t top, int64_t left, int64_t groups,
+                            float epsilon) {
+  const auto yd = y->dimensions(), xd = xb.dimensions();
+  if (yd.size() != 4 || xd.size() != 4 || yd[0] * yd[1] * yd[2] == 0 ||
+      mean->element_count() != size_t(yd[3]) || var->element_count() != size_t(yd[3]))
+    return ffi::Error::InvalidArgument("adderjax_adder_forward_stats: bad result shapes");
+  const auto norm = MakeInputNorm(in_mean, in_var, in_scale, in_bias, xd[3], epsilon);
+  if (!norm.ok)
+    return ffi::Error::InvalidArgument("adderjax_adder_forward_stats: bad input statistics");
+  return Forward(pool, xb, wt, y->typed_data(), yd, kh, kw, sh, sw, dh, dw, top, left, groups,
+                 mean->typed_data(), var->typed_data(), norm.get());
 }
 
 }  // namespace
@@ -394,5 +506,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderForward, ForwardImpl,
                                   .Attr<int64_t>("top")
                                   .Attr<int64_t>("left")
                                   .Attr<int64_t>("groups"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderForwardStats, ForwardStatsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wt
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_mean, or f32[0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_var, or f32[0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_scale, or f32[0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_bias, or f32[0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // var
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("top")
+                                  .Attr<int64_t>("left")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("epsilon"));
 
 extern "C" int AdderjaxVectorWidth() { return Vec::kWidth; }

@@ -32,6 +32,9 @@
 namespace ffi = xla::ffi;
 using adderjax::ChunksToFill;
 using adderjax::CopyPaddedRows;
+using adderjax::ApplyInputNorm;
+using adderjax::InputNorm;
+using adderjax::MakeInputNorm;
 using adderjax::ParallelFor;
 using adderjax::V;
 using adderjax::Vec;
@@ -227,11 +230,12 @@ bool SumOutputChannels(ffi::ThreadPool& pool, const float* g, int64_t rows, int6
   return finite.load();
 }
 
-ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                         ffi::Buffer<ffi::F32> gb, ffi::Buffer<ffi::F32> wt,
-                         ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t dh,
-                         int64_t dw, int64_t top, int64_t left, int64_t g_left,
-                         int64_t groups) {
+// The input gradient; with `norm` (else null), x is read through it (InputNorm): each item's
+// input rows go through it into a copy that its tiles read.
+ffi::Error InputGrad(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gb,
+                     ffi::Buffer<ffi::F32> wt, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
+                     int64_t sw, int64_t dh, int64_t dw, int64_t top, int64_t left,
+                     int64_t g_left, int64_t groups, const InputNorm* norm) {
   const auto xd = x.dimensions(), gd = gb.dimensions(), wd = wt.dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 5)
     return ffi::Error::InvalidArgument("adderjax_adder_input_grad: bad ranks");
@@ -276,9 +280,10 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // An image (or, for small batches, a chunk of its rows) per item, its rows in order, so that
   // the rows of G that neighbouring input rows share are read from the cache.
   const int64_t chunks = ChunksToFill(pool, batch, 2, h);
-  // Input row r with G's rows from oy0 on in g_rows (padded: CopyPaddedRows).
-  auto row = [&](int64_t b, int64_t r, const float* g_rows, int64_t oy0,
-                 std::vector<InputGradTap>& taps) {
+  // Input row r with G's rows from oy0 on in g_rows (padded: CopyPaddedRows), and x's rows from
+  // x_r0 on in x_rows.
+  auto row = [&](int64_t b, int64_t r, const float* g_rows, int64_t oy0, const float* x_rows,
+                 int64_t x_r0, std::vector<InputGradTap>& taps) {
     for (int64_t px = 0; px < phases; ++px) {
       // Row r feeds output row (r + top - i dh) / sh through tap i where that is exact and an
       // output row.
@@ -306,14 +311,15 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           for (int64_t n0 = 0; n0 < pixels; n0 += mr_max) {
             const int mr = int(std::min<int64_t>(mr_max, pixels - n0));
             const int64_t at = ((b * h + r) * width + px + sw * n0) * c + grp * cg + c0;
+            const float* xs = x_rows + ((r - x_r0) * width + px + sw * n0) * c + grp * cg + c0;
             const float* gs = g_rows + n0 * out_c + grp * og;
             const float* ss = sg.data() + n0 * groups + grp;
             if (two)
-              InputGradTileAnyMR<2>(mr, bounds, filters_finite, x_data + at, sw * c, valid, gs,
+              InputGradTileAnyMR<2>(mr, bounds, filters_finite, xs, sw * c, valid, gs,
                                     out_c, ss, groups, wgrp, cpad, taps.data(), n_taps, og,
                                     dx_data + at);
             else
-              InputGradTileAnyMR<1>(mr, bounds, filters_finite, x_data + at, sw * c, valid, gs,
+              InputGradTileAnyMR<1>(mr, bounds, filters_finite, xs, sw * c, valid, gs,
                                     out_c, ss, groups, wgrp, cpad, taps.data(), n_taps, og,
                                     dx_data + at);
           }
@@ -334,11 +340,43 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     if (oy1 > oy0)
       CopyPaddedRows(g_data + b * ho * wo * out_c, ho, wo, out_c, oy0, oy1 - oy0, g_left, wg,
                      g_rows.data());
+    const float* x_rows = x_data + b * h * width * c;
+    int64_t x_r0 = 0;
+    if (norm) {
+      thread_local std::vector<float> normalized;
+      normalized.resize((r1 - r0) * width * c);
+      ApplyInputNorm(*norm, x_rows + r0 * width * c, (r1 - r0) * width, c, normalized.data());
+      x_rows = normalized.data();
+      x_r0 = r0;
+    }
     std::vector<InputGradTap> taps;
     taps.reserve(kh * kw);
-    for (int64_t r = r0; r < r1; ++r) row(b, r, g_rows.data(), oy0, taps);
+    for (int64_t r = r0; r < r1; ++r) row(b, r, g_rows.data(), oy0, x_rows, x_r0, taps);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gb,
+                         ffi::Buffer<ffi::F32> wt, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
+                         int64_t sw, int64_t dh, int64_t dw, int64_t top, int64_t left,
+                         int64_t g_left, int64_t groups) {
+  return InputGrad(pool, x, gb, wt, dx, sh, sw, dh, dw, top, left, g_left, groups, nullptr);
+}
+
+// x read through the BatchNorm and ReLU that in_mean, in_var, in_scale and in_bias describe.
+ffi::Error InputGradNormedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> gb, ffi::Buffer<ffi::F32> wt,
+                               ffi::Buffer<ffi::F32> in_mean, ffi::Buffer<ffi::F32> in_var,
+                               ffi::Buffer<ffi::F32> in_scale, ffi::Buffer<ffi::F32> in_bias,
+                               ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
+                               int64_t dh, int64_t dw, int64_t top, int64_t left, int64_t g_left,
+                               int64_t groups, float epsilon) {
+  const auto xd = x.dimensions();
+  const auto norm = MakeInputNorm(in_mean, in_var, in_scale, in_bias,
+                                  xd.size() == 4 ? xd[3] : 0, epsilon);
+  if (!norm.ok || !norm.get())
+    return ffi::Error::InvalidArgument("adderjax_adder_input_grad_normed: bad input statistics");
+  return InputGrad(pool, x, gb, wt, dx, sh, sw, dh, dw, top, left, g_left, groups, norm.get());
 }
 
 }  // namespace
@@ -358,3 +396,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderInputGrad, InputGradImpl,
                                   .Attr<int64_t>("left")
                                   .Attr<int64_t>("g_left")
                                   .Attr<int64_t>("groups"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderInputGradNormed, InputGradNormedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wt
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_var
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("top")
+                                  .Attr<int64_t>("left")
+                                  .Attr<int64_t>("g_left")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("epsilon"));

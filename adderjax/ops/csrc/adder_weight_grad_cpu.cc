@@ -26,6 +26,9 @@
 
 namespace ffi = xla::ffi;
 using adderjax::ChunksToFill;
+using adderjax::ApplyInputNorm;
+using adderjax::InputNorm;
+using adderjax::MakeInputNorm;
 using adderjax::ParallelFor;
 using adderjax::V;
 using adderjax::Vec;
@@ -150,10 +153,12 @@ void WeightGradTileAnyMR(int mr, const float* x, int64_t x_row, int64_t width, i
   });
 }
 
-ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
-                          ffi::Buffer<ffi::F32> gb, ffi::Buffer<ffi::F32> wt,
-                          ffi::ResultBuffer<ffi::F32> dwt, int64_t sh, int64_t sw, int64_t dh,
-                          int64_t dw, int64_t top, int64_t left, int64_t groups) {
+// The weight gradient; with `norm` (else null), x is read through it (InputNorm): each image goes
+// through it into a copy that the tiles read.
+ffi::Error WeightGrad(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> gb,
+                      ffi::Buffer<ffi::F32> wt, ffi::ResultBuffer<ffi::F32> dwt, int64_t sh,
+                      int64_t sw, int64_t dh, int64_t dw, int64_t top, int64_t left,
+                      int64_t groups, const InputNorm* norm) {
   const auto xd = xb.dimensions(), gd = gb.dimensions(), wd = wt.dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 5)
     return ffi::Error::InvalidArgument("adderjax_adder_weight_grad: bad ranks");
@@ -226,7 +231,14 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
             std::fill_n(s + i * kw * og * cpad + tile.cols->s_offset[v] + m * cpad, Vec::kWidth,
                         0.0f);
     }
-    for (int64_t b = b0; b < b1; ++b)
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* image = x_data + b * h * width * c;
+      if (norm) {
+        thread_local std::vector<float> normalized;
+        normalized.resize(h * width * c);
+        ApplyInputNorm(*norm, image, h * width, c, normalized.data());
+        image = normalized.data();
+      }
       for (int64_t t = t0; t < t1; ++t) {
         const Tile& tile = tile_list[t];
         float* s = sums(chunk) + tile.s_offset;
@@ -234,7 +246,7 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
         for (int64_t i = 0; i < kh; ++i) {
           const auto [y0, y1] = InsideRange(h, sh, top, i * dh, i * dh, ho);
           // Row y reads input row y * sh + i*dh - top; rows outside read zeros and add nothing.
-          const float* x = x_data + b * h * width * c + (i * dh - top) * width * c + tile.grp * cg;
+          const float* x = image + (i * dh - top) * width * c + tile.grp * cg;
           kTiles[tile.cols->count - 1](tile.mr, x, sh * width * c, width, c, sw, left, y0, y1,
                                        tile.p0, tile.p1, wo, g, wo * out_c, out_c, *tile.cols,
                                        s + i * kw * og * cpad, cpad);
@@ -248,6 +260,7 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
           Vec::store(sg, Vec::add(Vec::load(sg, mask), acc), mask);
         }
       }
+    }
   };
   ParallelFor(pool, chunks * blocks, item);
   // dW = sum G Xp - F sum G, the chunks added in order.
@@ -266,6 +279,29 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
   return ffi::Error::Success();
 }
 
+ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
+                          ffi::Buffer<ffi::F32> gb, ffi::Buffer<ffi::F32> wt,
+                          ffi::ResultBuffer<ffi::F32> dwt, int64_t sh, int64_t sw, int64_t dh,
+                          int64_t dw, int64_t top, int64_t left, int64_t groups) {
+  return WeightGrad(pool, xb, gb, wt, dwt, sh, sw, dh, dw, top, left, groups, nullptr);
+}
+
+// x read through the BatchNorm and ReLU that in_mean, in_var, in_scale and in_bias describe.
+ffi::Error WeightGradNormedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
+                                ffi::Buffer<ffi::F32> gb, ffi::Buffer<ffi::F32> wt,
+                                ffi::Buffer<ffi::F32> in_mean, ffi::Buffer<ffi::F32> in_var,
+                                ffi::Buffer<ffi::F32> in_scale, ffi::Buffer<ffi::F32> in_bias,
+                                ffi::ResultBuffer<ffi::F32> dwt, int64_t sh, int64_t sw,
+                                int64_t dh, int64_t dw, int64_t top, int64_t left,
+                                int64_t groups, float epsilon) {
+  const auto xd = xb.dimensions();
+  const auto norm = MakeInputNorm(in_mean, in_var, in_scale, in_bias,
+                                  xd.size() == 4 ? xd[3] : 0, epsilon);
+  if (!norm.ok || !norm.get())
+    return ffi::Error::InvalidArgument("adderjax_adder_weight_grad_normed: bad input statistics");
+  return WeightGrad(pool, xb, gb, wt, dwt, sh, sw, dh, dw, top, left, groups, norm.get());
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderWeightGrad, WeightGradImpl,
@@ -282,3 +318,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderWeightGrad, WeightGradImpl,
                                   .Attr<int64_t>("top")
                                   .Attr<int64_t>("left")
                                   .Attr<int64_t>("groups"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxAdderWeightGradNormed, WeightGradNormedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wt
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_var
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("top")
+                                  .Attr<int64_t>("left")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("epsilon"));

@@ -10,6 +10,8 @@
 // cancel the variance away: var = E[(y - s)^2] - E[y - s]^2. Rows are summed in chunks of
 // kChunkRows in float, the chunks in double and in order, so the result does not depend on the
 // number of threads.
+// AdderjaxBatchNormApply is the forward's second pass alone, for statistics summed elsewhere
+// (the adder forward's epilogue: adderjax/ops/adder_batch_norm.py); its backward is the same.
 // Backward, with z the ReLU's input (a > 0 where z > 0) and dz = da where a > 0, else 0 (where
 // there is no residual, z is computed again from y instead of reading a: one pass less over an
 // activation in each of the two passes, and bit for bit the forward's z, both being one fma):
@@ -22,10 +24,13 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "batch_norm.h"
 #include "parallel_for.h"
 
 namespace ffi = xla::ffi;
+using adderjax::NormMul;
 using adderjax::ParallelFor;
+using adderjax::ReluInput;
 
 namespace {
 
@@ -61,16 +66,6 @@ void EachChunk(ffi::ThreadPool& pool, int64_t rows, const Fn& fn) {
   });
 }
 
-// The normalisation's factor scale * rsqrt(var + eps), as nnx.BatchNorm computes it (in float),
-// and z without the residual, (y - mean) * mul + bias as one fma: the backward computes both
-// again where it takes the ReLU's mask from y, and must get the forward's bits.
-inline float NormMul(float scale, float var, float epsilon) {
-  return scale / std::sqrt(var + epsilon);
-}
-inline float ReluInput(float y, float mean, float mul, float bias) {
-  return std::fma(y - mean, mul, bias);
-}
-
 // The output rows [n0, n1): (y - mean) * mul + bias (+ r), then the ReLU.
 template <bool kResidual, bool kRelu>
 void ApplyRows(const float* __restrict y, const float* __restrict r, const float* __restrict mean,
@@ -88,6 +83,17 @@ void ApplyRows(const float* __restrict y, const float* __restrict r, const float
       on[k] = z;
     }
   }
+}
+
+// The output, (y - mean) * mul + bias (+ r), then the ReLU, over all rows.
+void ApplyAll(ffi::ThreadPool& pool, const float* y, const float* r, const float* mean,
+              const float* mul, const float* bias, int64_t c, int64_t rows, bool with_residual,
+              bool relu, float* out) {
+  const auto apply = with_residual ? (relu ? ApplyRows<true, true> : ApplyRows<true, false>)
+                                   : (relu ? ApplyRows<false, true> : ApplyRows<false, false>);
+  EachChunk(pool, rows, [&](int64_t n0, int64_t n1) {
+    apply(y, r, mean, mul, bias, c, n0, n1, out);
+  });
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> yb,
@@ -129,14 +135,29 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> yb,
     var_b->typed_data()[k] = float(var);
     mul[k] = NormMul(scale[k], float(var), epsilon);
   }
-  const float* r = residual_b.typed_data();
-  const float* bias = bias_b.typed_data();
-  float* out = out_b->typed_data();
-  const auto apply = with_residual ? (relu ? ApplyRows<true, true> : ApplyRows<true, false>)
-                                   : (relu ? ApplyRows<false, true> : ApplyRows<false, false>);
-  EachChunk(pool, rows, [&](int64_t n0, int64_t n1) {
-    apply(y, r, mean.data(), mul.data(), bias, c, n0, n1, out);
-  });
+  ApplyAll(pool, y, residual_b.typed_data(), mean.data(), mul.data(), bias_b.typed_data(), c,
+           rows, with_residual, relu, out_b->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error ApplyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> yb, ffi::Buffer<ffi::F32> scale_b,
+                     ffi::Buffer<ffi::F32> bias_b, ffi::Buffer<ffi::F32> residual_b,
+                     ffi::Buffer<ffi::F32> mean_b, ffi::Buffer<ffi::F32> var_b,
+                     ffi::ResultBuffer<ffi::F32> out_b, float epsilon, int64_t relu) {
+  const auto yd = yb.dimensions();
+  if (yd.size() == 0)
+    return ffi::Error::InvalidArgument("adderjax_batch_norm_apply: y has no axes");
+  const int64_t c = yd.back(), rows = c ? int64_t(yb.element_count()) / c : 0;
+  const bool with_residual = residual_b.element_count() != 0;
+  if (scale_b.element_count() != size_t(c) || bias_b.element_count() != size_t(c) ||
+      mean_b.element_count() != size_t(c) || var_b.element_count() != size_t(c) ||
+      (with_residual && residual_b.element_count() != yb.element_count()) || rows == 0)
+    return ffi::Error::InvalidArgument("adderjax_batch_norm_apply: bad operand shapes");
+  std::vector<float> mul(c);
+  for (int64_t k = 0; k < c; ++k)
+    mul[k] = NormMul(scale_b.typed_data()[k], var_b.typed_data()[k], epsilon);
+  ApplyAll(pool, yb.typed_data(), residual_b.typed_data(), mean_b.typed_data(), mul.data(),
+           bias_b.typed_data(), c, rows, with_residual, relu, out_b->typed_data());
   return ffi::Error::Success();
 }
 
@@ -289,5 +310,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxBatchNormActGrad, BackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dbias
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dresidual, or f32[0]
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdderjaxBatchNormApply, ApplyImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // residual, or f32[0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // var
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // a
                                   .Attr<float>("epsilon")
                                   .Attr<int64_t>("relu"));
