@@ -678,6 +678,12 @@ def adder_conv_batch_norm(conv: nnx.Module, bn: nnx.BatchNorm,
   the normalised activation is never written out; the numbers are the same
   bits. Elsewhere ``defer`` is ignored.
 
+  Over a mesh of several devices (``jax.jit`` with sharded inputs), XLA cannot
+  split the fused ops' custom calls and gathers the whole batch onto every
+  device: trace such a step inside ``batch_norm_fusion(False)``, as the trainer
+  of ``experiments/`` does, and the adder layers' own kernels run per batch
+  shard. (Inputs sharded over explicit mesh axes run unfused by themselves.)
+
   Example:
     >>> from flax import nnx
     >>> import jax.numpy as jnp

@@ -35,7 +35,7 @@ import optax
 
 from adderjax import data, models, ops
 from adderjax.models.batch_norm_stats import recompute_batch_norm_stats
-from adderjax.nn import set_exponent
+from adderjax.nn import batch_norm_fusion, set_exponent
 from adderjax.optim import addernet_sgd
 from experiments import adder_p, finished, init_from
 from experiments.checkpoints import Checkpoints, SaveError
@@ -253,9 +253,26 @@ class Trainer:
     self.p_schedule = p_schedule(config)
     self.graphdef, state = nnx.split(make_state(config, self.schedule))
     self.state = jax.device_put(state, self.replicated)
-    self.train_step = jax.jit(self._train_step, donate_argnums=0,
+    self.train_step = jax.jit(self._fused_where_one_device(self._train_step), donate_argnums=0,
                               out_shardings=(self.replicated, self.replicated))
     self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
+
+  def _fused_where_one_device(self, step):
+    """``step``, traced with the models' fused native ops only where the mesh has one device.
+
+    XLA's partitioner cannot split a custom call: over a mesh of several devices the fused
+    BatchNorm and adder+BatchNorm ops would gather the whole batch onto every device and each
+    run all of it. There the models' layers run one after the other instead (the adder layers'
+    kernels per batch shard, BatchNorm's statistics an all-reduce).
+    """
+    if self.mesh.size == 1:
+      return step
+
+    def unfused(*args):
+      with batch_norm_fusion(False):
+        return step(*args)
+
+    return unfused
 
   def _train_step(self, state: nnx.State, batch: dict[str, jax.Array]):
     previous = jax.tree.map(lambda x: x, state)  # The arrays, before merge() shares them.

@@ -9,11 +9,13 @@ import time
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from adderjax import data
+from adderjax.ops import cpu_native, native_build
 from experiments import train
 from experiments.checkpoints import Checkpoints
 from experiments.configs import smoke
@@ -177,6 +179,22 @@ def test_eight_devices_give_the_parameters_of_one(tmp_path):
       for name in ("eight", "one"))
   assert len(eight) == 25  # 5 kernels; scale, bias, mean and var of 5 BatchNorms.
   assert_same_params(eight, one, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="native kernels unavailable")
+def test_the_fused_ops_run_on_one_device_only():
+  """Over several devices a custom call would run the whole batch on each: the layers run
+  unfused there (the adder kernels per shard), fused on one device."""
+  config = smoke_config()
+  fused_targets = (native_build.FORWARD_STATS_TARGET, native_build.BATCH_NORM_TARGET)
+  for devices, fused in ((1, True), (8, False)):
+    trainer = train.Trainer(config, train.make_mesh(devices), 1, 1)
+    batch = {"image": jax.device_put(jnp.zeros((config.batch_size, 28, 28, 1)),
+                                     trainer.batch_sharding),
+             "label": jax.device_put(jnp.zeros((config.batch_size,), jnp.int32),
+                                     trainer.batch_sharding)}
+    text = trainer.train_step.lower(trainer.state, batch).as_text()
+    assert all((f"@{t}(" in text) == fused for t in fused_targets), devices
 
 
 def test_bfloat16_compute_trains(tmp_path, monkeypatch):
