@@ -195,14 +195,20 @@ def input_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array, spec: Co
   options = dict(sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
                  top=np.int64(top), left=np.int64(left), g_left=np.int64(g_left),
                  groups=np.int64(spec.groups))
-  result = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  return _call_gradient(native_build.INPUT_GRAD_TARGET, native_build.INPUT_GRAD_NORMED_TARGET,
+                        jax.ShapeDtypeStruct(x.shape, jnp.float32), (x, g, wt), options,
+                        input_norm)
+
+
+def _call_gradient(target: str, normed_target: str, result: jax.ShapeDtypeStruct,
+                   operands: tuple[jax.Array, ...], options: dict,
+                   input_norm: InputNorm | None) -> jax.Array:
+  """A gradient kernel on ``operands``; with ``input_norm``, its variant reading x through it."""
   if input_norm is None:
-    call = jax.ffi.ffi_call(native_build.INPUT_GRAD_TARGET, result, vmap_method="sequential")
-    return call(x, g, wt, **options)
+    return jax.ffi.ffi_call(target, result, vmap_method="sequential")(*operands, **options)
   norm, epsilon = _norm_operands(input_norm)
-  call = jax.ffi.ffi_call(native_build.INPUT_GRAD_NORMED_TARGET, result,
-                          vmap_method="sequential")
-  return call(x, g, wt, *norm, epsilon=epsilon, **options)
+  call = jax.ffi.ffi_call(normed_target, result, vmap_method="sequential")
+  return call(*operands, *norm, epsilon=epsilon, **options)
 
 
 def _filters_by_output_channel(w: jax.Array, groups: int, cpad: int) -> jax.Array:
@@ -224,15 +230,9 @@ def weight_grad_full_precision(x: jax.Array, w: jax.Array, g: jax.Array, spec: C
   (sh, sw), (dh, dw), ((top, _), (left, _)) = spec.strides, spec.dilation, spec.padding
   options = dict(sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
                  top=np.int64(top), left=np.int64(left), groups=np.int64(groups))
-  result = jax.ShapeDtypeStruct(wt.shape, jnp.float32)
-  if input_norm is None:
-    call = jax.ffi.ffi_call(native_build.WEIGHT_GRAD_TARGET, result, vmap_method="sequential")
-    dwt = call(x, g, wt, **options)
-  else:
-    norm, epsilon = _norm_operands(input_norm)
-    call = jax.ffi.ffi_call(native_build.WEIGHT_GRAD_NORMED_TARGET, result,
-                            vmap_method="sequential")
-    dwt = call(x, g, wt, *norm, epsilon=epsilon, **options)
+  dwt = _call_gradient(native_build.WEIGHT_GRAD_TARGET, native_build.WEIGHT_GRAD_NORMED_TARGET,
+                       jax.ShapeDtypeStruct(wt.shape, jnp.float32), (x, g, wt), options,
+                       input_norm)
   return dwt[..., :cg].transpose(1, 2, 4, 0, 3).reshape(kh, kw, cg, out)
 
 

@@ -26,6 +26,9 @@ inline float ReluInput(float y, float mean, float mul, float bias) {
   return std::fma(y - mean, mul, bias);
 }
 
+// The ReLU as jax.nn.relu computes it: z < 0 ? 0 : z keeps a NaN.
+inline float Relu(float z) { return z < 0.0f ? 0.0f : z; }
+
 // The BatchNorm (batch statistics) and ReLU a layer's input goes through before the layer reads
 // it, per channel: a = relu((y - mean) * mul + bias).
 struct InputNorm {
@@ -44,19 +47,13 @@ struct InputNorm {
     const float* __restrict b = bias.data();
     for (int64_t p = 0; p < pixels; ++p) {
 #pragma GCC ivdep
-      for (int64_t k = 0; k < c; ++k) {
-        const float z = ReluInput(y[p * c + k], m[k], f[k], b[k]);
-        // z < 0 ? 0 : z keeps a NaN, as jax.nn.relu does.
-        out[p * c + k] = z < 0.0f ? 0.0f : z;
-      }
+      for (int64_t k = 0; k < c; ++k)
+        out[p * c + k] = Relu(ReluInput(y[p * c + k], m[k], f[k], b[k]));
     }
   }
 
   // a for channel k of one pixel.
-  float At(float y, int64_t k) const {
-    const float z = ReluInput(y, mean[k], mul[k], bias[k]);
-    return z < 0.0f ? 0.0f : z;
-  }
+  float At(float y, int64_t k) const { return Relu(ReluInput(y, mean[k], mul[k], bias[k])); }
 };
 
 // A handler's optional InputNorm, from its four buffers (XLA FFI buffers of float32): none where

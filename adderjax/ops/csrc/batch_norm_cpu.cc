@@ -30,6 +30,7 @@
 namespace ffi = xla::ffi;
 using adderjax::NormMul;
 using adderjax::ParallelFor;
+using adderjax::Relu;
 using adderjax::ReluInput;
 
 namespace {
@@ -78,8 +79,7 @@ void ApplyRows(const float* __restrict y, const float* __restrict r, const float
     for (int64_t k = 0; k < c; ++k) {
       float z = ReluInput(yn[k], mean[k], mul[k], bias[k]);
       if constexpr (kResidual) z += r[n * c + k];
-      // z < 0 ? 0 : z keeps a NaN, as jax.nn.relu does.
-      if constexpr (kRelu) z = z < 0.0f ? 0.0f : z;
+      if constexpr (kRelu) z = Relu(z);
       on[k] = z;
     }
   }
